@@ -1,0 +1,247 @@
+"""Checkpoint I/O: resolve a source, read tensors lazily from shards, write shards atomically.
+
+Reading follows the shard index so that one tensor at a time is materialized; writing fills
+shards up to a byte budget, names them the Hugging Face way and finishes with an index. Output
+goes to a temporary folder beside the destination and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mlakit.convert.errors import MlakitError
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def resolve_model(source: str, revision: str | None = None) -> Path:
+    """Turn `demo`, a local folder or a hub id into a local folder holding config.json."""
+    if source == "demo":
+        return DEMO_DIR
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MlakitError(f"{source}: no config.json in this folder; point at a Hugging Face model folder")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise MlakitError(f"{source}: no such folder, and not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
+        raise MlakitError(f"{source}: could not download from the hub ({type(exc).__name__}: {exc})") from exc
+    local_path = Path(local)
+    if not any(local_path.glob("*.safetensors")):
+        raise MlakitError(f"{source}: the hub repo has no safetensors weights; convert it to safetensors first")
+    return local_path
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise MlakitError(f"{path}: missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MlakitError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or corrupt shard before any work starts."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise MlakitError(f"{path}: corrupt safetensors file ({exc}); download it again") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise MlakitError(
+            f"{path}: truncated or corrupt ({size} bytes, header says {8 + header_len + end}); download it again"
+        )
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a model folder (safetensors shards or a single .bin file)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._where: dict[str, Path] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.is_file():
+            for name, shard in read_json(index)["weight_map"].items():
+                self._where[name] = folder / shard
+        elif single.is_file():
+            self._where = {name: single for name in self._keys(single)}
+        elif (folder / "pytorch_model.bin").is_file():
+            self._load_bin(folder / "pytorch_model.bin")
+        else:
+            raise MlakitError(f"{folder}: no model.safetensors, shard index or pytorch_model.bin found")
+        for shard in sorted(set(self._where.values())):
+            if not shard.is_file():
+                raise MlakitError(f"{shard}: listed in the shard index but missing")
+            _check_safetensors_file(shard)
+        self._open: tuple[Path, object] | None = None
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        _check_safetensors_file(path)
+        with safe_open(path, "pt") as fh:
+            return list(fh.keys())
+
+    def _load_bin(self, path: Path) -> None:
+        try:
+            self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # pickle errors come in many types
+            raise MlakitError(f"{path}: cannot be read safely ({exc}); convert it to safetensors") from exc
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._bin) if self._bin is not None else list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._bin if self._bin is not None else self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Materialize one tensor; only the shard it lives in is open."""
+        if self._bin is not None:
+            return self._bin[name].clone()
+        if name not in self._where:
+            raise MlakitError(f"{self.folder}: weight {name} is missing from the checkpoint")
+        shard = self._where[name]
+        if self._open is None or self._open[0] != shard:
+            self._open = (shard, safe_open(shard, "pt"))
+        return self._open[1].get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the weights are stored in."""
+        name = next(n for n in self.names if n.endswith("weight"))
+        return self.get(name).dtype
+
+
+class ShardWriter:
+    """Write tensors into shards of at most `max_bytes`, then name them and write the index."""
+
+    def __init__(self, folder: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in s for s in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
+        _save(self._pending, path)
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Give the shards their final names and write model.safetensors.index.json."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            write_json(self.folder / "model.safetensors.index.json", index)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
+
+
+def _disk_error(exc: OSError, path: Path) -> MlakitError:
+    if exc.errno == errno.ENOSPC:
+        return MlakitError(f"disk full while writing {path}; free space and run again")
+    return MlakitError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def write_json(path: Path, obj: object) -> None:
+    try:
+        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    except OSError as exc:
+        raise _disk_error(exc, path) from exc
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail early, before any work, when OUT exists and --force was not given."""
+    if out.exists() and not force:
+        raise MlakitError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise MlakitError(f"{out.parent}: no such folder")
+    if not os.access(out.parent, os.W_OK):
+        raise MlakitError(f"{out.parent}: no write access")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block completes."""
+    out = out.resolve()
+    check_output(out, force)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise _disk_error(exc, out.parent) from exc
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and generation files, which stay valid for the converted model."""
+    names = []
+    for path in sorted(src.iterdir()):
+        is_tok = path.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens"))
+        if path.is_file() and (is_tok or path.name == "generation_config.json" or path.suffix == ".tiktoken"):
+            try:
+                shutil.copy2(path, dst / path.name)
+            except OSError as exc:
+                raise _disk_error(exc, dst / path.name) from exc
+            names.append(path.name)
+    return names

@@ -1,0 +1,149 @@
+"""The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM and SGLang load.
+
+Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, and the
+exact trick that makes the latent RMSNorm a fixed per-channel scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mlakit.convert.families import SourceSpec
+
+# (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) that vLLM's MLA prefill accepts on Hopper.
+VLLM_PREFILL_HEAD_DIMS = {(128, 64, 128), (192, 64, 256), (64, 64, 128)}
+FLASHMLA_KV_LORA_RANK = 512
+FA3_MLA_KV_LORA_RANKS = {256, 512}
+MAX_FAST_ROPE_DIM = 64
+# transformers builds kv_a_layernorm with its default eps 1e-6; vLLM and SGLang use rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+# The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
+LATENT_NORM_MARGIN = 1e-6
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """Attention shape of the converted model."""
+
+    hidden: int
+    heads: int
+    qk_nope: int
+    qk_rope: int
+    v_head: int
+    kv_lora_rank: int
+
+    @property
+    def qk_head(self) -> int:
+        return self.qk_nope + self.qk_rope
+
+    def kv_elements_per_token_layer(self) -> int:
+        return self.kv_lora_rank + self.qk_rope
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def head_dims(source_head_dim: int) -> tuple[int, int]:
+    """(qk_nope, v_head) for a source head dim: the nope key holds one full source head, padded
+    up to a size in vLLM's prefill set where that is possible."""
+    if source_head_dim == 64:
+        return 64, 128
+    if source_head_dim <= 128:
+        return 128, 128
+    return source_head_dim, source_head_dim
+
+
+def kernel_notes(shape: MLAShape) -> list[tuple[str, bool, str]]:
+    """(rule, ok, detail) for each serving kernel constraint of DESIGN section 2."""
+    dims = (shape.qk_nope, shape.qk_rope, shape.v_head)
+    return [
+        ("vllm prefill head dims", dims in VLLM_PREFILL_HEAD_DIMS,
+         f"(qk_nope, qk_rope, v) = {dims}; vLLM accepts {sorted(VLLM_PREFILL_HEAD_DIMS)}"),
+        ("FlashMLA decode", shape.kv_lora_rank == FLASHMLA_KV_LORA_RANK and shape.qk_rope == 64,
+         f"needs kv_lora_rank 512 and rope 64, has {shape.kv_lora_rank} and {shape.qk_rope}"),
+        ("FA3-MLA decode", shape.kv_lora_rank in FA3_MLA_KV_LORA_RANKS and shape.qk_rope <= MAX_FAST_ROPE_DIM,
+         f"needs kv_lora_rank in {sorted(FA3_MLA_KV_LORA_RANKS)} and rope <= 64, has {shape.kv_lora_rank} "
+         f"and {shape.qk_rope}"),
+    ]
+
+
+def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: torch.dtype) -> dict:
+    """config.json of the converted model (dense DeepSeek-V3, plain q_proj, untied lm_head)."""
+    src = spec.hf_config
+    rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    dtype = str(torch_dtype).removeprefix("torch.")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": spec.vocab,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "moe_intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "first_k_dense_replace": spec.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.heads,
+        "n_routed_experts": 1,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+        "num_nextn_predict_layers": 0,
+        "q_lora_rank": None,
+        "kv_lora_rank": shape.kv_lora_rank,
+        "qk_nope_head_dim": shape.qk_nope,
+        "qk_rope_head_dim": shape.qk_rope,
+        "v_head_dim": shape.v_head,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": spec.max_positions,
+        "rms_norm_eps": LATENT_NORM_EPS,
+        "rope_interleave": True,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": rope_scaling if rope_scaling.get("rope_type", "default") != "default" else None,
+        "rope_parameters": rope,
+        "tie_word_embeddings": False,
+        "bos_token_id": src.bos_token_id,
+        "eos_token_id": src.eos_token_id,
+        "pad_token_id": getattr(src, "pad_token_id", None),
+        "initializer_range": getattr(src, "initializer_range", 0.02),
+        "use_cache": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+def attention_names(i: int) -> dict[str, str]:
+    """Output weight names of layer i's attention."""
+    p = f"model.layers.{i}.self_attn."
+    return {
+        "q_proj": p + "q_proj.weight",
+        "kv_a_proj_with_mqa": p + "kv_a_proj_with_mqa.weight",
+        "kv_a_layernorm": p + "kv_a_layernorm.weight",
+        "kv_b_proj": p + "kv_b_proj.weight",
+        "o_proj": p + "o_proj.weight",
+    }
+
+
+def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: int,
+                      eps: float = LATENT_NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale the latent rows so that kv_a_layernorm acts as the constant scale 1/sqrt(eps).
+
+    The layer input is gamma * n with ||n|| <= sqrt(hidden), so ||latent @ x|| is bounded by
+    sqrt(hidden) * ||latent diag(gamma)||_2; alpha keeps mean(c^2) <= margin * eps for every input.
+    Returns the scaled rows and the norm weight sqrt(eps) / alpha that undoes the scale.
+    """
+    rank = latent.shape[0]
+    bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double(), ord=2).item() * math.sqrt(hidden)
+    alpha = math.sqrt(LATENT_NORM_MARGIN * eps * rank) / max(bound, 1e-30)
+    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype)
+
+
+def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
+    """Undo `latent_norm_trick`: the plain latent rows that training works on."""
+    return scaled * (norm_weight / math.sqrt(eps)).unsqueeze(1)

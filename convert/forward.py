@@ -1,0 +1,121 @@
+"""Functional forward passes of one source decoder layer and of one MLA attention block.
+
+Conversion, calibration and validation run layers one at a time on carried hidden states, so they
+need the layer math without building whole transformers models. Tests pin both functions to
+transformers' Llama and DeepSeek-V3 modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mlakit.convert.families import SourceLayer, SourceSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope_tables(inv_freq: torch.Tensor, seq_len: int, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, n_freq) for positions 0..seq_len-1."""
+    angles = torch.arange(seq_len, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (..., L, d) in the rotate-half layout: pairs (i, i + d/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (..., L, r) in the interleaved layout: pairs (2i, 2i + 1)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def source_qkv(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotated queries (B, H, L, d), rotated keys and values (B, G, L, d) of a normed input."""
+    b, n, _ = x.shape
+    d = spec.head_dim
+    q = linear(x, layer.q, layer.q_bias).view(b, n, spec.heads, d).transpose(1, 2)
+    k = linear(x, layer.k, layer.k_bias).view(b, n, spec.kv_heads, d).transpose(1, 2)
+    v = linear(x, layer.v, layer.v_bias).view(b, n, spec.kv_heads, d).transpose(1, 2)
+    c, s = cos[:n].to(x.dtype), sin[:n].to(x.dtype)
+    return rotate_half_rope(q, c, s), rotate_half_rope(k, c, s), v
+
+
+def source_attention(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """Causal GQA self-attention of a normed input, through o_proj."""
+    q, k, v = source_qkv(x, layer, spec, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=spec.head_dim**-0.5)
+    return linear(out.transpose(1, 2).flatten(2), layer.o)
+
+
+def attention_distance_histogram(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
+                                 sin: torch.Tensor) -> torch.Tensor:
+    """Sum over query positions of the attention mass at each distance t - s: shape (H, L)."""
+    q, k, _ = source_qkv(x, layer, spec, cos, sin)
+    k = k.repeat_interleave(spec.group, dim=1)
+    n = x.shape[1]
+    scores = (q @ k.transpose(-1, -2)).float() * spec.head_dim**-0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    hist = torch.stack([probs.diagonal(-delta, -2, -1).sum(-1) for delta in range(n)], dim=-1)
+    return hist.sum(0)
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def source_layer(h: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    """One whole source decoder layer on hidden states (B, L, D)."""
+    h = h + source_attention(rms_norm(h, layer.input_norm, spec.rms_eps), layer, spec, cos, sin)
+    return h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
+
+
+@dataclass
+class MLAWeights:
+    """One MLA attention block in DeepSeek-V3 layout. `kv_a` holds latent rows then rope rows
+    (interleaved); `kv_norm` is kv_a_layernorm's weight."""
+
+    q: torch.Tensor
+    kv_a: torch.Tensor
+    kv_norm: torch.Tensor
+    kv_b: torch.Tensor
+    o: torch.Tensor
+
+
+def mla_attention(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope: int, v_head: int,
+                  cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = 1e-6,
+                  scale: float | None = None) -> torch.Tensor:
+    """DeepSeek-V3 attention (q_lora_rank None, interleaved rope) of a normed input, through o_proj.
+
+    `norm_eps=None` skips kv_a_layernorm (the plain linear parametrization used while fitting)."""
+    b, n, _ = x.shape
+    rank = w.kv_b.shape[1]
+    qk_head = qk_nope + qk_rope
+    q = linear(x, w.q).view(b, n, heads, qk_head).transpose(1, 2)
+    q_nope, q_rot = q.split([qk_nope, qk_rope], dim=-1)
+    latent, k_rot = linear(x, w.kv_a).split([rank, qk_rope], dim=-1)
+    latent = latent if norm_eps is None else rms_norm(latent, w.kv_norm, norm_eps)
+    kv = linear(latent, w.kv_b).view(b, n, heads, qk_nope + v_head).transpose(1, 2)
+    k_nope, v = kv.split([qk_nope, v_head], dim=-1)
+    c, s = cos[:n].to(x.dtype), sin[:n].to(x.dtype)
+    q_rot = interleaved_rope(q_rot, c, s)
+    k_rot = interleaved_rope(k_rot[:, None], c, s).expand(b, heads, n, qk_rope)
+    q = torch.cat([q_nope, q_rot], dim=-1)
+    k = torch.cat([k_nope, k_rot], dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale or qk_head**-0.5)
+    return linear(out.transpose(1, 2).flatten(2), w.o)

@@ -1,0 +1,368 @@
+"""Plan a conversion (shapes, ranks, cache sizes, refusals), then stream it one layer at a time.
+
+Calibration hidden states are carried through the source layers (as GPTQ does): each layer is
+read, measured on its inputs, converted, written, and run to produce the next layer's inputs, so
+memory holds one layer plus the embeddings and the calibration activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+import mlakit
+from mlakit.convert import deepseek, rope
+from mlakit.convert.checkpoint import (
+    DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_folder, check_output, copy_side_files,
+    resolve_model, write_json,
+)
+from mlakit.convert.errors import MlakitError
+from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
+from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
+from mlakit.convert.forward import (
+    MLAWeights, attention_distance_histogram, mla_attention, mlp, rms_norm, rope_tables, source_attention,
+)
+from mlakit.convert.text import load_corpus, token_windows
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CHUNK_BYTES = 2**28
+
+
+@dataclass
+class ConvertOptions:
+    """Every knob of a conversion; the CLI fills it from flags."""
+
+    kv_lora_rank: int | None = None
+    rope_dim: int = 64
+    calib_text: list[Path] | None = None
+    calib_tokens: int = 65536
+    calib_seq_len: int = 512
+    dtype: str = "bf16"
+    device: str = "cpu"
+    rope_strategy: str = "auto"
+    complex_pca: bool = True
+    expected_rotation: bool = True
+    activation_aware: bool = True
+    balance: bool = True
+    strategy_tokens: int = 16384
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    revision: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a conversion will do, known before any weight is read."""
+
+    source: str
+    folder: Path
+    spec: SourceSpec
+    shape: deepseek.MLAShape
+    strategies: list[str]
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+    def cache_summary(self) -> dict:
+        nbytes = torch.finfo(self.dtype).bits // 8
+        src = self.spec.kv_elements_per_token_layer()
+        new = self.shape.kv_elements_per_token_layer()
+        return {
+            "source_elements_per_token_layer": src,
+            "converted_elements_per_token_layer": new,
+            "source_bytes_per_token": src * nbytes * self.spec.layers,
+            "converted_bytes_per_token": new * nbytes * self.spec.layers,
+            "reduction_percent": round(100 * (1 - new / src), 2),
+        }
+
+
+def default_rank(spec: SourceSpec, rope_dim: int) -> int:
+    """512 (the fast kernels' size) when the source can fill it, else the largest power of two
+    that halves the source's cache."""
+    most = 2 * spec.kv_heads * spec.head_dim - rope_dim
+    if most >= 512:
+        return 512
+    half = spec.kv_elements_per_token_layer() // 2 - rope_dim
+    return 2 ** int(math.log2(max(half, 1)))
+
+
+def make_plan(source: str, opts: ConvertOptions) -> Plan:
+    """Check everything that can be checked without reading weights; raise MlakitError if not."""
+    if opts.dtype not in DTYPES:
+        raise MlakitError(
+            f"--dtype {opts.dtype} refused: the exact latent-norm trick puts latent values into fp16 subnormals; "
+            "use bf16 or fp32"
+        )
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MlakitError("--device cuda: no CUDA device is available; use --device cpu")
+    if opts.calib_seq_len < 16 or opts.calib_tokens < opts.calib_seq_len:
+        raise MlakitError("--calib-tokens must be at least --calib-seq-len, which must be at least 16")
+    folder = resolve_model(source, opts.revision)
+    spec = load_spec(folder)
+    d, r = spec.head_dim, opts.rope_dim
+    if r < 2 or r % 2 or r > d or (d // 2) % (r // 2):
+        raise MlakitError(
+            f"--rope-dim {r}: must be even, at most head_dim {d}, and its half must divide {d // 2} source frequencies"
+        )
+    most = 2 * spec.kv_heads * d - r
+    rank = opts.kv_lora_rank or default_rank(spec, r)
+    if not 1 <= rank <= most:
+        raise MlakitError(
+            f"--kv-lora-rank {rank}: this source can fill at most {most} (2 * {spec.kv_heads} kv heads * {d} - "
+            f"rope dim {r}); choose a smaller rank"
+        )
+    qk_nope, v_head = deepseek.head_dims(d)
+    shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, r, v_head, rank)
+    if opts.rope_strategy == "auto":
+        strategies = list(rope.STRATEGIES) if r < d else ["fold"]
+    elif opts.rope_strategy in rope.STRATEGIES:
+        strategies = [opts.rope_strategy]
+    else:
+        raise MlakitError(f"--rope-strategy {opts.rope_strategy}: choose auto or one of {', '.join(rope.STRATEGIES)}")
+    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype])
+    if not opts.kv_lora_rank:
+        plan.notes.append(f"kv_lora_rank defaults to {rank} for this source")
+    if shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
+        plan.notes.append("warning: the MLA cache is not smaller than the source's; lower --kv-lora-rank")
+    plan.notes += [f"warning: {rule} not met: {detail}" for rule, ok, detail in deepseek.kernel_notes(shape) if not ok]
+    rope_type = spec.rope.get("rope_type", "default")
+    if rope_type in ("linear", "llama3"):
+        plan.notes.append(f"warning: {rope_type} rope scaling is exact in transformers; vLLM and SGLang apply YaRN")
+    return plan
+
+
+def output_rope(spec: SourceSpec, strategy: str, rope_dim: int) -> dict:
+    """rope_parameters of the output: the source's scaling, theta moved to the kept frequencies,
+    and for YaRN an attention factor of 1 (the source's is folded into q_proj)."""
+    params = dict(spec.rope)
+    params["rope_theta"] = rope.target_theta(params["rope_theta"], spec.head_dim, rope_dim, strategy)
+    if params.get("rope_type") == "yarn":
+        params.update(attention_factor=1.0, mscale=0.0, mscale_all_dim=0.0)
+    return params
+
+
+def _rotary(plan: Plan, strategy: str) -> tuple[torch.Tensor, float, torch.Tensor, dict]:
+    """Source inv_freq and attention scaling, target inv_freq and the output config."""
+    src = LlamaRotaryEmbedding(plan.spec.hf_config)
+    config = deepseek.build_config(plan.spec, plan.shape, output_rope(plan.spec, strategy, plan.shape.qk_rope),
+                                   plan.dtype)
+    tgt = DeepseekV3RotaryEmbedding(DeepseekV3Config(**config))
+    if abs(tgt.attention_scaling - 1.0) > 1e-12:
+        raise AssertionError("output rope must not rescale attention")
+    return src.inv_freq.double(), float(src.attention_scaling), tgt.inv_freq.double(), config
+
+
+@dataclass
+class Candidate:
+    """One rope strategy's frequencies and output config."""
+
+    strategy: str
+    src_freq: torch.Tensor
+    src_scaling: float
+    tgt_freq: torch.Tensor
+    config: dict
+
+
+def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
+                      dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
+    """DESIGN section 3 for one layer: RoRoPE, joint latent, per-head up-projections, q scaling.
+    Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
+    H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
+    sigma, mean = stats.sigma.cpu(), stats.mean.cpu()
+    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), sigma, mean), H)
+    k = rope.to_complex(layer.k.cpu(), G)
+    k_rot_rows = None
+    if layer.k_bias is not None:
+        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), sigma, mean), G)
+    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), sigma, mean)
+    split = rope.rorope(
+        k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slots(d // 2, shape.qk_rope // 2, cand.strategy),
+        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
+    )
+    k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
+    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
+                          balance=opts.balance)
+    group_of = torch.arange(H) // (H // G)
+    q_scale = math.sqrt(shape.qk_head / d) * cand.src_scaling**2
+    q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
+    q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
+    k_up = F.pad(latent.k_up.view(G, d, -1)[group_of], (0, 0, 0, shape.qk_nope - d))
+    v_up = F.pad(latent.v_up.view(G, d, -1)[group_of], (0, 0, 0, shape.v_head - d))
+    o = F.pad(layer.o.cpu().double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
+    weights = MLAWeights(
+        q=q_rows.float(),
+        kv_a=torch.cat([latent.down, rope.to_interleaved(split.k_rot)]).float(),
+        kv_norm=torch.ones(shape.kv_lora_rank),
+        kv_b=torch.cat([k_up, v_up], dim=1).reshape(-1, shape.kv_lora_rank).float(),
+        o=o.float(),
+    )
+    info = {"k_error": latent.k_error, "v_error": latent.v_error, "latent_error": latent.error,
+            "latent_optimum": latent.optimum, "rope_energy_kept": split.energy_kept}
+    return weights, info
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _chunks(n_seq: int, seq_len: int, spec: SourceSpec) -> list[slice]:
+    per_seq = 4 * seq_len * max(spec.heads * seq_len, spec.intermediate, spec.hidden)
+    step = max(1, CHUNK_BYTES // per_seq)
+    return [slice(i, min(i + step, n_seq)) for i in range(0, n_seq, step)]
+
+
+def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
+            opts: ConvertOptions, writer: ShardWriter | None, desc: str) -> dict[str, list[dict]]:
+    """Carry calibration hidden states through the source, converting each layer for every
+    candidate; write the (single) candidate's layers when a writer is given."""
+    spec, shape, dev = plan.spec, plan.shape, opts.device
+    embed = reader.get("model.embed_tokens.weight")
+    hidden = embed[windows].float().to(dev)
+    if writer:
+        writer.add("model.embed_tokens.weight", embed.to(plan.dtype))
+    del embed
+    seq_len = windows.shape[1]
+    cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
+    cos, sin = cos.to(dev), sin.to(dev)
+    tgt_tables = {c.strategy: [t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)] for c in cands}
+    chunks = _chunks(windows.shape[0], seq_len, spec)
+    reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
+    for i in tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None):
+        layer = read_layer(spec, reader, i).to(dev)
+        stats = SecondMoment(spec.hidden)
+        dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
+        with torch.no_grad():
+            for sl in chunks:
+                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
+                stats.update(x.cpu())
+                if dist is not None:
+                    dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
+            built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
+            err = {c.strategy: [0.0, 0.0] for c in cands}
+            for sl in chunks:
+                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
+                ref = source_attention(x, layer, spec, cos, sin)
+                for name, (w, _) in built.items():
+                    dev_w = MLAWeights(*(t.to(dev) for t in vars(w).values()))
+                    out = mla_attention(x, dev_w, spec.heads, shape.qk_nope, shape.qk_rope, shape.v_head,
+                                        *tgt_tables[name], norm_eps=None)
+                    err[name][0] += (out - ref).pow(2).sum().item()
+                    err[name][1] += ref.pow(2).sum().item()
+                h = hidden[sl] + ref
+                hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
+        for name, (w, info) in built.items():
+            rel = math.sqrt(err[name][0] / max(err[name][1], 1e-300))
+            reports[name].append({"layer": i, "attn_rel_error": rel, **info})
+        if writer:
+            _write_layer(writer, reader, plan, i, *built[cands[0].strategy][:1], layer.input_norm.cpu())
+    return reports
+
+
+def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
+                 input_gamma: torch.Tensor) -> None:
+    r = plan.shape.kv_lora_rank
+    latent, norm = deepseek.latent_norm_trick(w.kv_a[:r].double(), input_gamma.double(), plan.spec.hidden)
+    names = deepseek.attention_names(i)
+    tensors = {
+        names["q_proj"]: w.q,
+        names["kv_a_proj_with_mqa"]: torch.cat([latent.float(), w.kv_a[r:]]),
+        names["kv_a_layernorm"]: norm.float() * w.kv_norm,
+        names["kv_b_proj"]: w.kv_b,
+        names["o_proj"]: w.o,
+    }
+    for key in ("gate", "up", "down", "input_norm", "post_norm"):
+        tensors[layer_name(i, key)] = reader.get(layer_name(i, key))
+    for name, t in tensors.items():
+        writer.add(name, t.to(plan.dtype))
+
+
+def _revision(folder: Path) -> str | None:
+    """The commit a hub snapshot folder was downloaded at."""
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT; return the mlakit.json record."""
+    check_output(out, force)
+    plan = make_plan(source, opts)
+    for note in plan.notes:
+        log(note)
+    reader = CheckpointReader(plan.folder)
+    check_weights(plan.spec, reader)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(plan.folder)
+    except Exception as exc:  # tokenizer loading raises many types
+        raise MlakitError(f"{plan.folder}: cannot load the tokenizer ({exc})") from exc
+    corpus = load_corpus(opts.calib_text)
+    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len)
+    cands = {s: Candidate(s, *_rotary(plan, s)) for s in plan.strategies}
+    choice = {}
+    if len(cands) > 1:
+        n_probe = max(1, min(windows.shape[0], opts.strategy_tokens // opts.calib_seq_len))
+        probe = _stream(plan, reader, windows[:n_probe], list(cands.values()), opts, None, "choosing rope budget")
+        choice = {s: _mean_sq(rep) for s, rep in probe.items()}
+        best = min(choice, key=choice.get)
+        log("rope budget on calibration text (mean squared attention error): "
+            + ", ".join(f"{s} {e:.4g}" for s, e in choice.items()) + f" -> {best}")
+    else:
+        best = plan.strategies[0]
+    cand = cands[best]
+    with atomic_folder(out, force) as tmp:
+        writer = ShardWriter(tmp, opts.shard_bytes)
+        layers = _stream(plan, reader, windows, [cand], opts, writer, "converting")[best]
+        writer.add("model.norm.weight", reader.get("model.norm.weight").to(plan.dtype))
+        head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
+        writer.add("lm_head.weight", reader.get(head).to(plan.dtype))
+        writer.close()
+        write_json(tmp / "config.json", cand.config)
+        copy_side_files(plan.folder, tmp)
+        record = {
+            "mlakit_version": mlakit.__version__,
+            "source": {"id": source, "revision": opts.revision or _revision(plan.folder),
+                       "model_type": plan.spec.model_type, "dtype": str(reader.dtype()).removeprefix("torch.")},
+            "shape": plan.shape.as_dict(),
+            "kv_cache": plan.cache_summary(),
+            "dtype": opts.dtype,
+            "rope": {"strategy": best, "rope_parameters": cand.config["rope_parameters"],
+                     "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
+                     "strategy_errors": choice},
+            "factorization": {"activation_aware": opts.activation_aware, "balance_kv": opts.balance},
+            "calibration": {"text": corpus.name, "sha256": corpus.sha256, "tokens": int(windows.numel()),
+                            "seq_len": opts.calib_seq_len},
+            "layers": layers,
+        }
+        write_json(tmp / "mlakit.json", record)
+    return record
+
+
+def _mean_sq(layers: list[dict]) -> float:
+    return sum(l["attn_rel_error"] ** 2 for l in layers) / len(layers)
+
+
+def summary(record: dict) -> str:
+    """The table a user reads after a conversion."""
+    kv, shape = record["kv_cache"], record["shape"]
+    lines = [
+        f"KV cache per token per layer: {kv['source_elements_per_token_layer']} -> "
+        f"{kv['converted_elements_per_token_layer']} elements "
+        f"(kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope']}), "
+        f"{kv['source_bytes_per_token']} -> {kv['converted_bytes_per_token']} bytes per token in {record['dtype']} "
+        f"over all layers, -{kv['reduction_percent']}%",
+        f"rope budget: {record['rope']['strategy']}; calibration: {record['calibration']['tokens']} tokens of "
+        f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})",
+        "layer  attn err  K err   V err   latent err  rank-r optimum  rope energy kept",
+    ]
+    for row in record["layers"]:
+        lines.append(
+            f"{row['layer']:>5}  {row['attn_rel_error']:8.4f}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
+            f"{row['latent_error']:10.4f}  {row['latent_optimum']:14.4f}  {row['rope_energy_kept']:16.4f}"
+        )
+    return "\n".join(lines)

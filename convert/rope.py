@@ -1,0 +1,131 @@
+"""RoPE across heads: the interleave permutation, the frequency budget and RoRoPE.
+
+Keys and queries are handled as complex numbers per frequency (z = x[i] + 1j * x[i + d/2] in the
+source's rotate-half layout), because RoPE multiplies each such pair by exp(1j * w * position):
+any mixing across kv heads that is the same for both halves of a pair commutes with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("fold", "even", "high")
+
+
+def interleave_permutation(dim: int) -> torch.Tensor:
+    """Indices p with interleaved[j] = rotate_half[p[j]]: pair (i, i + dim/2) becomes (2i, 2i + 1)."""
+    half = dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+
+
+def to_complex(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads * d, D) real weight rows in rotate-half layout -> (heads, d/2, D) complex rows."""
+    re, im = rows.double().view(heads, 2, -1, rows.shape[-1]).unbind(1)
+    return torch.complex(re, im)
+
+
+def to_real(rows: torch.Tensor) -> torch.Tensor:
+    """(..., F, D) complex rows -> (..., 2F, D) real rows in rotate-half layout."""
+    return torch.cat([rows.real, rows.imag], dim=-2)
+
+
+def to_interleaved(rows: torch.Tensor) -> torch.Tensor:
+    """(..., F, D) complex rows -> (..., 2F, D) real rows in interleaved layout."""
+    return to_real(rows)[..., interleave_permutation(2 * rows.shape[-2]), :]
+
+
+def slots(n_freq: int, n_slots: int, strategy: str) -> list[list[int]]:
+    """Which source frequencies share each kept rotary slot.
+
+    fold: each slot takes `n_freq / n_slots` neighbouring frequencies (PCA over all of them);
+    even: each slot keeps the first of its neighbours, the rest lose rotation;
+    high: slot m keeps frequency m (the highest ones); the low ones lose rotation.
+    """
+    fold = n_freq // n_slots
+    if strategy == "fold":
+        return [list(range(m * fold, (m + 1) * fold)) for m in range(n_slots)]
+    if strategy == "even":
+        return [[m * fold] for m in range(n_slots)]
+    if strategy == "high":
+        return [[m] for m in range(n_slots)]
+    raise ValueError(f"unknown rope strategy {strategy}")
+
+
+def target_theta(theta: float, head_dim: int, rope_dim: int, strategy: str) -> float:
+    """rope_theta of the output so that slot m rotates at its first source frequency."""
+    return theta ** (rope_dim / head_dim) if strategy == "high" else theta
+
+
+def expected_rotation(dist: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """E[exp(-1j * w * (t - s))] under each head's attention distance distribution.
+
+    dist: (H, L) attention mass at distance 0..L-1 (any scale); freqs: (...,) -> (H, ...)."""
+    p = dist.double() / dist.double().sum(-1, keepdim=True)
+    delta = torch.arange(dist.shape[-1], dtype=torch.float64)
+    phase = torch.exp(-1j * freqs.double().reshape(-1, 1) * delta)  # (n, L)
+    return (p.to(torch.complex128) @ phase.T).reshape(dist.shape[0], *freqs.shape)
+
+
+def principal_direction(cov: torch.Tensor) -> torch.Tensor:
+    """Unit top eigenvector of a Hermitian (or real symmetric) matrix, with a fixed phase."""
+    _, vecs = torch.linalg.eigh(cov)
+    u = vecs[:, -1]
+    pivot = u[u.abs().argmax()]
+    return u * (pivot.abs() / pivot)
+
+
+@dataclass
+class RopeSplit:
+    """Source keys and queries split into a shared rotary key and per-group no-rope keys.
+
+    k_rot (M, D) and q_rot (H, M, D): complex rows of the kept slots; k_nope (G, F, D): what each
+    group's key keeps without rotation; q_nope (H, F, D): the matching query rows."""
+
+    k_rot: torch.Tensor
+    q_rot: torch.Tensor
+    k_nope: torch.Tensor
+    q_nope: torch.Tensor
+    energy_kept: float
+
+
+def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torch.Tensor,
+             tgt_freq: torch.Tensor, slot_freqs: list[list[int]], *, complex_pca: bool = True,
+             dist: torch.Tensor | None = None, k_rot_rows: torch.Tensor | None = None) -> RopeSplit:
+    """RoRoPE: per slot, rotate the keys of all kv heads (and folded frequencies) onto their
+    principal direction; component 0 keeps RoPE as the shared k_rot, the rest lose rotation.
+
+    k: (G, F, D) complex key rows; q: (H, F, D) complex query rows; sigma: (D, D) second moment of
+    the layer input. `dist` (H, L) turns lost rotations into their expectation under each head's
+    attention distances (else they are dropped, i.e. replaced by the identity). `k_rot_rows`, if
+    given, are the key rows used for the rotary component (e.g. with a bias absorbed), while `k`
+    feeds the no-rope residual.
+    """
+    groups, n_freq, _ = k.shape
+    heads = q.shape[0]
+    group_of = torch.arange(heads) // (heads // groups)
+    sig = sigma.to(torch.complex128)
+    k_rot_src = k if k_rot_rows is None else k_rot_rows
+    k_nope = k.clone()
+    k_rot = torch.zeros(len(slot_freqs), k.shape[-1], dtype=k.dtype)
+    q_rot = torch.zeros(heads, len(slot_freqs), q.shape[-1], dtype=q.dtype)
+    kept = total = 0.0
+    for m, fs in enumerate(slot_freqs):
+        rows = k_rot_src[:, fs].reshape(groups * len(fs), -1)
+        cov = rows @ sig @ rows.conj().T
+        total += cov.diagonal().real.sum().item()
+        u = principal_direction(cov if complex_pca else cov.real).to(torch.complex128)
+        kept += (u.conj() @ cov @ u).real.item()
+        k_rot[m] = u.conj() @ rows
+        nope_rows = k[:, fs].reshape(groups * len(fs), -1)
+        k_nope[:, fs] = (nope_rows - u[:, None] * (u.conj() @ nope_rows)).view(groups, len(fs), -1)
+        u_g = u.view(groups, len(fs))[group_of]  # (H, |fs|)
+        mismatch = torch.ones(heads, len(fs), dtype=torch.complex128)
+        if dist is not None:
+            mismatch = expected_rotation(dist, src_freq[fs] - tgt_freq[m]).conj()
+        q_rot[:, m] = ((u_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)
+    lost = torch.ones(heads, n_freq, dtype=torch.complex128)
+    if dist is not None:
+        lost = expected_rotation(dist, src_freq).conj()
+    return RopeSplit(k_rot, q_rot, k_nope, lost[..., None] * q, kept / max(total, 1e-30))

@@ -1,0 +1,53 @@
+"""Calibration and evaluation text: read files, hash them, cut token windows."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlakit.convert.checkpoint import DEMO_DIR
+from mlakit.convert.errors import MlakitError
+
+DEFAULT_TEXT = DEMO_DIR / "docstrings.txt"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Text plus what a report needs to name it."""
+
+    text: str
+    name: str
+    sha256: str
+
+
+def load_corpus(paths: list[Path] | None = None) -> Corpus:
+    """Concatenate text files (the bundled docstrings when none are given)."""
+    paths = paths or [DEFAULT_TEXT]
+    parts = []
+    for path in paths:
+        try:
+            parts.append(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise MlakitError(f"{path}: no such text file") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MlakitError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    text = "\n\n".join(parts)
+    if not text.strip():
+        raise MlakitError(f"{', '.join(map(str, paths))}: the text is empty")
+    name = ", ".join("bundled docstrings" if Path(p) == DEFAULT_TEXT else str(p) for p in paths)
+    return Corpus(text, name, hashlib.sha256(text.encode()).hexdigest())
+
+
+def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, *, what: str = "calibration") -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens, as many as fit in `n_tokens` (at least one)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_seq = min(len(ids) // seq_len, max(1, n_tokens // seq_len))
+    if n_seq < 1:
+        raise MlakitError(
+            f"the {what} text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a "
+            "shorter sequence length"
+        )
+    return torch.tensor(ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)

@@ -1,0 +1,166 @@
+"""Transformations that must be exact, proven to float tolerance."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import DeepseekV3Config, LlamaConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from mlakit.convert import deepseek, rope
+from mlakit.convert.factorize import joint_latent
+from mlakit.convert.families import SourceLayer, SourceSpec
+from mlakit.convert.forward import (
+    MLAWeights, interleaved_rope, mla_attention, rms_norm, rope_tables, rotate_half_rope, source_layer,
+)
+
+torch.set_default_dtype(torch.float64)
+
+
+def teardown_module() -> None:
+    torch.set_default_dtype(torch.float32)
+
+
+def test_interleave_permutation_commutes_with_rope() -> None:
+    d, n = 16, 10
+    x = torch.randn(3, n, d)
+    cos, sin = rope_tables(10000.0 ** (-torch.arange(0, d, 2) / d), n)
+    perm = rope.interleave_permutation(d)
+    lhs = rotate_half_rope(x, cos.double(), sin.double())[..., perm]
+    rhs = interleaved_rope(x[..., perm], cos.double(), sin.double())
+    torch.testing.assert_close(lhs, rhs, rtol=0, atol=1e-12)
+    assert sorted(perm.tolist()) == list(range(d))
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, freq: torch.Tensor, t: int, s: int) -> torch.Tensor:
+    """Re sum_f conj(q_f e^{iwt}) k_f e^{iws} for complex per-frequency vectors."""
+    return (q.conj() * k * torch.exp(-1j * freq * (t - s))).real.sum(-1)
+
+
+def test_rorope_split_keeps_every_score_before_truncation() -> None:
+    """Rotating keys across kv heads per frequency and folding the rotation into the queries
+    changes no score, as long as every component keeps its rotation."""
+    torch.manual_seed(0)
+    H, G, F, D = 6, 3, 8, 24
+    k = torch.randn(G, F, D, dtype=torch.complex128)
+    q = torch.randn(H, F, D, dtype=torch.complex128)
+    x = torch.randn(200, D)
+    sigma = x.T @ x / 200
+    freq = 10000.0 ** (-torch.arange(F) / F)
+    for complex_pca in (True, False):
+        split = rope.rorope(k, q, sigma, freq, freq, rope.slots(F, F, "fold"), complex_pca=complex_pca)
+        xt, xs = x[0], x[1]
+        group = torch.arange(H) // (H // G)
+        for h in range(H):
+            ref = _scores(q[h] @ xt.to(q.dtype), k[group[h]] @ xs.to(k.dtype), freq, 7, 2)
+            rot = _scores(split.q_rot[h] @ xt.to(q.dtype), split.k_rot @ xs.to(k.dtype), freq, 7, 2)
+            nope = _scores(split.q_nope[h] @ xt.to(q.dtype), split.k_nope[group[h]] @ xs.to(k.dtype), freq, 7, 2)
+            torch.testing.assert_close(rot + nope, ref, rtol=1e-10, atol=1e-10)
+        assert 0.0 < split.energy_kept <= 1.0
+
+
+def test_complex_pca_keeps_at_least_the_real_energy() -> None:
+    torch.manual_seed(1)
+    k = torch.randn(4, 8, 16, dtype=torch.complex128)
+    x = torch.randn(300, 16) @ torch.randn(16, 16)
+    sigma = x.T @ x / 300
+    freq = torch.ones(8)
+    args = (k, torch.randn(4, 8, 16, dtype=torch.complex128), sigma, freq, freq, rope.slots(8, 8, "fold"))
+    assert rope.rorope(*args, complex_pca=True).energy_kept >= rope.rorope(*args, complex_pca=False).energy_kept - 1e-12
+
+
+def test_expected_rotation_of_a_fixed_distance() -> None:
+    dist = torch.zeros(2, 10)
+    dist[0, 3] = 5.0
+    dist[1, 0] = 1.0
+    freq = torch.tensor([0.1, 1.0])
+    e = rope.expected_rotation(dist, freq)
+    torch.testing.assert_close(e[0], torch.exp(-1j * freq.double() * 3))
+    torch.testing.assert_close(e[1], torch.ones(2, dtype=torch.complex128))
+
+
+def test_gqa_is_already_mla_at_full_rank() -> None:
+    """The joint latent at full rank reproduces every head's key and value: GQA is MLA."""
+    torch.manual_seed(2)
+    G, d, D = 2, 8, 32
+    k, v = torch.randn(G * d, D), torch.randn(G * d, D)
+    x = torch.randn(500, D)
+    latent = joint_latent(k, v, x.T @ x / 500, 2 * G * d)
+    c = x @ latent.down.T
+    torch.testing.assert_close(c @ latent.k_up.T, x @ k.T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(c @ latent.v_up.T, x @ v.T, rtol=1e-9, atol=1e-9)
+    assert latent.error < 1e-9 and latent.optimum < 1e-6
+
+
+def test_joint_latent_reaches_the_rank_r_optimum() -> None:
+    torch.manual_seed(3)
+    k, v = torch.randn(16, 32), torch.randn(16, 32)
+    x = torch.randn(400, 32) @ torch.randn(32, 32)
+    latent = joint_latent(k, v, x.T @ x / 400, 12, balance=False)
+    assert abs(latent.error - latent.optimum) < 1e-9
+    weight_only = joint_latent(k, v, x.T @ x / 400, 12, balance=False, activation_aware=False)
+    assert weight_only.error > latent.error
+
+
+def test_latent_norm_trick_holds_for_worst_case_inputs() -> None:
+    """After the trick, kv_a_layernorm(c) equals the plain latent for the largest possible input."""
+    torch.manual_seed(4)
+    D, r = 64, 16
+    latent, gamma = torch.randn(r, D) * 3, torch.rand(D) + 0.5
+    scaled, weight = deepseek.latent_norm_trick(latent, gamma, D)
+    _, _, vh = torch.linalg.svd(latent * gamma)
+    worst = vh[0] * math.sqrt(D)  # normed input direction that maximizes ||latent (gamma * n)||
+    for n in (worst, torch.randn(D)):
+        x = gamma * rms_norm(n[None], torch.ones(D), 1e-6)[0]
+        got = rms_norm((scaled @ x)[None], weight, deepseek.LATENT_NORM_EPS)[0]
+        torch.testing.assert_close(got, latent @ x, rtol=1e-6, atol=0)
+    torch.testing.assert_close(deepseek.plain_latent(scaled, weight), latent)
+
+
+def _source_spec(cfg: LlamaConfig) -> SourceSpec:
+    return SourceSpec("llama", cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                      1, cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, 64, True, False, cfg)
+
+
+def test_functional_source_layer_matches_transformers() -> None:
+    torch.manual_seed(5)
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=48, num_hidden_layers=1, vocab_size=10, attn_implementation="sdpa")
+    ref = LlamaDecoderLayer(cfg, 0).double()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.3)
+    sa, mlp = ref.self_attn, ref.mlp
+    layer = SourceLayer(sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight, sa.o_proj.weight, None, None, None,
+                        ref.input_layernorm.weight, ref.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                        mlp.up_proj.weight, mlp.down_proj.weight)
+    h = torch.randn(2, 12, 32)
+    rotary = LlamaRotaryEmbedding(cfg)
+    pos = torch.arange(12)[None]
+    mask = torch.full((12, 12), float("-inf")).triu(1)[None, None]
+    expected = ref(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary(h, pos))
+    cos, sin = rope_tables(rotary.inv_freq, 12)
+    got = source_layer(h, layer, _source_spec(cfg), cos.double(), sin.double())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_functional_mla_attention_matches_transformers() -> None:
+    torch.manual_seed(6)
+    cfg = DeepseekV3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                           kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                           num_hidden_layers=1, first_k_dense_replace=1, vocab_size=10,
+                           attn_implementation="sdpa", rope_interleave=True)
+    ref = DeepseekV3Attention(cfg, 0).double()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 1.0 if p.dim() == 1 else 0.0, 0.3)
+    x = torch.randn(2, 9, 32)
+    rotary = DeepseekV3RotaryEmbedding(cfg)
+    pos = torch.arange(9)[None]
+    mask = torch.full((9, 9), float("-inf")).triu(1)[None, None]
+    expected, _ = ref(x, position_embeddings=rotary(x, pos), attention_mask=mask)
+    w = MLAWeights(ref.q_proj.weight, ref.kv_a_proj_with_mqa.weight, ref.kv_a_layernorm.weight,
+                   ref.kv_b_proj.weight, ref.o_proj.weight)
+    cos, sin = rope_tables(rotary.inv_freq, 9)
+    got = mla_attention(x, w, 4, 8, 4, 6, cos.double(), sin.double(), norm_eps=ref.kv_a_layernorm.variance_epsilon)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
