@@ -22,6 +22,15 @@ MAX_FAST_ROPE_DIM = 64
 LATENT_NORM_EPS = 1e-6
 # The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
 LATENT_NORM_MARGIN = 1e-6
+# Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
+LATENT_TRICK_DTYPES = {"bfloat16", "float32"}
+# Rope types vLLM and SGLang read as written; they turn every other scaling type into YaRN.
+ENGINE_ROPE_TYPES = {"default", "yarn"}
+# Triton MLA decodes any shape: it serves what the fast decode kernels refuse.
+FALLBACK_DECODE_KERNEL = "Triton MLA"
+# Weights of a dense decoder layer besides attention, and those outside the layers.
+DENSE_LAYER_WEIGHTS = ("input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MODEL_WEIGHTS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)

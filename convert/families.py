@@ -91,6 +91,8 @@ def load_spec(folder: Path) -> SourceSpec:
         raise MlakitError(f"unsupported {mtype} variant: mixture of experts")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise MlakitError(f"unsupported hidden_act {cfg.hidden_act}: DeepSeek-V3 MLPs use silu")
+    if getattr(cfg, "attention_bias", False):
+        raise MlakitError("unsupported attention_bias: the o_proj bias cannot be expressed (DeepSeek-V3 has no biases)")
     if getattr(cfg, "mlp_bias", False):
         raise MlakitError("unsupported mlp_bias: DeepSeek-V3 MLPs have no biases")
     window = getattr(cfg, "sliding_window", None)
@@ -122,7 +124,7 @@ def load_spec(folder: Path) -> SourceSpec:
         rms_eps=cfg.rms_norm_eps,
         max_positions=cfg.max_position_embeddings,
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=FAMILIES[mtype] or bool(getattr(cfg, "attention_bias", False)),
+        qkv_bias=FAMILIES[mtype],
         hf_config=cfg,
     )
 

@@ -107,9 +107,11 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     folder = resolve_model(source, opts.revision)
     spec = load_spec(folder)
     d, r = spec.head_dim, opts.rope_dim
-    if r < 2 or r % 2 or r > d or (d // 2) % (r // 2):
+    if r > d:
+        raise MlakitError(f"--rope-dim {r} is larger than the source's head_dim {d}; use at most {d}")
+    if r < 2 or r % 2 or (d // 2) % (r // 2):
         raise MlakitError(
-            f"--rope-dim {r}: must be even, at most head_dim {d}, and its half must divide {d // 2} source frequencies"
+            f"--rope-dim {r}: must be even and its half must divide the {d // 2} source frequencies (e.g. {d // 2})"
         )
     most = 2 * spec.kv_heads * d - r
     rank = opts.kv_lora_rank or default_rank(spec, r)

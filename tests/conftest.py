@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 from mlakit.convert.checkpoint import DEMO_DIR
@@ -26,24 +25,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_llama(folder: Path, *, heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, vocab=256,
-               model_type="llama", bias=False, tied=True, rope_parameters=None, seed=0, shards=False) -> Path:
-    """Save a randomly initialized pico source model (fp32) with a tokenizer."""
+               model_type="llama", tied=True, rope_parameters=None, seed=0, shards=False) -> Path:
+    """Save a randomly initialized pico source model (fp32) of a family, with a tokenizer."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      head_dim=head_dim, intermediate_size=2 * hidden, num_hidden_layers=layers, vocab_size=vocab,
-                      max_position_embeddings=512, tie_word_embeddings=tied, attention_bias=bias,
-                      rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
-    model = LlamaForCausalLM(cfg)
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=2 * hidden, num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=512,
+        tie_word_embeddings=tied, rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if p.dim() == 1 else 0.0)
     model.save_pretrained(folder, max_shard_size="100KB" if shards else "5GB")
-    if model_type != "llama":
-        cfg_path = folder / "config.json"
-        raw = json.loads(cfg_path.read_text())
-        raw["model_type"] = model_type
-        raw["architectures"] = [f"{model_type.capitalize()}ForCausalLM"]
-        cfg_path.write_text(json.dumps(raw))
     byte_tokenizer().save_pretrained(folder)
     return folder
 

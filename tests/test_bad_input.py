@@ -1,0 +1,114 @@
+"""Bad input: one clear error line, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlakit.cli import main
+
+from conftest import make_llama
+
+FAST = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--rope-dim", "8"]
+
+
+def convert_fails(src: str, out: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["convert", src, str(out), *FAST, *args])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    assert not out.exists() or (out / "keep").exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"
+    return errors[0]
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    assert "no such folder" in convert_fails(str(tmp_path / "nope"), tmp_path / "out")
+
+
+def test_folder_without_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in convert_fails(str(tmp_path / "empty"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("model_type,reason", [("qwen3", "q_norm"), ("gemma", "Gemma"), ("gpt2", "mlakit converts")])
+def test_unsupported_architecture(tmp_path: Path, model_type: str, reason: str) -> None:
+    src = make_llama(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = model_type
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = convert_fails(str(src), tmp_path / "out")
+    assert model_type in line and reason in line
+
+
+def test_sliding_window_in_use(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "src", model_type="mistral")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "sliding_window" in convert_fails(str(src), tmp_path / "out")
+
+
+def test_rank_too_large(pico: Path, tmp_path: Path) -> None:
+    assert "can fill at most" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "4096")
+
+
+@pytest.mark.parametrize("rope_dim", ["7", "64", "6"])
+def test_bad_rope_dim(pico: Path, tmp_path: Path, rope_dim: str) -> None:
+    assert "--rope-dim" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", rope_dim)
+
+
+def test_fp16_refused_with_reason(pico: Path, tmp_path: Path) -> None:
+    assert "subnormal" in convert_fails(str(pico), tmp_path / "out", "--dtype", "fp16")
+
+
+def test_existing_output_needs_force(pico: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("user data")
+    assert "--force" in convert_fails(str(pico), out, "--rope-dim", "8", "--kv-lora-rank", "16")
+    assert (out / "keep").read_text() == "user data"
+    result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST, "--rope-dim", "8",
+                                       "--kv-lora-rank", "16", "--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.json").is_file() and not (out / "keep").exists()
+
+
+def test_truncated_shard(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "src", shards=True)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert "truncated" in convert_fails(str(src), tmp_path / "out")
+
+
+def test_corrupt_shard_header(pico: Path, tmp_path: Path) -> None:
+    (pico / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert "corrupt" in convert_fails(str(pico), tmp_path / "out")
+
+
+def test_missing_weight(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "src", shards=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop("model.layers.1.mlp.up_proj.weight")
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "missing" in convert_fails(str(src), tmp_path / "out")
+
+
+def test_disk_full(pico: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mlakit.convert.checkpoint.save_file", full)
+    assert "disk full" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "16")
+
+
+def test_calibration_text_too_short(pico: Path, tmp_path: Path) -> None:
+    (tmp_path / "short.txt").write_text("too short")
+    line = convert_fails(str(pico), tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "16",
+                         "--calib-text", str(tmp_path / "short.txt"))
+    assert "fewer than one window" in line

@@ -1,0 +1,97 @@
+"""The convert command end to end on pico models: exact cases, format invariants, families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache
+
+from mlakit.cli import main
+from mlakit.convert.checkpoint import CheckpointReader
+
+from conftest import make_llama
+
+FAST = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--dtype", "fp32"]
+
+
+def run_convert(src: Path, out: Path, *args: str) -> None:
+    result = CliRunner().invoke(main, ["convert", str(src), str(out), *FAST, *args])
+    assert result.exit_code == 0, result.output
+    assert "KV cache per token per layer" in result.output
+
+
+def load_pair(src: Path, out: Path) -> tuple[torch.nn.Module, DeepseekV3ForCausalLM]:
+    source = AutoModelForCausalLM.from_pretrained(src).eval()
+    converted, info = DeepseekV3ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    return source, converted.eval()
+
+
+def test_mqa_full_latent_is_exact_prefill_and_cached_decode(tmp_path: Path) -> None:
+    """MQA with rope dim = head dim and a full latent: every step of the conversion is exact."""
+    src = make_llama(tmp_path / "mqa", kv_heads=1, tied=False)
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16")
+    source, converted = load_pair(src, tmp_path / "out")
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ref = source(ids).logits
+        torch.testing.assert_close(converted(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        cache = DynamicCache(config=converted.config)
+        first = converted(ids[:, :30], cache=cache, use_cache=True).logits
+        steps = [converted(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_output_obeys_the_format_contract(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "gqa", head_dim=64, hidden=128, heads=2, kv_heads=1, tied=True, shards=True)
+    run_convert(src, tmp_path / "out", "--kv-lora-rank", "32", "--dtype", "bf16")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"] and isinstance(cfg["n_routed_experts"], int)
+    assert cfg["num_nextn_predict_layers"] == 0 and cfg["q_lora_rank"] is None
+    assert cfg["num_key_value_heads"] == cfg["num_attention_heads"]
+    assert (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]) == (64, 64, 128)
+    assert cfg["rope_interleave"] is True and cfg["tie_word_embeddings"] is False
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["attention_bias"] is False
+    reader = CheckpointReader(tmp_path / "out")
+    assert "lm_head.weight" in reader and not any(n.endswith(".bias") for n in reader.names)
+    assert all(reader.get(n).dtype == torch.bfloat16 for n in reader.names)
+    for name in ("tokenizer.json", "generation_config.json", "mlakit.json"):
+        assert (tmp_path / "out" / name).is_file()
+    record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
+    assert record["kv_cache"]["converted_elements_per_token_layer"] == 32 + 64
+    assert len(record["layers"]) == 2 and len(record["calibration"]["sha256"]) == 64
+    _, converted = load_pair(src, tmp_path / "out")
+    assert converted.dtype == torch.bfloat16
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_families_convert_and_load(tmp_path: Path, model_type: str) -> None:
+    src = make_llama(tmp_path / model_type, model_type=model_type, tied=False)
+    run_convert(src, tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "24")
+    source, converted = load_pair(src, tmp_path / "out")
+    ids = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        assert torch.isfinite(converted(ids).logits).all()
+    record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
+    assert set(record["rope"]["strategy_errors"]) == {"fold", "even", "high"}
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+])
+def test_rope_scaling_is_carried_exactly_in_transformers(tmp_path: Path, rope: dict) -> None:
+    src = make_llama(tmp_path / "src", kv_heads=1, rope_parameters=rope, tied=False)
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16")
+    source, converted = load_pair(src, tmp_path / "out")
+    ids = torch.randint(0, 256, (1, 300))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=2e-4, atol=2e-4)
