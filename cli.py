@@ -62,6 +62,9 @@ def main() -> None:
               show_default=True,
               help="How head_dim/2 source frequencies share rope_dim/2 rotary slots; auto picks the one with the "
                    "lowest attention error on calibration text.")
+@click.option("--llama3-rope", type=click.Choice(["yarn", "keep"]), default="yarn", show_default=True,
+              help="llama3 rope scaling: a fitted YaRN that transformers, vLLM and SGLang all compute alike, or "
+                   "llama3 kept as is (exact in transformers only).")
 @click.option("--real-pca", is_flag=True, help="Real (TransMLA) instead of complex PCA across kv heads.")
 @click.option("--no-expected-rotation", is_flag=True,
               help="Drop lost rotations (TransMLA) instead of replacing them by their attention-weighted mean.")
@@ -80,10 +83,137 @@ def convert(source: str, out: Path, **kw) -> None:
     opts = ConvertOptions(
         kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"], dtype=kw["dtype"],
-        device=kw["device"], rope_strategy=kw["rope_strategy"], complex_pca=not kw["real_pca"],
+        device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
         revision=kw["revision"],
     )
     record = run(source, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     click.echo(summary(record))
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("converted")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--teacher", default=None,
+              help="The source model (folder, hub id or `demo`). Default: the source named in CONVERTED/mlakit.json.")
+@click.option("--data", multiple=True,
+              help="Text file, jsonl file (one document per line) or Hugging Face dataset NAME[:CONFIG][@SPLIT] "
+                   "(repeatable). Default: the bundled docstrings.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of jsonl records and datasets.")
+@click.option("--mode", type=click.Choice(["layerwise", "distill", "both"]), default="layerwise", show_default=True,
+              help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "
+                   "training; both: the first, then the second.")
+@click.option("--tokens", type=int, default=131072, show_default=True,
+              help="Calibration tokens: the layer-wise fitting set, and the distillation budget.")
+@click.option("--eval-tokens", type=int, default=16384, show_default=True,
+              help="Held-out tokens (taken from the end of the data, at most a tenth) for the before/after summary.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per optimizer step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Distillation learning rate (AdamW, cosine).")
+@click.option("--layer-lr", type=float, default=1e-3, show_default=True, help="Layer-wise Adam learning rate.")
+@click.option("--layer-steps", type=int, default=200, show_default=True,
+              help="Adam steps per layer after the least-squares solve (0: least squares only).")
+@click.option("--inputs", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
+              help="Layer-wise inputs: the student's own hidden states, or the source's (teacher-forced).")
+@click.option("--train", type=click.Choice(["attention", "all"]), default="attention", show_default=True,
+              help="Distillation trains the attention weights, or every weight.")
+@click.option("--lm-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the next-token (LM) loss added to the KL.")
+@click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
+@click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT (and stale checkpoints) if present.")
+@friendly_errors
+def calibrate(converted: str, out: Path, **kw) -> None:
+    """Recover quality of CONVERTED (an `mlakit convert` output) into OUT.
+
+    \b
+    mlakit calibrate ./demo-mla ./demo-cal                       layer-wise, on the CPU
+    accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
+    """
+    from mlakit.calibrate.distill import DistillOptions
+    from mlakit.calibrate.layerwise import LayerwiseOptions
+    from mlakit.calibrate.run import CalibrateOptions, calibrate as run, summary
+
+    opts = CalibrateOptions(
+        mode=kw["mode"], teacher=kw["teacher"], data=list(kw["data"]), text_field=kw["text_field"],
+        tokens=kw["tokens"], eval_tokens=kw["eval_tokens"], seq_len=kw["seq_len"], batch_size=kw["batch_size"],
+        seed=kw["seed"], device=kw["device"],
+        layerwise=LayerwiseOptions(steps=kw["layer_steps"], lr=kw["layer_lr"], inputs=kw["inputs"]),
+        distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
+                               save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
+                               resume=kw["resume"]),
+    )
+    outcome = run(converted, out, opts, force=kw["force"])
+    if outcome is not None:
+        click.echo(summary(outcome))
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("converted")
+@click.option("--text", type=click.Path(path_type=Path), multiple=True,
+              help="Evaluation text file(s) (repeatable). Default: the held-out last 10% of the bundled docstrings.")
+@click.option("--tokens", type=int, default=32768, show_default=True, help="Evaluation tokens for both models.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Evaluation window length.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="Prompts for greedy generation, one per line. Default: four built-in prompts.")
+@click.option("--contexts", default="1024,4096,32768", show_default=True,
+              help="Context lengths at which to measure the real KV cache (clipped to max_position_embeddings).")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Report folder. Default: CONVERTED/report for a local folder, NAME-report here for a hub id.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@friendly_errors
+def validate(source: str, converted: str, **kw) -> None:
+    """Compare CONVERTED with SOURCE on the same tokens and write a report.
+
+    Perplexity, per-token KL, top-1 agreement, greedy divergence, per-layer attention error, and
+    KV cache bytes measured from transformers' real caches; the two models run one after the other.
+    """
+    from mlakit.validate.report import summary
+    from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run
+
+    opts = ValidateOptions(
+        texts=list(kw["text"]) or None, tokens=kw["tokens"], seq_len=kw["seq_len"], prompts=kw["prompts"],
+        contexts=parse_contexts(kw["contexts"]), report=kw["report"], device=kw["device"],
+    )
+    click.echo(summary(run(source, converted, opts, log=lambda m: click.echo(m, err=True))))
+
+
+@main.command()
+@click.argument("converted")
+@friendly_errors
+def check(converted: str) -> None:
+    """Say whether stock transformers, vLLM and SGLang load and serve CONVERTED, and with which MLA kernels."""
+    from mlakit.validate.check import check_model
+
+    result = check_model(converted)
+    click.echo(result.table())
+    if result.failures:
+        raise MlakitError(f"{converted}: {len(result.failures)} rule(s) fail")
+
+
+@main.command()
+@click.argument("converted", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="Print what would be uploaded; write and upload nothing.")
+@friendly_errors
+def push(converted: Path, repo_id: str, **kw) -> None:
+    """Write the model card into CONVERTED and upload the folder to the hub as REPO_ID.
+
+    CONVERTED must pass check and hold a validation report (CONVERTED/report). The token comes from
+    HF_TOKEN or `hf auth login`; HF_ENDPOINT is honored.
+    """
+    from mlakit.validate.push import push as run
+
+    url = run(converted, repo_id, private=kw["private"], revision=kw["revision"], dry_run=kw["dry_run"],
+              log=click.echo)
+    if url:
+        click.echo(f"uploaded: {url}")

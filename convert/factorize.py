@@ -63,7 +63,7 @@ class Latent:
 def _rel_error(full: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
     diff = full - approx
     den = torch.einsum("ij,jk,ik->", full, sigma, full).item()
-    return (torch.einsum("ij,jk,ik->", diff, sigma, diff).item() / max(den, 1e-300)) ** 0.5
+    return max(0.0, torch.einsum("ij,jk,ik->", diff, sigma, diff).item() / max(den, 1e-300)) ** 0.5
 
 
 def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: int, *,
@@ -85,7 +85,7 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     down = basis.T @ stacked
     approx = basis @ down
     evals = torch.linalg.eigvalsh(metric)
-    optimum = (evals[:-rank].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)).item() ** 0.5
+    optimum = max(0.0, (evals[:-rank].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)).item()) ** 0.5
     n_k = k.shape[0]
     return Latent(
         down=down,

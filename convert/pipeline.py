@@ -53,6 +53,7 @@ class ConvertOptions:
     expected_rotation: bool = True
     activation_aware: bool = True
     balance: bool = True
+    llama3_rope: str = "yarn"
     strategy_tokens: int = 16384
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
@@ -135,41 +136,50 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         plan.notes.append("warning: the MLA cache is not smaller than the source's; lower --kv-lora-rank")
     plan.notes += [f"warning: {rule} not met: {detail}" for rule, ok, detail in deepseek.kernel_notes(shape) if not ok]
     rope_type = spec.rope.get("rope_type", "default")
-    if rope_type in ("linear", "llama3"):
+    if rope_type == "linear" or (rope_type == "llama3" and opts.llama3_rope == "keep"):
         plan.notes.append(f"warning: {rope_type} rope scaling is exact in transformers; vLLM and SGLang apply YaRN")
+    if opts.llama3_rope not in ("yarn", "keep"):
+        raise MlakitError(f"--llama3-rope {opts.llama3_rope}: choose yarn or keep")
     return plan
-
-
-def output_rope(spec: SourceSpec, strategy: str, rope_dim: int) -> dict:
-    """rope_parameters of the output: the source's scaling, theta moved to the kept frequencies,
-    and for YaRN an attention factor of 1 (the source's is folded into q_proj)."""
-    params = dict(spec.rope)
-    params["rope_theta"] = rope.target_theta(params["rope_theta"], spec.head_dim, rope_dim, strategy)
-    if params.get("rope_type") == "yarn":
-        params.update(attention_factor=1.0, mscale=0.0, mscale_all_dim=0.0)
-    return params
-
-
-def _rotary(plan: Plan, strategy: str) -> tuple[torch.Tensor, float, torch.Tensor, dict]:
-    """Source inv_freq and attention scaling, target inv_freq and the output config."""
-    src = LlamaRotaryEmbedding(plan.spec.hf_config)
-    config = deepseek.build_config(plan.spec, plan.shape, output_rope(plan.spec, strategy, plan.shape.qk_rope),
-                                   plan.dtype)
-    tgt = DeepseekV3RotaryEmbedding(DeepseekV3Config(**config))
-    if abs(tgt.attention_scaling - 1.0) > 1e-12:
-        raise AssertionError("output rope must not rescale attention")
-    return src.inv_freq.double(), float(src.attention_scaling), tgt.inv_freq.double(), config
 
 
 @dataclass
 class Candidate:
-    """One rope strategy's frequencies and output config."""
+    """One rope strategy: source and output frequencies, and the output config."""
 
     strategy: str
     src_freq: torch.Tensor
     src_scaling: float
     tgt_freq: torch.Tensor
     config: dict
+    freq_error: float
+
+
+def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
+    """Output rope for a strategy: the source's scaling with theta moved to the kept frequencies.
+
+    YaRN gets an attention factor of 1 (the source's is folded into q_proj); llama3 is kept, or
+    written as the best-fitting YaRN so that every engine computes the same frequencies."""
+    src = LlamaRotaryEmbedding(plan.spec.hf_config)
+    params = dict(plan.spec.rope)
+    params["rope_theta"] = rope.target_theta(params["rope_theta"], plan.spec.head_dim, plan.shape.qk_rope, strategy)
+    if params.get("rope_type") == "yarn":
+        params.update(attention_factor=1.0, mscale=0.0, mscale_all_dim=0.0)
+
+    def target(p: dict) -> tuple[torch.Tensor, dict]:
+        config = deepseek.build_config(plan.spec, plan.shape, p, plan.dtype)
+        emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**config))
+        if abs(emb.attention_scaling - 1.0) > 1e-12:
+            raise AssertionError("output rope must not rescale attention")
+        return emb.inv_freq.double(), config
+
+    kept = src.inv_freq.double()[[s[0] for s in rope.slots(plan.spec.head_dim // 2, plan.shape.qk_rope // 2,
+                                                             strategy)]]
+    if params.get("rope_type") == "llama3" and llama3_rope == "yarn":
+        params, _ = rope.llama3_as_yarn(params, kept, lambda p: target(p)[0])
+    tgt, config = target(params)
+    err = ((tgt - kept).abs() / kept).max().item()
+    return Candidate(strategy, src.inv_freq.double(), float(src.attention_scaling), tgt, config, err)
 
 
 def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
@@ -305,7 +315,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
         raise MlakitError(f"{plan.folder}: cannot load the tokenizer ({exc})") from exc
     corpus = load_corpus(opts.calib_text)
     windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len)
-    cands = {s: Candidate(s, *_rotary(plan, s)) for s in plan.strategies}
+    cands = {s: candidate(plan, s, opts.llama3_rope) for s in plan.strategies}
     choice = {}
     if len(cands) > 1:
         n_probe = max(1, min(windows.shape[0], opts.strategy_tokens // opts.calib_seq_len))
@@ -334,6 +344,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
             "kv_cache": plan.cache_summary(),
             "dtype": opts.dtype,
             "rope": {"strategy": best, "rope_parameters": cand.config["rope_parameters"],
+                     "max_relative_frequency_error": cand.freq_error,
                      "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
                      "strategy_errors": choice},
             "factorization": {"activation_aware": opts.activation_aware, "balance_kv": opts.balance},
@@ -358,7 +369,8 @@ def summary(record: dict) -> str:
         f"(kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope']}), "
         f"{kv['source_bytes_per_token']} -> {kv['converted_bytes_per_token']} bytes per token in {record['dtype']} "
         f"over all layers, -{kv['reduction_percent']}%",
-        f"rope budget: {record['rope']['strategy']}; calibration: {record['calibration']['tokens']} tokens of "
+        f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
+        f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {record['calibration']['tokens']} tokens of "
         f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})",
         "layer  attn err  K err   V err   latent err  rank-r optimum  rope energy kept",
     ]

@@ -90,8 +90,21 @@ def test_families_convert_and_load(tmp_path: Path, model_type: str) -> None:
 ])
 def test_rope_scaling_is_carried_exactly_in_transformers(tmp_path: Path, rope: dict) -> None:
     src = make_llama(tmp_path / "src", kv_heads=1, rope_parameters=rope, tied=False)
-    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16")
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--llama3-rope", "keep")
     source, converted = load_pair(src, tmp_path / "out")
     ids = torch.randint(0, 256, (1, 300))
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=2e-4, atol=2e-4)
+
+
+def test_llama3_as_fitted_yarn(tmp_path: Path) -> None:
+    """Llama-3.1's rope written as YaRN: the DESIGN's measured fit (worst relative error 0.34)."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    src = make_llama(tmp_path / "src", kv_heads=1, head_dim=128, hidden=128, heads=1, layers=1, rope_parameters=rope)
+    run_convert(src, tmp_path / "out", "--kv-lora-rank", "64", "--rope-strategy", "even")
+    record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
+    params = record["rope"]["rope_parameters"]
+    assert params["rope_type"] == "yarn" and params["attention_factor"] == 1.0
+    assert (params["beta_fast"], params["beta_slow"]) == (3.0, 1.25)
+    assert abs(record["rope"]["max_relative_frequency_error"] - 0.343) < 1e-3
