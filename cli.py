@@ -85,6 +85,7 @@ def convert(source: str, out: Path, **kw) -> None:
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"], dtype=kw["dtype"],
         device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
+        output_aware=not kw["weight_svd"],
         revision=kw["revision"],
     )
     record = run(source, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
@@ -109,13 +110,14 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--eval-tokens", type=int, default=16384, show_default=True,
               help="Held-out tokens (taken from the end of the data, at most a tenth) for the before/after summary.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per optimizer step.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per distillation step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Distillation learning rate (AdamW, cosine).")
 @click.option("--layer-lr", type=float, default=1e-3, show_default=True, help="Layer-wise Adam learning rate.")
 @click.option("--layer-steps", type=int, default=200, show_default=True,
               help="Adam steps per layer after the least-squares solve (0: least squares only).")
-@click.option("--inputs", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
-              help="Layer-wise inputs: the student's own hidden states, or the source's (teacher-forced).")
+@click.option("--layer-batch", type=int, default=2, show_default=True, help="Rows per layer-wise Adam step.")
+@click.option("--inputs", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True,
+              help="Layer-wise inputs: the source's hidden states (teacher-forced), or the student's own.")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="attention", show_default=True,
               help="Distillation trains the attention weights, or every weight.")
 @click.option("--lm-weight", type=float, default=0.0, show_default=True,
@@ -143,7 +145,8 @@ def calibrate(converted: str, out: Path, **kw) -> None:
         mode=kw["mode"], teacher=kw["teacher"], data=list(kw["data"]), text_field=kw["text_field"],
         tokens=kw["tokens"], eval_tokens=kw["eval_tokens"], seq_len=kw["seq_len"], batch_size=kw["batch_size"],
         seed=kw["seed"], device=kw["device"],
-        layerwise=LayerwiseOptions(steps=kw["layer_steps"], lr=kw["layer_lr"], inputs=kw["inputs"]),
+        layerwise=LayerwiseOptions(steps=kw["layer_steps"], lr=kw["layer_lr"], batch_rows=kw["layer_batch"],
+                                   inputs=kw["inputs"]),
         distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
                                resume=kw["resume"]),

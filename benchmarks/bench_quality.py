@@ -27,8 +27,10 @@ from mlakit.convert.text import DEFAULT_TEXT, token_windows
 
 VARIANTS = {
     "mlakit": {},
-    "weight SVD latent": {"activation_aware": False},
-    "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": "fold"},
+    "input-aware PCA latent": {"output_aware": False},
+    "weight SVD latent": {"activation_aware": False, "output_aware": False},
+    "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": "fold",
+                       "output_aware": False},
 }
 STRATEGIES = {f"mlakit, rope {s}": {"rope_strategy": s} for s in ("fold", "even", "high")}
 
@@ -48,7 +50,8 @@ def main() -> None:
     ap.add_argument("--rope-dims", type=int, nargs="+", default=[64, 32])
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=256, help="calibration and evaluation window (the demo's "
+                    "training length)")
     args = ap.parse_args()
 
     folder = resolve_model(args.model)
@@ -69,10 +72,12 @@ def main() -> None:
         calib = Path(tmp) / "calib.txt"
         calib.write_text(text[:cut], encoding="utf-8")
         for rope_dim in args.rope_dims:
-            variants = {**VARIANTS, **(STRATEGIES if rope_dim < spec.head_dim else {})}
             for rank in args.ranks:
                 if rank > 2 * spec.kv_heads * spec.head_dim - rope_dim:
                     continue
+                variants = dict(VARIANTS)
+                if rope_dim < spec.head_dim and rank == args.ranks[len(args.ranks) // 2]:
+                    variants.update(STRATEGIES)
                 for name, kw in variants.items():
                     out = Path(tmp) / "out"
                     opts = ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, calib_text=[calib], dtype="fp32",

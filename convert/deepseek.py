@@ -7,11 +7,13 @@ exact trick that makes the latent RMSNorm a fixed per-channel scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from mlakit.convert.families import SourceSpec
+from mlakit.convert.forward import MLAWeights
 
 # (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) that vLLM's MLA prefill accepts on Hopper.
 VLLM_PREFILL_HEAD_DIMS = {(128, 64, 128), (192, 64, 256), (64, 64, 128)}
@@ -156,3 +158,32 @@ def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: i
 def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
     """Undo `latent_norm_trick`: the plain latent rows that training works on."""
     return scaled * (norm_weight / math.sqrt(eps)).unsqueeze(1)
+
+
+def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
+    """Layer i's attention tensors in the output format, from plain weights (trick applied)."""
+    rank = w.kv_b.shape[1]
+    latent, norm = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
+    names = attention_names(i)
+    return {
+        names["q_proj"]: w.q,
+        names["kv_a_proj_with_mqa"]: torch.cat([latent.float(), w.kv_a[rank:].float()]),
+        names["kv_a_layernorm"]: norm.float() * w.kv_norm.float(),
+        names["kv_b_proj"]: w.kv_b,
+        names["o_proj"]: w.o,
+    }
+
+
+def plain_attention(get: Callable[[str], torch.Tensor], i: int, rank: int) -> MLAWeights:
+    """Layer i's attention as stored (`get` reads a tensor by name), in the plain linear
+    parametrization (trick undone, kv_a_layernorm as identity), float32."""
+    names = attention_names(i)
+    kv_a = get(names["kv_a_proj_with_mqa"]).float()
+    latent = plain_latent(kv_a[:rank], get(names["kv_a_layernorm"]).float())
+    return MLAWeights(
+        q=get(names["q_proj"]).float(),
+        kv_a=torch.cat([latent, kv_a[rank:]]),
+        kv_norm=torch.ones(rank),
+        kv_b=get(names["kv_b_proj"]).float(),
+        o=get(names["o_proj"]).float(),
+    )

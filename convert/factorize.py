@@ -14,9 +14,9 @@ import torch
 class SecondMoment:
     """Running E[x x^T] and E[x] of a layer input, in float64."""
 
-    def __init__(self, dim: int):
-        self.xx = torch.zeros(dim, dim, dtype=torch.float64)
-        self.x = torch.zeros(dim, dtype=torch.float64)
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.xx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.x = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
@@ -27,11 +27,11 @@ class SecondMoment:
 
     @property
     def sigma(self) -> torch.Tensor:
-        return self.xx / max(self.count, 1)
+        return self.xx.cpu() / max(self.count, 1)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.x / max(self.count, 1)
+        return self.x.cpu() / max(self.count, 1)
 
 
 def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, sigma: torch.Tensor,
@@ -66,33 +66,49 @@ def _rel_error(full: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) ->
     return max(0.0, torch.einsum("ij,jk,ik->", diff, sigma, diff).item() / max(den, 1e-300)) ** 0.5
 
 
+def _sqrt_and_inverse(metric: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD error metric and its inverse (identity when None)."""
+    if metric is None:
+        eye = torch.eye(n, dtype=torch.float64)
+        return eye, eye
+    vals, vecs = torch.linalg.eigh(metric.double())
+    vals = vals.clamp_min(0) + 1e-6 * vals.clamp_min(0).mean().clamp_min(1e-300)
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+
+
 def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: int, *,
-                 activation_aware: bool = True, balance: bool = True) -> Latent:
+                 activation_aware: bool = True, balance: bool = True, k_metric: torch.Tensor | None = None,
+                 v_metric: torch.Tensor | None = None) -> Latent:
     """Top-`rank` principal directions of the stacked no-rope keys and values.
 
     With `activation_aware`, the directions are those of the outputs' covariance Y sigma Y^T, the
     Eckart-Young optimum of E||Y x - Y' x||^2; otherwise those of the weights alone (plain SVD).
-    `balance` scales K to V's mean output norm first so that neither dominates the budget."""
+    `k_metric` and `v_metric` weight the errors by what they cost downstream (E[q q^T] for keys,
+    W_o^T W_o for values), so the optimum is taken in that metric. `balance` then scales K to V's
+    output energy so that neither dominates the budget."""
     k, v, sigma = k.double(), v.double(), sigma.double()
-    k_energy = torch.einsum("ij,jk,ik->", k, sigma, k).item()
-    v_energy = torch.einsum("ij,jk,ik->", v, sigma, v).item()
+    wk, wk_inv = _sqrt_and_inverse(k_metric, k.shape[0])
+    wv, wv_inv = _sqrt_and_inverse(v_metric, v.shape[0])
+    kw, vw = wk @ k, wv @ v
+    k_energy = torch.einsum("ij,jk,ik->", kw, sigma, kw).item()
+    v_energy = torch.einsum("ij,jk,ik->", vw, sigma, vw).item()
     scale = (v_energy / k_energy) ** 0.5 if balance and k_energy > 0 and v_energy > 0 else 1.0
-    stacked = torch.cat([k * scale, v])
+    stacked = torch.cat([kw * scale, vw])
     metric = stacked @ sigma @ stacked.T
     basis_src = metric if activation_aware else stacked @ stacked.T
     _, vecs = torch.linalg.eigh(basis_src)
     basis = vecs[:, -rank:].flip(-1)
     down = basis.T @ stacked
-    approx = basis @ down
     evals = torch.linalg.eigvalsh(metric)
     optimum = max(0.0, (evals[:-rank].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)).item()) ** 0.5
     n_k = k.shape[0]
+    k_up, v_up = wk_inv @ basis[:n_k] / scale, wv_inv @ basis[n_k:]
     return Latent(
         down=down,
-        k_up=basis[:n_k] / scale,
-        v_up=basis[n_k:],
-        k_error=_rel_error(k, approx[:n_k] / scale, sigma),
-        v_error=_rel_error(v, approx[n_k:], sigma),
-        error=_rel_error(stacked, approx, sigma),
+        k_up=k_up,
+        v_up=v_up,
+        k_error=_rel_error(k, k_up @ down, sigma),
+        v_error=_rel_error(v, v_up @ down, sigma),
+        error=_rel_error(stacked, basis @ down, sigma),
         optimum=optimum,
     )

@@ -52,6 +52,7 @@ class ConvertOptions:
     complex_pca: bool = True
     expected_rotation: bool = True
     activation_aware: bool = True
+    output_aware: bool = True
     balance: bool = True
     llama3_rope: str = "yarn"
     strategy_tokens: int = 16384
@@ -187,7 +188,7 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     """DESIGN section 3 for one layer: RoRoPE, joint latent, per-head up-projections, q scaling.
     Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
     H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
-    sigma, mean = stats.sigma.cpu(), stats.mean.cpu()
+    sigma, mean = stats.sigma, stats.mean
     q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), sigma, mean), H)
     k = rope.to_complex(layer.k.cpu(), G)
     k_rot_rows = None
@@ -199,9 +200,17 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
         complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
     )
     k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
-    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
-                          balance=opts.balance)
     group_of = torch.arange(H) // (H // G)
+    k_metric = v_metric = None
+    if opts.output_aware:
+        q_nope_real = rope.to_real(split.q_nope)  # (H, d, D)
+        per_head_q = q_nope_real @ sigma @ q_nope_real.transpose(1, 2)
+        o_heads = layer.o.cpu().double().view(D, H, d).permute(1, 2, 0)  # (H, d, D)
+        per_head_o = o_heads @ o_heads.transpose(1, 2)
+        k_metric = torch.block_diag(*[per_head_q[group_of == g].sum(0) for g in range(G)])
+        v_metric = torch.block_diag(*[per_head_o[group_of == g].sum(0) for g in range(G)])
+    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
+                          balance=opts.balance, k_metric=k_metric, v_metric=v_metric)
     q_scale = math.sqrt(shape.qk_head / d) * cand.src_scaling**2
     q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
     q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
@@ -248,12 +257,12 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     for i in tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None):
         layer = read_layer(spec, reader, i).to(dev)
-        stats = SecondMoment(spec.hidden)
+        stats = SecondMoment(spec.hidden, dev)
         dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
         with torch.no_grad():
             for sl in chunks:
                 x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-                stats.update(x.cpu())
+                stats.update(x)
                 if dist is not None:
                     dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
             built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
@@ -279,16 +288,7 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
                  input_gamma: torch.Tensor) -> None:
-    r = plan.shape.kv_lora_rank
-    latent, norm = deepseek.latent_norm_trick(w.kv_a[:r].double(), input_gamma.double(), plan.spec.hidden)
-    names = deepseek.attention_names(i)
-    tensors = {
-        names["q_proj"]: w.q,
-        names["kv_a_proj_with_mqa"]: torch.cat([latent.float(), w.kv_a[r:]]),
-        names["kv_a_layernorm"]: norm.float() * w.kv_norm,
-        names["kv_b_proj"]: w.kv_b,
-        names["o_proj"]: w.o,
-    }
+    tensors = deepseek.format_attention(i, w, input_gamma, plan.spec.hidden)
     for key in ("gate", "up", "down", "input_norm", "post_norm"):
         tensors[layer_name(i, key)] = reader.get(layer_name(i, key))
     for name, t in tensors.items():
@@ -347,7 +347,8 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
                      "max_relative_frequency_error": cand.freq_error,
                      "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
                      "strategy_errors": choice},
-            "factorization": {"activation_aware": opts.activation_aware, "balance_kv": opts.balance},
+            "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
+                              "balance_kv": opts.balance},
             "calibration": {"text": corpus.name, "sha256": corpus.sha256, "tokens": int(windows.numel()),
                             "seq_len": opts.calib_seq_len},
             "layers": layers,

@@ -115,21 +115,31 @@ class RopeSplit:
 
 
 def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torch.Tensor,
-             tgt_freq: torch.Tensor, slot_freqs: list[list[int]], *, complex_pca: bool = True,
-             dist: torch.Tensor | None = None, k_rot_rows: torch.Tensor | None = None) -> RopeSplit:
+           tgt_freq: torch.Tensor, slot_freqs: list[list[int]], *, complex_pca: bool = True,
+           dist: torch.Tensor | None = None, k_rot_rows: torch.Tensor | None = None) -> RopeSplit:
     """RoRoPE: per slot, rotate the keys of all kv heads (and folded frequencies) onto their
     principal direction; component 0 keeps RoPE as the shared k_rot, the rest lose rotation.
 
     k: (G, F, D) complex key rows; q: (H, F, D) complex query rows; sigma: (D, D) second moment of
     the layer input. `dist` (H, L) turns lost rotations into their expectation under each head's
-    attention distances (else they are dropped, i.e. replaced by the identity). `k_rot_rows`, if
-    given, are the key rows used for the rotary component (e.g. with a bias absorbed), while `k`
-    feeds the no-rope residual.
+    attention distances (else they are dropped, i.e. replaced by the identity), and weights each
+    channel by what losing its rotation costs the scores: the energy of the queries that read it
+    times 1 - |E[rotation]|^2. The weighted principal direction u~ gives k_rot = (w^1/2 u~)^H k and
+    per-channel loadings w^-1/2 u~ (an oblique split, orthogonal when all weights are equal).
+    `k_rot_rows`, if given, are the key rows used for the rotary component (e.g. with a bias
+    absorbed), while `k` feeds the no-rope residual.
     """
     groups, n_freq, _ = k.shape
     heads = q.shape[0]
     group_of = torch.arange(heads) // (heads // groups)
     sig = sigma.to(torch.complex128)
+    lost = torch.ones(heads, n_freq, dtype=torch.complex128)
+    channel_weight = torch.ones(groups, n_freq, dtype=torch.float64)
+    if dist is not None:
+        lost = expected_rotation(dist, src_freq).conj()
+        q_energy = torch.einsum("hfd,de,hfe->hf", q, sig, q.conj()).real
+        head_weight = q_energy * (1 - lost.abs() ** 2).clamp_min(0)
+        channel_weight = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, head_weight)
     k_rot_src = k if k_rot_rows is None else k_rot_rows
     k_nope = k.clone()
     k_rot = torch.zeros(len(slot_freqs), k.shape[-1], dtype=k.dtype)
@@ -139,17 +149,18 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
         rows = k_rot_src[:, fs].reshape(groups * len(fs), -1)
         cov = rows @ sig @ rows.conj().T
         total += cov.diagonal().real.sum().item()
-        u = principal_direction(cov if complex_pca else cov.real).to(torch.complex128)
-        kept += (u.conj() @ cov @ u).real.item()
-        k_rot[m] = u.conj() @ rows
+        w = channel_weight[:, fs].reshape(-1)
+        root = w.clamp_min(1e-6 * w.max().clamp_min(1e-300)).sqrt().to(torch.complex128)
+        weighted = root[:, None] * cov * root[None, :]
+        u = principal_direction(weighted if complex_pca else weighted.real).to(torch.complex128)
+        load, read = u / root, u * root
+        kept += ((read.conj() @ cov @ read).real * (load.conj() @ load).real).item()
+        k_rot[m] = read.conj() @ rows
         nope_rows = k[:, fs].reshape(groups * len(fs), -1)
-        k_nope[:, fs] = (nope_rows - u[:, None] * (u.conj() @ nope_rows)).view(groups, len(fs), -1)
-        u_g = u.view(groups, len(fs))[group_of]  # (H, |fs|)
+        k_nope[:, fs] = (nope_rows - load[:, None] * (read.conj() @ nope_rows)).view(groups, len(fs), -1)
+        load_g = load.view(groups, len(fs))[group_of]  # (H, |fs|)
         mismatch = torch.ones(heads, len(fs), dtype=torch.complex128)
         if dist is not None:
             mismatch = expected_rotation(dist, src_freq[fs] - tgt_freq[m]).conj()
-        q_rot[:, m] = ((u_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)
-    lost = torch.ones(heads, n_freq, dtype=torch.complex128)
-    if dist is not None:
-        lost = expected_rotation(dist, src_freq).conj()
+        q_rot[:, m] = ((load_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)
     return RopeSplit(k_rot, q_rot, k_nope, lost[..., None] * q, kept / max(total, 1e-30))
