@@ -41,6 +41,7 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 @main.command()

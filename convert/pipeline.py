@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -265,24 +265,29 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
                 stats.update(x)
                 if dist is not None:
                     dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
-            built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
-            err = {c.strategy: [0.0, 0.0] for c in cands}
+            metrics = [True, False] if opts.output_aware else [False]
+            built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
+                     for c in cands for oa in metrics}
+            err = {key: [0.0, 0.0] for key in built}
             for sl in chunks:
                 x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
                 ref = source_attention(x, layer, spec, cos, sin)
-                for name, (w, _) in built.items():
+                for key, (w, _) in built.items():
                     dev_w = MLAWeights(*(t.to(dev) for t in vars(w).values()))
                     out = mla_attention(x, dev_w, spec.heads, shape.qk_nope, shape.qk_rope, shape.v_head,
-                                        *tgt_tables[name], norm_eps=None)
-                    err[name][0] += (out - ref).pow(2).sum().item()
-                    err[name][1] += ref.pow(2).sum().item()
+                                        *tgt_tables[key[0]], norm_eps=None)
+                    err[key][0] += (out - ref).pow(2).sum().item()
+                    err[key][1] += ref.pow(2).sum().item()
                 h = hidden[sl] + ref
                 hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
-        for name, (w, info) in built.items():
-            rel = math.sqrt(err[name][0] / max(err[name][1], 1e-300))
-            reports[name].append({"layer": i, "attn_rel_error": rel, **info})
+        best = {}
+        for c in cands:
+            best[c.strategy] = min(((c.strategy, oa) for oa in metrics), key=lambda key: err[key][0])
+            rel = math.sqrt(err[best[c.strategy]][0] / max(err[best[c.strategy]][1], 1e-300))
+            reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": best[c.strategy][1],
+                                        **built[best[c.strategy]][1]})
         if writer:
-            _write_layer(writer, reader, plan, i, *built[cands[0].strategy][:1], layer.input_norm.cpu())
+            _write_layer(writer, reader, plan, i, built[best[cands[0].strategy]][0], layer.input_norm.cpu())
     return reports
 
 

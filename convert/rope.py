@@ -150,10 +150,11 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
         cov = rows @ sig @ rows.conj().T
         total += cov.diagonal().real.sum().item()
         w = channel_weight[:, fs].reshape(-1)
-        root = w.clamp_min(1e-6 * w.max().clamp_min(1e-300)).sqrt().to(torch.complex128)
+        root = (w / w.max().clamp_min(1e-300)).clamp_min(1e-3).sqrt().to(torch.complex128)
         weighted = root[:, None] * cov * root[None, :]
         u = principal_direction(weighted if complex_pca else weighted.real).to(torch.complex128)
-        load, read = u / root, u * root
+        read = u * root / (u * root).norm()
+        load = u / root * (u * root).norm()
         kept += ((read.conj() @ cov @ read).real * (load.conj() @ load).real).item()
         k_rot[m] = read.conj() @ rows
         nope_rows = k[:, fs].reshape(groups * len(fs), -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import DeepseekV3Config, LlamaConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
@@ -16,10 +17,13 @@ from mlakit.convert.forward import (
     MLAWeights, interleaved_rope, mla_attention, rms_norm, rope_tables, rotate_half_rope, source_layer,
 )
 
-torch.set_default_dtype(torch.float64)
 
 
-def teardown_module() -> None:
+@pytest.fixture(autouse=True)
+def float64():
+    """Exactness is checked in float64; other modules keep the float32 default."""
+    torch.set_default_dtype(torch.float64)
+    yield
     torch.set_default_dtype(torch.float32)
 
 

@@ -1,0 +1,152 @@
+"""`mlakit check`: a good DeepSeek-V3 folder passes, and breaking any one rule fails exactly that rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from mlakit.cli import main
+from mlakit.validate.check import check_folder
+
+from conftest import byte_tokenizer
+
+
+def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 32, seed: int = 0) -> Path:
+    """A random pico DeepSeek-V3 in the output format: dense, plain q_proj, head dims (64, 64, 128)."""
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=kv_lora_rank,
+        qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=layers, n_routed_experts=1,
+        num_nextn_predict_layers=0, tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+    )
+    DeepseekV3ForCausalLM(cfg).to(torch.float32).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_deepseek(tmp_path_factory.mktemp("check") / "good")
+
+
+def broken_copy(good: Path, tmp_path: Path, config: dict | None = None,
+                weights: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """A copy of the good folder with config.json fields replaced (None removes one) or weights edited."""
+    folder = tmp_path / "broken"
+    shutil.copytree(good, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    for key, value in (config or {}).items():
+        if value is None:
+            raw.pop(key)
+        else:
+            raw[key] = value
+    (folder / "config.json").write_text(json.dumps(raw))
+    if weights:
+        tensors = load_file(folder / "model.safetensors")
+        weights(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def failing(folder: Path) -> set[str]:
+    return {r.rule for r in check_folder(folder).failures}
+
+
+def test_good_folder_passes_every_rule(good: Path) -> None:
+    result = check_folder(good)
+    assert not result.failures, result.table()
+    assert result.loads("transformers") and result.loads("vllm") and result.loads("sglang")
+    # kv_lora_rank 32 leaves FlashMLA and FA3-MLA: served, by Triton MLA only
+    assert {r.rule for r in result.rules if r.status == "warn"} == {"FlashMLA decode", "FA3-MLA decode"}
+    assert result.decode_kernels() == ["Triton MLA"]
+
+
+def test_fast_kernels_are_named_when_the_shape_fits(tmp_path: Path) -> None:
+    result = check_folder(make_deepseek(tmp_path / "r512", layers=1, kv_lora_rank=512))
+    assert not result.failures and result.decode_kernels() == ["FlashMLA", "FA3-MLA", "Triton MLA"]
+
+
+@pytest.mark.parametrize("config,rules", [
+    ({"model_type": "llama"}, {"model type"}),
+    ({"first_k_dense_replace": 1}, {"dense layers"}),
+    ({"num_nextn_predict_layers": 1}, {"no MTP layers"}),
+    ({"num_nextn_predict_layers": None}, {"no MTP layers"}),
+    ({"num_key_value_heads": 1}, {"kv heads"}),
+    ({"q_lora_rank": 16}, {"plain q_proj"}),
+    ({"attention_bias": True}, {"attention_bias"}),
+    ({"hidden_act": "gelu"}, {"hidden_act"}),
+    ({"rope_interleave": False}, {"rope_interleave"}),
+    ({"rms_norm_eps": 1e-5}, {"rms_norm_eps"}),
+    ({"dtype": "float16"}, {"dtype"}),
+    ({"tie_word_embeddings": True}, {"untied lm_head"}),
+    ({"qk_nope_head_dim": 32}, {"vllm prefill head dims", "weight shapes"}),
+    ({"initializer_range": "wide"}, {"config"}),
+])
+def test_each_broken_config_rule_fails(good: Path, tmp_path: Path, config: dict, rules: set[str]) -> None:
+    assert failing(broken_copy(good, tmp_path, config)) == rules
+
+
+def test_null_experts_fail_in_transformers_and_vllm(good: Path, tmp_path: Path) -> None:
+    folder = broken_copy(good, tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["n_routed_experts"] = None
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert failing(folder) == {"n_routed_experts", "config"}
+
+
+def test_llama3_rope_warns_that_engines_apply_yarn(good: Path, tmp_path: Path) -> None:
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
+    row = next(r for r in result.rules if r.rule == "rope scaling")
+    assert not result.failures and row.status == "warn" and "YaRN" in row.detail
+
+
+def _drop(name: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    return lambda tensors: tensors.pop(name)
+
+
+def _add_bias(tensors: dict[str, torch.Tensor]) -> None:
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+
+
+def _wrong_rank(tensors: dict[str, torch.Tensor]) -> None:
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    tensors[name] = tensors[name][:, :16].contiguous()
+
+
+@pytest.mark.parametrize("edit,rule", [
+    (_drop("model.layers.1.self_attn.kv_a_layernorm.weight"), "weights"),
+    (_add_bias, "no bias weights"),
+    (_drop("lm_head.weight"), "lm_head weight"),
+    (_wrong_rank, "weight shapes"),
+])
+def test_each_broken_weight_rule_fails(good: Path, tmp_path: Path, edit, rule: str) -> None:
+    assert failing(broken_copy(good, tmp_path, weights=edit)) == {rule}
+
+
+def test_missing_tokenizer_fails_for_the_servers(good: Path, tmp_path: Path) -> None:
+    folder = broken_copy(good, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    result = check_folder(folder)
+    assert failing(folder) == {"tokenizer"} and result.loads("transformers") and not result.loads("vllm")
+
+
+def test_cli_prints_every_rule_and_exits_by_outcome(good: Path, tmp_path: Path) -> None:
+    ok = CliRunner().invoke(main, ["check", str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS  weights" in ok.output and "vLLM:" in ok.output and "Triton MLA" in ok.output
+    bad = CliRunner().invoke(main, ["check", str(broken_copy(good, tmp_path, {"rope_interleave": False}))])
+    assert bad.exit_code == 1 and "FAIL  rope_interleave" in bad.output
+    assert [line for line in bad.output.splitlines() if line.startswith("error: ")] == [
+        f"error: {tmp_path / 'broken'}: 1 rule(s) fail"]

@@ -1,0 +1,257 @@
+"""`mlakit validate`: exact metrics of a model against itself, measured caches equal to the formula,
+a converted pico model end to end, and bad input refused with one line and nothing written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlakit.cli import main
+from mlakit.convert.checkpoint import CheckpointReader, read_json
+from mlakit.convert.families import load_spec
+from mlakit.validate import cache, metrics
+from mlakit.validate.check import effective_config, mla_shape
+
+from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
+from test_check import make_deepseek
+
+SMALL = ["--tokens", "1024", "--seq-len", "128", "--contexts", "64,200"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A pico MQA source (head_dim 64) and its lossy conversion (kv_lora_rank 48 of 64)."""
+    root = tmp_path_factory.mktemp("pair")
+    src = make_llama(root / "src", heads=2, kv_heads=1, head_dim=64, hidden=64, tied=True)
+    result = CliRunner().invoke(main, ["convert", str(src), str(root / "mla"), "--kv-lora-rank", "48",
+                                       "--calib-tokens", "2048", "--calib-seq-len", "128", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    return src, root / "mla"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("Return the\n\nIf the file\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def validated(pair: tuple[Path, Path], prompts: Path) -> tuple[dict, Path]:
+    src, mla = pair
+    result = CliRunner().invoke(main, ["validate", str(src), str(mla), *SMALL, "--prompts", str(prompts)])
+    assert result.exit_code == 0, result.output
+    return json.loads((mla / "report" / "report.json").read_text()), mla / "report"
+
+
+def _windows(folder: Path, n: int = 4, seq_len: int = 48) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, read_json(folder / "config.json")["vocab_size"], (n, seq_len))
+
+
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3"])
+def any_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp(request.param)
+    return make_llama(root / "m") if request.param == "llama" else make_deepseek(root / "m")
+
+
+@pytest.mark.parametrize("top_k", [None, 16])
+def test_a_model_against_itself_is_exact(any_model: Path, top_k: int | None) -> None:
+    model = AutoModelForCausalLM.from_pretrained(any_model).eval()
+    x = _windows(any_model)
+    with torch.inference_mode():
+        logits = model(x).logits
+    scores = metrics.compare(metrics.reference(logits, x, top_k), logits, x)
+    summary = metrics.summarize([scores])
+    assert summary["kl"]["mean"] == 0.0 and summary["kl"]["p99"] == 0.0 and summary["kl"]["max"] == 0.0
+    assert summary["top1_agreement"] == 1.0
+    assert summary["perplexity"]["source"] == summary["perplexity"]["converted"]
+    assert summary["tokens_scored"] == x.shape[0] * (x.shape[1] - 1)
+    tokenizer = byte_tokenizer()
+    first, again = (metrics.greedy(model, tokenizer, ["Return the"], 8) for _ in range(2))
+    assert metrics.divergence(first[0], again[0]) is None and 0 < len(first[0]) <= 8
+
+
+def test_top_k_kl_is_a_lower_bound_equal_at_full_vocabulary() -> None:
+    torch.manual_seed(0)
+    p = 3 * torch.randn(4, 48, 256)
+    q = p + 0.5 * torch.randn(4, 48, 256)
+    x = torch.randint(0, 256, (4, 48))
+    full = metrics.compare(metrics.reference(p, x, None), q, x).kl
+    every = metrics.compare(metrics.reference(p, x, 256), q, x).kl
+    top = metrics.compare(metrics.reference(p, x, 32), q, x).kl
+    torch.testing.assert_close(every, full, rtol=1e-9, atol=1e-12)
+    assert (top <= full + 1e-12).all() and top.mean() > 0.5 * full.mean()
+    assert metrics.keep_top_k(32768, 2048) is None and metrics.keep_top_k(32768, 128256) == metrics.TOP_K
+
+
+def test_divergence_positions() -> None:
+    assert metrics.divergence([1, 2, 3], [1, 2, 3]) is None
+    assert metrics.divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert metrics.divergence([1, 2], [1, 2, 7]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_measured_cache_equals_the_formula(any_model: Path, dtype: torch.dtype) -> None:
+    model = AutoModelForCausalLM.from_pretrained(any_model, dtype=dtype).eval()
+    measured = cache.measure(model, [7, 40, 64], chunk=16)
+    per_token = cache.formula_bytes_per_token(any_model, dtype)
+    assert measured == {n: per_token * n for n in (7, 40, 64)}
+    cfg = read_json(any_model / "config.json")
+    if cfg["model_type"] == "llama":
+        assert per_token == 2 * 2 * 16 * 2 * dtype.itemsize  # 2 x kv_heads x head_dim x layers x bytes
+    else:
+        assert per_token == (32 + 64) * 2 * dtype.itemsize  # (kv_lora_rank + rope) x layers x bytes
+
+
+def test_attention_error_matches_transformers_modules(pair: tuple[Path, Path]) -> None:
+    """The functional per-layer error equals the one computed with transformers' own attention modules."""
+    src_dir, mla_dir = pair
+    src, mla = (AutoModelForCausalLM.from_pretrained(d).eval() for d in pair)
+    x = _windows(src_dir, n=2, seq_len=64)
+    cfg = effective_config(read_json(mla_dir / "config.json"))
+    with torch.inference_mode():
+        hidden = list(src(x, output_hidden_states=True).hidden_states[:-1])
+        ours = metrics.attention_errors(hidden, load_spec(src_dir), CheckpointReader(src_dir), metrics.Rotary.of(src),
+                                        CheckpointReader(mla_dir), mla_shape(cfg), cfg["rms_norm_eps"],
+                                        metrics.Rotary.of(mla), torch.device("cpu"))
+        pos = torch.arange(x.shape[1])[None]
+        theirs = []
+        for i, h in enumerate(hidden):
+            outs = [m.model.layers[i].self_attn(hidden_states=m.model.layers[i].input_layernorm(h),
+                                                position_embeddings=m.model.rotary_emb(h, pos),
+                                                attention_mask=None)[0] for m in (src, mla)]
+            theirs.append(((outs[1] - outs[0]).norm() / outs[0].norm()).item())
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert all(0 < e < 1 for e in ours)
+
+
+def test_report_has_every_listed_key_and_bounded_numbers(validated: tuple[dict, Path]) -> None:
+    report, _ = validated
+    ppl = report["perplexity"]
+    assert ppl["source"] > 1 and abs(math.log(ppl["converted"] / ppl["source"])) < 0.1
+    # measured on this pico pair (random weights, rank 48 of 64) with two versions of convert: ppl +1% / +2.6%,
+    # KL mean 0.013 / 0.028, p99 0.16 / 0.30, top-1 90% / 85%; the bounds leave room for convert to change
+    assert 0 < report["kl"]["mean"] < 0.1 and report["kl"]["mean"] <= report["kl"]["p99"] < 1.0
+    assert 0.7 < report["top1_agreement"] <= 1.0
+    kv = report["kv_cache"]
+    assert kv["measured_matches"] is True
+    assert kv["source_bytes_per_token"] == 2 * 1 * 64 * 2 * 4 and kv["converted_bytes_per_token"] == (48 + 64) * 2 * 4
+    assert [r["context"] for r in kv["measured"]] == [64, 200]
+    assert len(report["layers"]) == 2 and all(0 < row["attn_rel_error"] < 1 for row in report["layers"])
+    assert [g["prompt"] for g in report["generation"]] == ["Return the", "If the file"]
+    assert {row["rule"] for row in report["check"]} >= {"model type", "weights", "rms_norm_eps"}
+    assert report["conversion"]["shape"]["kv_lora_rank"] == 48
+    assert report["text"]["tokens"] == 1024 and report["tokens_scored"] == 8 * 127
+
+
+def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path]) -> None:
+    _, folder = validated
+    assert sorted(p.name for p in folder.iterdir()) == ["layer_error.png", "memory.png", "report.json", "report.md"]
+    for png in ("memory.png", "layer_error.png"):
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in (folder / "report.md").read_text()
+    assert not list(folder.parent.glob(".report.tmp-*"))
+
+
+def validate_fails(src: Path, mla: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["validate", str(src), str(mla), *SMALL, *args])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / folder.name
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("report"))
+    return out
+
+
+def test_refuses_a_converted_folder_that_is_not_mla(pair: tuple[Path, Path]) -> None:
+    src, _ = pair
+    assert "is not an MLA model" in validate_fails(src, src)
+    assert not (src / "report").exists()
+
+
+def test_refuses_a_converted_folder_that_fails_check(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    src, mla = pair
+    bad = _copy(mla, tmp_path)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (bad / "config.json").write_text(json.dumps(cfg))
+    line = validate_fails(src, bad)
+    assert "fails check (rms_norm_eps" in line and not (bad / "report").exists()
+
+
+def test_refuses_different_tokenizers(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    src, mla = pair
+    bad = _copy(mla, tmp_path)
+    tok = AutoTokenizer.from_pretrained(bad)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(bad)
+    assert "tokenizers of" in validate_fails(src, bad) and not (bad / "report").exists()
+
+
+def test_refuses_text_too_short_for_the_tokens(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    src, mla = pair
+    text = tmp_path / "short.txt"
+    text.write_text("def f():\n    return 1\n" * 40)
+    line = validate_fails(src, mla, "--text", str(text), "--report", str(tmp_path / "r"))
+    assert "fewer than --tokens 1024" in line and not (tmp_path / "r").exists()
+
+
+def test_refuses_a_report_folder_without_write_access(pair: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    src, mla = pair
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert "no write access" in validate_fails(src, mla, "--report", str(locked / "r"))
+    assert not list(locked.iterdir())
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_report(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    src, mla = pair
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    assert "not an mlakit report" in validate_fails(src, mla, "--report", str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("contexts", ["1024,abc", "0"])
+def test_refuses_bad_contexts(pair: tuple[Path, Path], tmp_path: Path, contexts: str) -> None:
+    src, mla = pair
+    assert "--contexts" in validate_fails(src, mla, "--contexts", contexts, "--report", str(tmp_path / "r"))
+
+
+@pytest.mark.skipif(not DEMO_AVAILABLE, reason="the bundled demo model is not trained yet")
+def test_converted_demo_model(tmp_path: Path, prompts: Path) -> None:
+    out = tmp_path / "demo-mla"
+    result = CliRunner().invoke(main, ["convert", "demo", str(out), "--kv-lora-rank", "64", "--calib-tokens", "4096",
+                                       "--calib-seq-len", "256"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["validate", "demo", str(out), "--tokens", "2048", "--seq-len", "256",
+                                       "--contexts", "256", "--prompts", str(prompts)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report" / "report.json").read_text())
+    kv = report["kv_cache"]
+    assert kv["measured_matches"] and kv["source_bytes_per_token"] == 2 * 2 * 64 * 4 * 2  # 4 layers, bf16
+    assert kv["converted_bytes_per_token"] == (64 + 64) * 4 * 2 and kv["reduction_percent"] == 50.0
+    # measured (rank 64, 4096 calibration tokens, training-free): ppl 67.57 -> 68.94 (+2.0%),
+    # KL mean 0.073, p99 0.59, top-1 agreement 78%, worst layer error 0.25
+    ppl = report["perplexity"]
+    assert 60 < ppl["source"] < 75 and ppl["source"] < ppl["converted"] < 1.1 * ppl["source"]
+    assert 0.02 < report["kl"]["mean"] < 0.2 and report["kl"]["p99"] < 1.5
+    assert 0.65 < report["top1_agreement"] < 0.95
+    assert all(0.05 < row["attn_rel_error"] < 0.4 for row in report["layers"])

@@ -1,0 +1,91 @@
+"""The model card (README.md) that push uploads: hub metadata, what was converted, how to serve it,
+and the validation report with its plots."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCardData
+
+import mlakit
+from mlakit.validate.check import ENGINE_NAMES
+from mlakit.validate.report import render_markdown
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+REPORT_DIR = "report"
+
+
+def base_model(source_id: str) -> str | None:
+    """The source's hub id, or None when it was converted from a local folder (the hub would reject a path)."""
+    return source_id if HUB_ID.fullmatch(source_id) and not Path(source_id).expanduser().exists() else None
+
+
+def card_data(repo_id: str, report: dict) -> ModelCardData:
+    """Front matter: base_model, library, pipeline, tags and a model-index with the validation metrics."""
+    text = report["text"]["name"]
+    metrics = [
+        ("perplexity", report["perplexity"]["converted"], "Perplexity"),
+        ("perplexity", report["perplexity"]["source"], "Perplexity of the source"),
+        ("kl_divergence", report["kl"]["mean"], "KL(source || converted), mean per token"),
+        ("kl_divergence", report["kl"]["p99"], "KL(source || converted), 99th percentile"),
+        ("accuracy", report["top1_agreement"], "Top-1 agreement with the source"),
+    ]
+    results = [EvalResult(task_type="text-generation", dataset_type="text", dataset_name=text, metric_type=kind,
+                          metric_value=round(value, 6), metric_name=name)
+               for kind, value, name in metrics]
+    return ModelCardData(base_model=base_model(_source_id(report)), library_name="transformers",
+                         pipeline_tag="text-generation", tags=["mla", "deepseek_v3", "mlakit"],
+                         model_name=repo_id.split("/")[-1], eval_results=results)
+
+
+def _source_id(report: dict) -> str:
+    return ((report.get("conversion") or {}).get("source") or {}).get("id") or report["source"]["id"]
+
+
+def model_card(repo_id: str, report: dict) -> str:
+    """README.md: YAML front matter, then the body a person reads."""
+    kv, conversion = report["kv_cache"], report.get("conversion") or {}
+    source = _source_id(report)
+    shape = conversion.get("shape", {})
+    trained = "calibrated with `mlakit calibrate`" if conversion.get("calibrate") else "training-free (closed form)"
+    verdicts = "\n".join(f"- {ENGINE_NAMES[engine]}: {verdict}" for engine, verdict in report["engines"].items())
+    rope = (conversion.get("rope") or {}).get("strategy", "n/a")
+    calibration = (conversion.get("calibration") or {}).get("text", "n/a")
+    shape_line = (f"kv_lora_rank {shape['kv_lora_rank']}, qk_rope_head_dim {shape['qk_rope']}, qk_nope_head_dim "
+                  f"{shape['qk_nope']}, v_head_dim {shape['v_head']}, {shape['heads']} heads" if shape else "")
+    body = f"""# {repo_id.split('/')[-1]}
+
+`{source}` converted to Multi-head Latent Attention in the stock DeepSeek-V3 format by
+mlakit {conversion.get('mlakit_version', mlakit.__version__)}, {trained}.
+Its KV cache holds {kv['converted_bytes_per_token']:,.0f} bytes per token instead of the source's
+{kv['source_bytes_per_token']:,.0f} ({-kv['reduction_percent']:+.1f}%): the same cache memory holds
+{kv['source_bytes_per_token'] / kv['converted_bytes_per_token']:.2f}x the tokens. Stock transformers, vLLM and SGLang
+load it: no custom code, no `trust_remote_code`.
+
+## What was converted
+
+- source: `{source}`; every attention layer became MLA ({shape_line or 'see config.json'})
+- rope: {rope}; calibration text: {calibration}
+- MLP, norms, embeddings and lm_head are the source's weights; the settings are in `mlakit.json`
+
+## Use it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+```
+
+```bash
+vllm serve {repo_id}
+python -m sglang.launch_server --model-path {repo_id}
+```
+
+What `mlakit check` found for the engines:
+
+{verdicts}
+
+{render_markdown(report, images=f"{REPORT_DIR}/", level=2)}"""
+    return f"---\n{card_data(repo_id, report).to_yaml()}\n---\n\n{body}"

@@ -1,0 +1,237 @@
+"""`mlakit check`: will stock transformers, vLLM and SGLang load and serve a folder, and with which MLA kernels.
+
+One row per rule of DESIGN section 2, each naming the engines it matters to. The numbers behind
+the rules live in convert/deepseek.py; this module only reads a folder and applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers import AutoConfig, DeepseekV3Config
+
+from mlakit.convert import deepseek
+from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
+from mlakit.convert.errors import MlakitError
+
+ALL = ("transformers", "vllm", "sglang")
+SERVING = ("vllm", "sglang")
+ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLang"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule's outcome: `status` is pass, warn (served, but not as well) or fail."""
+
+    rule: str
+    status: str
+    engines: tuple[str, ...]
+    detail: str
+
+
+def _rule(rule: str, ok: bool, engines: tuple[str, ...], value: str, why: str = "", *, warn: bool = False) -> Rule:
+    """A row whose detail is the value found, plus the reason it matters when the rule is not met."""
+    detail = value if ok or not why else f"{value}: {why}"
+    return Rule(rule, "pass" if ok else "warn" if warn else "fail", engines, detail)
+
+
+@dataclass
+class CheckResult:
+    """The rows for one folder, and what they mean for each engine."""
+
+    folder: Path
+    rules: list[Rule]
+
+    @property
+    def failures(self) -> list[Rule]:
+        return [r for r in self.rules if r.status == "fail"]
+
+    def loads(self, engine: str) -> bool:
+        return not any(engine in r.engines for r in self.failures)
+
+    def decode_kernels(self) -> list[str]:
+        fast = [r.rule.removesuffix(" decode") for r in self.rules if r.rule.endswith(" decode") and r.status == "pass"]
+        return fast + [deepseek.FALLBACK_DECODE_KERNEL]
+
+    def verdicts(self) -> dict[str, str]:
+        """One line per engine: whether it loads (and serves) the folder, and with which kernels."""
+        kernels = ", ".join(self.decode_kernels())
+        out = {}
+        for engine in ALL:
+            if not self.loads(engine):
+                reasons = "; ".join(r.rule for r in self.failures if engine in r.engines)
+                out[engine] = f"fails ({reasons})"
+            else:
+                out[engine] = "loads" if engine == "transformers" else f"serves; MLA decode kernels: {kernels}"
+        return out
+
+    def as_dicts(self) -> list[dict]:
+        return [{**asdict(r), "engines": list(r.engines)} for r in self.rules]
+
+    def table(self) -> str:
+        width = max(len(r.rule) for r in self.rules)
+        lines = [f"{r.status.upper():4}  {r.rule:{width}}  {r.detail}" for r in self.rules]
+        lines.append("")
+        lines += [f"{ENGINE_NAMES[e] + ':':13} {v}" for e, v in self.verdicts().items()]
+        return "\n".join(lines)
+
+
+def effective_config(raw: dict) -> dict:
+    """config.json with transformers' DeepSeek-V3 defaults filled in, as every engine reads it."""
+    return {**DeepseekV3Config().to_dict(), **raw}
+
+
+def mla_shape(cfg: dict) -> deepseek.MLAShape:
+    """The attention shape an (effective) DeepSeek-V3 config describes."""
+    return deepseek.MLAShape(cfg["hidden_size"], cfg["num_attention_heads"], cfg["qk_nope_head_dim"],
+                             cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"])
+
+
+def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight of a dense DeepSeek-V3 with a plain q_proj and an untied lm_head, with its shape."""
+    s = mla_shape(cfg)
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    shapes = dict(zip(deepseek.MODEL_WEIGHTS, [(vocab, hidden), (hidden,), (vocab, hidden)]))
+    layer = dict(zip(deepseek.DENSE_LAYER_WEIGHTS, [(hidden,), (hidden,), (inter, hidden), (inter, hidden),
+                                                    (hidden, inter)]))
+    for i in range(cfg["num_hidden_layers"]):
+        names = deepseek.attention_names(i)
+        shapes[names["q_proj"]] = (s.heads * s.qk_head, hidden)
+        shapes[names["kv_a_proj_with_mqa"]] = (s.kv_lora_rank + s.qk_rope, hidden)
+        shapes[names["kv_a_layernorm"]] = (s.kv_lora_rank,)
+        shapes[names["kv_b_proj"]] = (s.heads * (s.qk_nope + s.v_head), s.kv_lora_rank)
+        shapes[names["o_proj"]] = (hidden, s.heads * s.v_head)
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+    return shapes
+
+
+def _config_rules(folder: Path, raw: dict) -> list[Rule]:
+    try:
+        AutoConfig.from_pretrained(folder)
+        loads, why = True, "transformers reads it as DeepseekV3Config"
+    except Exception as exc:  # strict configs raise several types
+        loads, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    cfg = effective_config(raw)
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    dtype = raw.get("dtype") or raw.get("torch_dtype")
+    experts = cfg["n_routed_experts"]
+    return [
+        _rule("config", loads, ALL, why),
+        _rule("dense layers", cfg["first_k_dense_replace"] == layers, ALL,
+              f"first_k_dense_replace {cfg['first_k_dense_replace']}, num_hidden_layers {layers}",
+              "must be equal (every layer dense)"),
+        _rule("n_routed_experts", isinstance(experts, int) and not isinstance(experts, bool), ALL, f"{experts!r}",
+              "must be an int even when dense (transformers' strict config rejects null, vLLM adds to it)"),
+        _rule("no MTP layers", cfg["num_nextn_predict_layers"] == 0, ALL,
+              f"num_nextn_predict_layers {cfg['num_nextn_predict_layers']}",
+              "must be 0 (transformers 5 defaults to 1 and then expects MTP weights)"),
+        _rule("kv heads", cfg["num_key_value_heads"] == heads, ALL,
+              f"num_key_value_heads {cfg['num_key_value_heads']}, num_attention_heads {heads}", "must be equal"),
+        _rule("plain q_proj", cfg["q_lora_rank"] is None, ALL, f"q_lora_rank {cfg['q_lora_rank']}", "must be null"),
+        _rule("attention_bias", cfg["attention_bias"] is False, SERVING, f"{cfg['attention_bias']}",
+              "must be false (vLLM and SGLang drop DeepSeek biases)"),
+        _rule("hidden_act", cfg["hidden_act"] == "silu", ALL, f"{cfg['hidden_act']}", "must be silu"),
+        _rule("rope_interleave", cfg["rope_interleave"] is True, SERVING, f"{cfg['rope_interleave']}",
+              "must be true (vLLM always rotates interleaved pairs)"),
+        _rule("rope scaling", rope_type in deepseek.ENGINE_ROPE_TYPES, SERVING, f"rope_type {rope_type}",
+              "exact in transformers only; vLLM and SGLang apply YaRN instead", warn=True),
+        _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, SERVING, f"{cfg['rms_norm_eps']:g}",
+              f"must be {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses {deepseek.LATENT_NORM_EPS:g} in "
+              "transformers and rms_norm_eps in vLLM and SGLang)"),
+        _rule("dtype", dtype in deepseek.LATENT_TRICK_DTYPES, ALL, f"{dtype}",
+              f"must be one of {', '.join(sorted(deepseek.LATENT_TRICK_DTYPES))} (fp16 flushes the scaled latent "
+              "into subnormals)"),
+        _rule("untied lm_head", cfg["tie_word_embeddings"] is False, SERVING,
+              f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM does not tie)"),
+    ]
+
+
+def _kernel_rules(shape: deepseek.MLAShape) -> list[Rule]:
+    """Decode kernels have the Triton fallback (warn); vLLM's Hopper prefill has none (fail)."""
+    return [
+        _rule(name, ok, SERVING if name.endswith(" decode") else ("vllm",), detail, warn=name.endswith(" decode"))
+        for name, ok, detail in deepseek.kernel_notes(shape)
+    ]
+
+
+def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without reading any tensor."""
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            shapes.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+    return shapes
+
+
+def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
+    try:
+        names = set(CheckpointReader(folder).names)
+    except MlakitError as exc:
+        return [Rule("weights", "fail", ALL, str(exc))]
+    expected = expected_shapes(cfg)
+    biases = sorted(n for n in names if n.endswith(".bias"))
+    missing = sorted(set(expected) - names - {"lm_head.weight"})
+    unknown = sorted(names - set(expected) - set(biases))
+    found = _shapes(folder)
+    wrong = [f"{n} {found[n]} (config says {expected[n]})" for n in sorted(expected) if n in found
+             and found[n] != expected[n]]
+    rules = [
+        _rule("weights", not missing and not unknown, ALL,
+              f"{len(missing)} missing{f' (first {missing[0]})' if missing else ''}, {len(unknown)} unexpected"
+              f"{f' (first {unknown[0]})' if unknown else ''}", "transformers refuses missing or unexpected weights"),
+        _rule("no bias weights", not biases, SERVING, f"{len(biases)} bias tensors"
+              f"{f' (first {biases[0]})' if biases else ''}", "vLLM and SGLang drop them"),
+        _rule("lm_head weight", "lm_head.weight" in names, SERVING,
+              "lm_head.weight " + ("present" if "lm_head.weight" in names else "missing"), "vLLM does not tie it"),
+    ]
+    if found:
+        rules.append(_rule("weight shapes", not wrong, ALL,
+                           f"{len(wrong)} differ from config.json{f', first {wrong[0]}' if wrong else ''}"))
+    else:
+        rules.append(Rule("weight shapes", "warn", ALL, "no safetensors files, shapes not checked"))
+    return rules
+
+
+def check_folder(folder: Path) -> CheckResult:
+    """Every rule for a local folder; one that is not DeepSeek-V3, or whose config transformers
+    refuses, stops there."""
+    raw = read_json(folder / "config.json")
+    kind = (raw.get("model_type"), raw.get("architectures"))
+    is_mla = kind == ("deepseek_v3", ["DeepseekV3ForCausalLM"])
+    rules = [_rule("model type", is_mla, ALL, f"model_type {kind[0]}, architectures {kind[1]}",
+                   "must be deepseek_v3, [DeepseekV3ForCausalLM]")]
+    if not is_mla:
+        return CheckResult(folder, rules)
+    config_rules = _config_rules(folder, raw)
+    rules += config_rules
+    if config_rules[0].status == "fail":  # its values cannot be trusted to describe the weights
+        return CheckResult(folder, rules)
+    cfg = effective_config(raw)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    rules += _kernel_rules(mla_shape(cfg)) + _weight_rules(folder, cfg)
+    rules.append(_rule("tokenizer", has_tokenizer, SERVING, "tokenizer files " + ("present" if has_tokenizer
+                       else "missing"), "engines load the tokenizer from the model folder"))
+    return CheckResult(folder, rules)
+
+
+def require_mla(folder: Path, name: str) -> CheckResult:
+    """The check of a folder that validate or push works on; refuse one that is not MLA or fails a rule."""
+    result = check_folder(folder)
+    if result.rules[0].status == "fail":
+        raise MlakitError(f"{name} is not an MLA model ({result.rules[0].detail.split(':')[0]}); convert it first "
+                          "with `mlakit convert`")
+    if result.failures:
+        first = result.failures[0]
+        raise MlakitError(f"{name} fails check ({first.rule}: {first.detail}); run `mlakit check {name}` for every "
+                          "rule")
+    return result
+
+
+def check_model(name: str) -> CheckResult:
+    """`mlakit check NAME`: a local folder or a hub id."""
+    return check_folder(resolve_model(name))

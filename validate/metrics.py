@@ -1,0 +1,171 @@
+"""What validate measures: perplexity, per-token KL(source || converted), top-1 agreement, greedy
+divergence and the per-layer attention error.
+
+The two models never need to be in memory together: the source's side of every comparison is a
+`Reference` (its log-probabilities, whole or top-k) kept on disk, and the converted model is scored
+against it afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from mlakit.convert.checkpoint import CheckpointReader
+from mlakit.convert.deepseek import LATENT_NORM_EPS, MLAShape, attention_names
+from mlakit.convert.families import SourceSpec, read_layer
+from mlakit.convert.forward import MLAWeights, mla_attention, rms_norm, rope_tables, source_attention
+
+# Source log-probs kept per token when the whole vocabulary would take more than FULL_VOCAB_BYTES.
+TOP_K = 1024
+FULL_VOCAB_BYTES = 2**30
+
+
+@dataclass
+class Reference:
+    """The source's side of one batch: log-probs of the next token, its argmax, and its
+    distribution: whole (`ids` None), or its top-k over `ids` plus the log of the mass left out."""
+
+    target_lp: torch.Tensor
+    top1: torch.Tensor
+    lp: torch.Tensor
+    ids: torch.Tensor | None = None
+    rest_lp: torch.Tensor | None = None
+
+
+def keep_top_k(n_tokens: int, vocab: int) -> int | None:
+    """None (keep the whole distribution, so KL is exact) when it fits the budget, else TOP_K."""
+    return None if n_tokens * vocab * 4 <= FULL_VOCAB_BYTES or vocab <= TOP_K else TOP_K
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs at every position that has a next token."""
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def reference(logits: torch.Tensor, windows: torch.Tensor, top_k: int | None) -> Reference:
+    """The source's side of one batch, small enough to keep on disk until the converted model runs."""
+    lp = _log_probs(logits)
+    target_lp = lp.gather(-1, windows[:, 1:, None]).squeeze(-1)
+    if top_k is None:
+        return Reference(target_lp, lp.argmax(-1), lp, None)
+    top_lp, top_ids = lp.topk(top_k, dim=-1)
+    return Reference(target_lp, top_ids[..., 0], top_lp, top_ids, _rest(lp, top_ids))
+
+
+def _rest(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside `ids`, summed without cancellation (-inf when nothing is left)."""
+    return lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+@dataclass
+class TokenScores:
+    """Per-token numbers of one batch, flattened."""
+
+    source_nll: torch.Tensor
+    converted_nll: torch.Tensor
+    kl: torch.Tensor
+    agree: torch.Tensor
+
+
+def compare(ref: Reference, logits: torch.Tensor, windows: torch.Tensor) -> TokenScores:
+    """Score the converted model's logits against the source's reference on the same windows.
+
+    With a top-k reference the source's remaining mass is one bucket: the KL of the coarsened
+    distributions, a lower bound of the full KL that is exact when nothing is left out."""
+    lq = _log_probs(logits)
+    lp = ref.lp.double()
+    lq_ref = (lq if ref.ids is None else lq.gather(-1, ref.ids)).double()
+    kl = (lp.exp() * (lp - lq_ref)).sum(-1)
+    if ref.ids is not None:
+        rest_p, rest_q = ref.rest_lp.double().exp(), _rest(lq, ref.ids).double().exp()
+        kl += torch.xlogy(rest_p, rest_p) - torch.xlogy(rest_p, rest_q)
+    return TokenScores(
+        source_nll=-ref.target_lp.flatten().double(),
+        converted_nll=-lq.gather(-1, windows[:, 1:, None]).flatten().double(),
+        kl=kl.flatten().clamp_min(0),
+        agree=(lq.argmax(-1) == ref.top1).flatten(),
+    )
+
+
+def summarize(scores: list[TokenScores]) -> dict:
+    """Perplexities, KL mean and 99th percentile, top-1 agreement over every scored token."""
+    src = torch.cat([s.source_nll for s in scores])
+    conv = torch.cat([s.converted_nll for s in scores])
+    kl = torch.cat([s.kl for s in scores])
+    agree = torch.cat([s.agree for s in scores])
+    p99 = kl.sort().values[min(len(kl) - 1, math.ceil(0.99 * len(kl)) - 1)].item()
+    return {
+        "tokens_scored": len(kl),
+        "perplexity": {"source": math.exp(src.mean().item()), "converted": math.exp(conv.mean().item())},
+        "kl": {"mean": kl.mean().item(), "p99": p99, "max": kl.max().item()},
+        "top1_agreement": agree.double().mean().item(),
+    }
+
+
+def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+           new_tokens: int) -> list[list[int]]:
+    """Greedy continuations (token ids) of each prompt, stopping at EOS like a server would."""
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+            ids = model.generate(**enc, generation_config=config)
+            out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+    return out
+
+
+def divergence(a: list[int], b: list[int]) -> int | None:
+    """First generated position where two greedy continuations differ; None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@dataclass
+class Rotary:
+    """What a model's rotary embedding and attention use: inv_freq, cos/sin scaling, softmax scale."""
+
+    inv_freq: torch.Tensor
+    scaling: float
+    softmax_scale: float
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> Rotary:
+        emb = model.model.rotary_emb
+        attn = model.model.layers[0].self_attn
+        return cls(emb.inv_freq.detach().float().cpu(), float(emb.attention_scaling), float(attn.scaling))
+
+    def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(device) for t in rope_tables(self.inv_freq, seq_len, self.scaling))
+
+
+def attention_errors(hidden: list[torch.Tensor], spec: SourceSpec, source: CheckpointReader, src_rope: Rotary,
+                     converted: CheckpointReader, shape: MLAShape, rms_eps: float, conv_rope: Rotary,
+                     device: torch.device) -> list[float]:
+    """Relative error ||a_conv - a_src|| / ||a_src|| of each layer's attention block (its input norm
+    included), both fed the source's hidden states `hidden[i]` (inputs to layer i), in float32."""
+    seq_len = hidden[0].shape[1]
+    src_cos, src_sin = src_rope.tables(seq_len, device)
+    conv_cos, conv_sin = conv_rope.tables(seq_len, device)
+    errors = []
+    with torch.inference_mode():
+        for i, h in enumerate(hidden):
+            h = h.to(device).float()
+            layer = read_layer(spec, source, i).to(device)
+            ref = source_attention(rms_norm(h, layer.input_norm, spec.rms_eps), layer, spec, src_cos, src_sin)
+            names = attention_names(i)
+            w = MLAWeights(*(converted.get(names[key]).float().to(device) for key in
+                             ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")))
+            gamma = converted.get(f"model.layers.{i}.input_layernorm.weight").float().to(device)
+            out = mla_attention(rms_norm(h, gamma, rms_eps), w, shape.heads, shape.qk_nope, shape.qk_rope,
+                                shape.v_head, conv_cos, conv_sin, norm_eps=LATENT_NORM_EPS,
+                                scale=conv_rope.softmax_scale)
+            errors.append(((out - ref).norm() / ref.norm()).item())
+    return errors
