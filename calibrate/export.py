@@ -1,0 +1,77 @@
+"""The student between the output format and the plain parametrization that training works in.
+
+In the format, kv_a_proj_with_mqa's latent rows are scaled down so far that kv_a_layernorm acts as
+a constant scale (DESIGN section 2). Optimizers cannot work on those rows (their size is set by
+the trick, not by the function), so training sees the plain rows (`plain_attention`, no latent
+norm) and `format_attention` re-applies the trick with the final input norm when writing OUT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3Config
+
+from mlakit.convert.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
+from mlakit.convert.deepseek import format_attention, plain_attention
+from mlakit.convert.errors import MlakitError
+from mlakit.convert.forward import MLAWeights
+
+RECORD = "mlakit.json"
+SECTION = "calibrate"
+
+
+def load_mla_config(folder: Path) -> DeepseekV3Config:
+    """The converted model's config; refuse anything that is not a dense, plain-q MLA model."""
+    raw = read_json(folder / "config.json")
+    if raw.get("model_type") != "deepseek_v3" or "kv_lora_rank" not in raw:
+        raise MlakitError(
+            f"{folder} is not an MLA model (model_type {raw.get('model_type', '?')}); calibrate takes the output "
+            "of mlakit convert"
+        )
+    if raw.get("q_lora_rank") is not None:
+        raise MlakitError(f"{folder}: q_lora_rank {raw['q_lora_rank']}; calibrate trains plain q_proj models only")
+    if raw.get("first_k_dense_replace", 0) < raw.get("num_hidden_layers", 0):
+        raise MlakitError(f"{folder}: has mixture-of-experts layers; calibrate trains dense MLA models only")
+    return DeepseekV3Config.from_pretrained(folder)
+
+
+def as_stored(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int, dtype: torch.dtype) -> MLAWeights:
+    """The plain weights a loader of OUT will see: formatted, rounded to the output dtype, undone."""
+    stored = {name: t.to(dtype) for name, t in format_attention(i, w, input_gamma, hidden).items()}
+    return plain_attention(stored.__getitem__, i, w.kv_b.shape[1])
+
+
+class Export:
+    """Write OUT: the tensors given (already in the format), every other tensor copied from CONVERTED,
+    then config and tokenizer files, then mlakit.json with this run's record appended."""
+
+    def __init__(self, converted: Path, folder: Path):
+        self.converted = converted
+        self.folder = folder
+        self.reader = CheckpointReader(converted)
+        self.dtype = self.reader.dtype()
+        self.writer = ShardWriter(folder)
+        self.written: set[str] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.writer.add(name, tensor.detach().to(self.dtype))
+            self.written.add(name)
+
+    def close(self) -> None:
+        """Copy every tensor not given, finish the shards, add config and tokenizer files."""
+        for name in self.reader.names:
+            if name not in self.written:
+                self.writer.add(name, self.reader.get(name))
+        self.writer.close()
+        write_json(self.folder / "config.json", read_json(self.converted / "config.json"))
+        copy_side_files(self.converted, self.folder)
+
+    def record(self, run: dict) -> dict:
+        """Write mlakit.json: CONVERTED's record with this run appended to its calibrate list."""
+        record = read_json(self.converted / RECORD) if (self.converted / RECORD).is_file() else {}
+        record[SECTION] = [*record.get(SECTION, []), run]
+        write_json(self.folder / RECORD, record)
+        return record

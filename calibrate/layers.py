@@ -1,0 +1,126 @@
+"""Teacher and student as readers of one decoder layer at a time, with their functional forwards.
+
+Layer-wise calibration carries hidden states through both models the way convert does, so memory
+holds one layer of each, the embeddings and the hidden states, whatever the depth. Every sequence
+function goes through `per_document`, so packed documents never attend to each other.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from mlakit.calibrate.data import per_document
+from mlakit.calibrate.export import load_mla_config
+from mlakit.convert.checkpoint import CheckpointReader
+from mlakit.convert.deepseek import plain_attention
+from mlakit.convert.families import SourceLayer, check_weights, layer_name, load_spec, read_layer
+from mlakit.convert.forward import (
+    MLAWeights, linear, mla_attention, mlp, rms_norm, rope_tables, source_attention,
+    source_layer,
+)
+
+ACTIVATION_BYTES = 2**28
+
+
+class _Ends:
+    """Embedding and output head, read when first needed so that both are never held early."""
+
+    def __init__(self, reader: CheckpointReader, device: str, eps: float):
+        self.reader = reader
+        self.device = device
+        self.eps = eps
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.reader.get("model.embed_tokens.weight")[ids].float().to(self.device)
+
+    @functools.cached_property
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        name = "lm_head.weight" if "lm_head.weight" in self.reader else "model.embed_tokens.weight"
+        return (self.reader.get("model.norm.weight").float().to(self.device),
+                self.reader.get(name).float().to(self.device))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        norm, head = self._head
+        return linear(rms_norm(h, norm, self.eps), head)
+
+
+class Teacher(_Ends):
+    """The source model (Llama, Mistral, Qwen2), read layer by layer."""
+
+    def __init__(self, folder: Path, seq_len: int, device: str):
+        self.spec = load_spec(folder)
+        reader = CheckpointReader(folder)
+        check_weights(self.spec, reader)
+        super().__init__(reader, device, self.spec.rms_eps)
+        self.layers = self.spec.layers
+        rot = LlamaRotaryEmbedding(self.spec.hf_config)
+        self.cos, self.sin = (t.to(device) for t in rope_tables(rot.inv_freq, seq_len, rot.attention_scaling))
+
+    def layer(self, i: int) -> SourceLayer:
+        return read_layer(self.spec, self.reader, i).to(self.device)
+
+    def attention(self, h: torch.Tensor, layer: SourceLayer, pos: torch.Tensor) -> torch.Tensor:
+        """The attention block's output (before the residual add) on hidden states h."""
+        x = rms_norm(h, layer.input_norm, self.eps)
+        return per_document(lambda y: source_attention(y, layer, self.spec, self.cos, self.sin), x, pos)
+
+    def forward_layer(self, h: torch.Tensor, layer: SourceLayer, pos: torch.Tensor) -> torch.Tensor:
+        return per_document(lambda y: source_layer(y, layer, self.spec, self.cos, self.sin), h, pos)
+
+
+@dataclass
+class StudentLayer:
+    """One converted decoder layer; `attn` in the plain parametrization."""
+
+    attn: MLAWeights
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+class Student(_Ends):
+    """The converted MLA model, read layer by layer."""
+
+    def __init__(self, folder: Path, seq_len: int, device: str):
+        self.config = c = load_mla_config(folder)
+        super().__init__(CheckpointReader(folder), device, c.rms_norm_eps)
+        self.layers = c.num_hidden_layers
+        self.dims = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+        self.scale = yarn_apply_mscale(c.rope_parameters, (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5)
+        rot = DeepseekV3RotaryEmbedding(c)
+        self.cos, self.sin = (t.to(device) for t in rope_tables(rot.inv_freq, seq_len, rot.attention_scaling))
+
+    def layer(self, i: int) -> StudentLayer:
+        # a dense DeepSeek-V3 layer names its norms and MLP exactly as a Llama layer does
+        def get(key: str) -> torch.Tensor:
+            return self.reader.get(layer_name(i, key)).float().to(self.device)
+
+        attn = plain_attention(self.reader.get, i, self.config.kv_lora_rank)
+        return StudentLayer(MLAWeights(*(t.to(self.device) for t in vars(attn).values())),
+                            get("input_norm"), get("post_norm"), get("gate"), get("up"), get("down"))
+
+    def attention(self, x: torch.Tensor, w: MLAWeights, pos: torch.Tensor) -> torch.Tensor:
+        """The plain MLA attention on normed inputs x."""
+        heads, nope, rope, v = self.dims
+        return per_document(
+            lambda y: mla_attention(y, w, heads, nope, rope, v, self.cos, self.sin, norm_eps=None, scale=self.scale),
+            x, pos,
+        )
+
+    def forward_layer(self, h: torch.Tensor, layer: StudentLayer, pos: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(rms_norm(h, layer.input_norm, self.eps), layer.attn, pos)
+        return h + mlp(rms_norm(h, layer.post_norm, self.eps), layer.gate, layer.up, layer.down)
+
+
+def row_chunks(n_rows: int, seq_len: int, width: int) -> list[slice]:
+    """Row slices whose activations of `width` floats per token stay near ACTIVATION_BYTES."""
+    step = max(1, ACTIVATION_BYTES // (4 * seq_len * width))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]

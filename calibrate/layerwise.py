@@ -1,0 +1,214 @@
+"""Layer-wise calibration: fit each MLA attention block to the source attention block's output.
+
+For each decoder layer in turn, on the calibration hidden states:
+1. closed form: given the attention pattern and the latent, the output is linear in the product of
+   each head's value up-projection and its o_proj columns, so that product is a least-squares
+   solve; each head's product is split back into kv_b value rows and o_proj columns (exact when
+   kv_lora_rank <= v_head_dim, a truncated SVD otherwise);
+2. Adam on every attention weight (q_proj, the latent and rope rows of kv_a, kv_b, o_proj)
+   against the same target, then a final least-squares o_proj given the rest;
+3. the stage with the lowest error on the calibration data is kept, so no layer gets worse.
+The source's hidden states feed each layer by default (teacher-forced; measured best, see
+docs/calibrate.md); `inputs="student"` feeds the student's own, from its already calibrated
+layers. Memory holds one layer of each model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm import tqdm
+
+from mlakit.calibrate.data import Packed
+from mlakit.calibrate.export import Export, as_stored
+from mlakit.calibrate.layers import Student, Teacher, row_chunks
+from mlakit.calibrate.metrics import Quality, QualityMeter, next_token_labels
+from mlakit.convert.deepseek import format_attention
+from mlakit.convert.forward import MLAWeights, rms_norm
+
+INPUTS = ("student", "teacher")
+RIDGE = 1e-6
+
+
+@dataclass
+class LayerwiseOptions:
+    steps: int = 200
+    lr: float = 1e-3
+    batch_rows: int = 2
+    inputs: str = "teacher"
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class LayerwiseResult:
+    before: Quality
+    after: Quality
+    layers: list[dict]
+    seconds: float
+
+
+class _Fit:
+    """One layer's fitting problem: normed inputs x, target attention output, the student's attention."""
+
+    def __init__(self, student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor):
+        self.student, self.x, self.pos, self.target = student, x, pos, target
+        self.chunks = row_chunks(x.shape[0], x.shape[1], student.dims[0] * max(x.shape[1], student.dims[3]))
+        self.energy = sum(target[c].pow(2).sum().item() for c in self.chunks)
+
+    def error(self, w: MLAWeights) -> float:
+        """Relative squared error of the attention output over all calibration rows."""
+        with torch.no_grad():
+            err = sum((self.student.attention(self.x[c], w, self.pos[c]) - self.target[c]).pow(2).sum().item()
+                      for c in self.chunks)
+        return err / max(self.energy, 1e-30)
+
+    def least_squares(self, features: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """argmin_M ||F M - target|| over all rows, F = features(rows), in float64 with a tiny ridge."""
+        gram = rhs = None
+        for c in self.chunks:
+            f = features(c).flatten(0, 1).double()
+            t = self.target[c].flatten(0, 1).double()
+            gram = f.T @ f if gram is None else gram + f.T @ f
+            rhs = f.T @ t if rhs is None else rhs + f.T @ t
+        ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + ridge * eye, rhs).float()
+
+    def solve_output(self, w: MLAWeights) -> MLAWeights:
+        """o_proj given everything else: the attention output before o_proj is probed with o = I."""
+        probe = MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, torch.eye(w.o.shape[1], device=w.o.device))
+        o = self.least_squares(lambda c: self.student.attention(self.x[c], probe, self.pos[c])).T
+        return MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, o.contiguous())
+
+    def solve_values(self, w: MLAWeights) -> MLAWeights:
+        """kv_b's value rows and o_proj jointly, given the attention pattern and the latent."""
+        heads, nope, _, v = self.student.dims
+        rank, hidden = w.kv_b.shape[1], w.o.shape[0]
+        kv_b = w.kv_b.view(heads, nope + v, rank)
+
+        def features(c: slice) -> torch.Tensor:
+            """Per head, the attention-weighted latent P_h c: the output of value rows that copy the latent."""
+            parts = []
+            for start in range(0, rank, v):
+                m = min(v, rank - start)
+                copy = torch.zeros(heads, v, rank, device=w.kv_b.device)
+                copy[:, torch.arange(m), start + torch.arange(m)] = 1.0
+                probe = MLAWeights(w.q, w.kv_a, w.kv_norm, torch.cat([kv_b[:, :nope], copy], 1).reshape(-1, rank),
+                                   torch.eye(heads * v, device=w.o.device))
+                out = self.student.attention(self.x[c], probe, self.pos[c])
+                parts.append(out.unflatten(-1, (heads, v))[..., :m])
+            return torch.cat(parts, -1).flatten(-2)
+
+        with torch.no_grad():
+            m = self.least_squares(features).view(heads, rank, hidden)
+        u, s, vh = torch.linalg.svd(m.transpose(1, 2), full_matrices=False)  # (heads, hidden, k)
+        k = min(v, s.shape[1])
+        root = s[:, :k].sqrt()
+        values = torch.zeros(heads, v, rank, device=m.device)
+        values[:, :k] = root[..., None] * vh[:, :k]
+        o = torch.zeros(hidden, heads, v, device=m.device)
+        o[:, :, :k] = (u[..., :k] * root[:, None]).permute(1, 0, 2)
+        kv_b = torch.cat([kv_b[:, :nope], values], 1).reshape(-1, rank)
+        return self.solve_output(MLAWeights(w.q, w.kv_a, w.kv_norm, kv_b, o.reshape(hidden, heads * v)))
+
+    def adam(self, w: MLAWeights, opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None]) -> MLAWeights:
+        """A short Adam run on all attention weights against the target, on random row batches."""
+        params = [t.detach().clone().requires_grad_(True) for t in (w.q, w.kv_a, w.kv_b, w.o)]
+        opt = torch.optim.Adam(params, lr=opts.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / opts.steps)))
+        n = self.x.shape[0]
+        scale = self.energy / self.target.numel()
+        for _ in range(opts.steps):
+            rows = torch.randint(0, n, (min(opts.batch_rows, n),), generator=gen)
+            q, kv_a, kv_b, o = params
+            out = self.student.attention(self.x[rows], MLAWeights(q, kv_a, w.kv_norm, kv_b, o), self.pos[rows])
+            loss = (out - self.target[rows]).pow(2).mean() / scale
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tick(loss.item())
+        q, kv_a, kv_b, o = (p.detach() for p in params)
+        return MLAWeights(q, kv_a, w.kv_norm, kv_b, o)
+
+
+def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor, w: MLAWeights,
+              opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None]) -> tuple[MLAWeights, dict]:
+    """Fit one attention block; returns the best weights found and the error of each stage."""
+    fit = _Fit(student, x, pos, target)
+    stages = {"converted": w}
+    stages["least_squares"] = fit.solve_values(w)
+    if opts.steps:
+        stages["adam"] = fit.solve_output(fit.adam(stages["least_squares"], opts, gen, tick))
+    errors = {name: fit.error(s) for name, s in stages.items()}
+    kept = min(errors, key=errors.get)
+    return stages[kept], {"errors": errors, "kept": kept}
+
+
+def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, held_out: Packed, export: Export,
+                        opts: LayerwiseOptions) -> LayerwiseResult:
+    """Fit every layer in turn, write it to `export`, and score held-out text before and after."""
+    dev, seq_len = opts.device, fit_rows.input_ids.shape[1]
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(opts.seed)
+    hidden = student.config.hidden_size
+    width = max(teacher.spec.heads, student.dims[0]) * seq_len + teacher.spec.intermediate
+    fit, held = _Rows(fit_rows, dev, width), _Rows(held_out, dev, width)
+    with torch.no_grad():
+        h_teacher = teacher.embed(fit.ids)
+        h_student = h_teacher.clone() if opts.inputs == "student" else None
+        e_teacher = teacher.embed(held.ids)
+        e_before, e_after = e_teacher.clone(), e_teacher.clone()
+    reports = []
+    tokens_per_step = min(opts.batch_rows, len(fit_rows)) * seq_len
+    bar = tqdm(total=teacher.layers * opts.steps, desc="layer-wise", unit="step", disable=None, leave=False)
+    for i in range(teacher.layers):
+        t_layer, s_layer = teacher.layer(i), student.layer(i)
+        with torch.no_grad():
+            target = fit.map(lambda h, pos: teacher.attention(h, t_layer, pos), h_teacher)
+            h_in = h_teacher if h_student is None else h_student
+            x = rms_norm(h_in, s_layer.input_norm, student.eps)
+
+        def tick(loss: float, i: int = i) -> None:
+            bar.update()
+            rate = bar.n * tokens_per_step / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+
+        fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick)
+        del x, target
+        export.add(format_attention(i, fitted, s_layer.input_norm, hidden))
+        stored = as_stored(i, fitted, s_layer.input_norm, hidden, export.dtype)
+        fitted_layer = replace(s_layer, attn=MLAWeights(*(t.to(dev) for t in vars(stored).values())))
+        reports.append({"layer": i, **report})
+        with torch.no_grad():
+            h_teacher = fit.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), h_teacher)
+            if h_student is not None:
+                h_student = fit.map(lambda h, pos: student.forward_layer(h, fitted_layer, pos), h_student)
+            e_teacher = held.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), e_teacher)
+            e_before = held.map(lambda h, pos: student.forward_layer(h, s_layer, pos), e_before)
+            e_after = held.map(lambda h, pos: student.forward_layer(h, fitted_layer, pos), e_after)
+    bar.close()
+    before, after = QualityMeter(), QualityMeter()
+    labels = next_token_labels(held_out.input_ids, held_out.position_ids).to(dev)
+    with torch.no_grad():
+        for c in row_chunks(len(held_out), seq_len, student.config.vocab_size):
+            t_logits = teacher.logits(e_teacher[c])
+            before.add(t_logits, student.logits(e_before[c]), labels[c])
+            after.add(t_logits, student.logits(e_after[c]), labels[c])
+    return LayerwiseResult(before.result(), after.result(), reports, time.perf_counter() - start)
+
+
+class _Rows:
+    """Packed rows on the device, and a map over row chunks small enough for the attention scores."""
+
+    def __init__(self, rows: Packed, device: str, width: int):
+        self.ids, self.pos = rows.input_ids.to(device), rows.position_ids.to(device)
+        self.chunks = row_chunks(len(rows), rows.input_ids.shape[1], width)
+
+    def map(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fn(x[c], self.pos[c]) for c in self.chunks])

@@ -1,0 +1,206 @@
+"""`mlakit calibrate`: check everything that can be checked, then run layer-wise fitting, distillation
+or both, and write OUT only when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+import mlakit
+from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
+from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
+from mlakit.calibrate.export import RECORD, Export, load_mla_config
+from mlakit.calibrate.layers import Student, Teacher
+from mlakit.calibrate.layerwise import INPUTS, LayerwiseOptions, calibrate_layerwise
+from mlakit.calibrate.metrics import Quality
+from mlakit.convert.checkpoint import atomic_folder, check_output, read_json, resolve_model
+from mlakit.convert.errors import MlakitError
+
+MODES = ("layerwise", "distill", "both")
+
+
+@dataclass
+class CalibrateOptions:
+    """Every knob of a calibration run; the CLI fills it from flags."""
+
+    mode: str = "layerwise"
+    teacher: str | None = None
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokens: int = 131072
+    eval_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    device: str | None = None
+    layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
+    distill: DistillOptions = field(default_factory=DistillOptions)
+
+
+@dataclass
+class Outcome:
+    """What the summary prints: held-out quality after each stage."""
+
+    data: str
+    held_out_tokens: int
+    qualities: list[tuple[str, Quality]]
+    notes: list[str]
+
+
+def _check_options(opts: CalibrateOptions) -> None:
+    if opts.mode not in MODES:
+        raise MlakitError(f"--mode {opts.mode}: choose one of {', '.join(MODES)}")
+    if opts.layerwise.inputs not in INPUTS:
+        raise MlakitError(f"--inputs {opts.layerwise.inputs}: choose one of {', '.join(INPUTS)}")
+    if opts.distill.train not in TRAIN:
+        raise MlakitError(f"--train {opts.distill.train}: choose one of {', '.join(TRAIN)}")
+    if opts.seq_len < 16 or opts.tokens < opts.seq_len:
+        raise MlakitError("--tokens must be at least --seq-len, which must be at least 16")
+    if min(opts.batch_size, opts.layerwise.batch_rows, opts.distill.save_every) < 1 or opts.layerwise.steps < 0:
+        raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, --layer-steps not negative")
+    if opts.mode != "distill" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MlakitError(
+            f"--mode {opts.mode} runs in one process: run it without accelerate launch, then distill its output "
+            "with accelerate launch ... --mode distill"
+        )
+    if opts.device and opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MlakitError("--device cuda: no CUDA device is available; use --device cpu")
+
+
+def _teacher_id(converted: Path, given: str | None) -> tuple[str, str | None]:
+    """--teacher, or the source recorded by mlakit convert."""
+    if given:
+        return given, None
+    source = read_json(converted / RECORD).get("source", {}) if (converted / RECORD).is_file() else {}
+    if not source.get("id"):
+        raise MlakitError(f"{converted}: no {RECORD} names the source model; pass --teacher")
+    return source["id"], source.get("revision")
+
+
+def _tokenizer(teacher: Path, converted: Path):
+    """The teacher's tokenizer, after checking that the student shares it and its vocabulary size."""
+    t_vocab = AutoConfig.from_pretrained(teacher).vocab_size
+    s_vocab = read_json(converted / "config.json").get("vocab_size")
+    if t_vocab != s_vocab:
+        raise MlakitError(f"teacher vocab_size {t_vocab} differs from the student's {s_vocab}; use the source model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except Exception as exc:  # tokenizer loading raises many types
+        raise MlakitError(f"{teacher}: cannot load the tokenizer ({exc})") from exc
+    if any(converted.glob("tokenizer*")):
+        try:
+            student_vocab = AutoTokenizer.from_pretrained(converted).get_vocab()
+        except Exception as exc:  # tokenizer loading raises many types
+            raise MlakitError(f"{converted}: cannot load the tokenizer ({exc})") from exc
+        if student_vocab != tokenizer.get_vocab():
+            differ = len(set(student_vocab.items()) ^ set(tokenizer.get_vocab().items()))
+            raise MlakitError(f"teacher and student tokenizers differ ({differ} vocabulary entries); use the source model")
+    return tokenizer
+
+
+def _check_layerwise_pair(teacher: Teacher, student: Student) -> None:
+    t, c = teacher.spec, student.config
+    pairs = {"layers": (t.layers, c.num_hidden_layers), "hidden size": (t.hidden, c.hidden_size),
+             "heads": (t.heads, c.num_attention_heads)}
+    for what, (a, b) in pairs.items():
+        if a != b:
+            raise MlakitError(f"layer-wise calibration needs the model CONVERTED was made from as teacher: "
+                              f"teacher {what} {a}, student {b}")
+
+
+def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool = False) -> Outcome | None:
+    """Calibrate CONVERTED into OUT; return the held-out summary (None on other than the main process)."""
+    _check_options(opts)
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output(out.resolve(), force)
+    converted = resolve_model(converted_id)
+    load_mla_config(converted)
+    teacher_id, revision = _teacher_id(converted, opts.teacher)
+    teacher = resolve_model(teacher_id, revision)
+    tokenizer = _tokenizer(teacher, converted)
+    docs = load_documents(opts.data, opts.text_field)
+    pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
+    run = {"mlakit_version": mlakit.__version__, "converted": converted_id, "teacher": teacher_id,
+           "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
+                    "held_out_tokens": held_out.tokens}}
+    qualities, notes = [], []
+    if opts.mode == "layerwise":
+        with atomic_folder(out, force) as tmp:
+            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, notes)
+        return Outcome(docs.name, held_out.tokens, qualities, notes)
+    plan = _distill_plan(replace(opts, device=device), out, teacher, docs, run)
+    Checkpoints(plan[0].checkpoint_dir, plan[1]).check(opts.distill.resume, force)
+    if opts.mode == "distill":
+        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force)
+    else:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.layerwise-", dir=out.resolve().parent))
+        try:
+            qualities += _layerwise(teacher, converted, stage, pool, held_out, opts, device, run, notes)
+            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force)[1:]
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
+
+
+def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, held_out: Packed,
+               opts: CalibrateOptions, device: str, run: dict, notes: list[str]) -> list[tuple[str, Quality]]:
+    teacher = Teacher(teacher_dir, opts.seq_len, device)
+    student = Student(converted, opts.seq_len, device)
+    _check_layerwise_pair(teacher, student)
+    fit_rows = pool[: max(1, opts.tokens // opts.seq_len)]
+    lw = LayerwiseOptions(**{**asdict(opts.layerwise), "seed": opts.seed, "device": device})
+    export = Export(converted, folder)
+    result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw)
+    export.close()
+    export.record({**run, "mode": "layerwise", "fit_tokens": fit_rows.tokens,
+                  "options": {k: lw.__dict__[k] for k in ("steps", "lr", "batch_rows", "inputs", "seed")},
+                  "before": result.before.as_dict(), "after": result.after.as_dict(), "layers": result.layers,
+                  "seconds": round(result.seconds, 1)})
+    worse = [r["layer"] for r in result.layers if r["kept"] == "converted"]
+    notes.append(f"layer-wise: {len(result.layers)} layers on {fit_rows.tokens} tokens in {result.seconds:.0f} s"
+                 + (f"; layers {worse} kept their converted attention (fitting did not lower the error)" if worse
+                    else ""))
+    return [("converted", result.before), ("layer-wise", result.after)]
+
+
+def _distill_plan(opts: CalibrateOptions, out: Path, teacher: Path, docs: Documents, run: dict) -> tuple:
+    """Distillation options, the run fingerprint that a resume must match, and the options recorded."""
+    d = opts.distill
+    folder = d.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
+    dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
+                              "device": opts.device, "checkpoint_dir": folder})
+    options = {"tokens": opts.tokens, "seq_len": opts.seq_len, "batch_size": opts.batch_size, "lr": d.lr,
+               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed}
+    # the starting point is named by what made it, so that `--mode both --resume` matches its checkpoints
+    fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
+                   "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,
+                   "data": docs.sha256, **options}
+    return dopts, fingerprint, options
+
+
+def _distill(teacher_dir: Path, converted: Path, out: Path, pool: Packed, held_out: Packed, plan: tuple,
+             run: dict, force: bool) -> list[tuple[str, Quality]]:
+    dopts, fingerprint, options = plan
+    result = distill(teacher_dir, converted, out, pool, held_out, dopts, fingerprint,
+                     {**run, "mode": "distill", "options": options}, force)
+    if result.before is None:
+        return []
+    return [("converted", result.before), ("distilled", result.after)]
+
+
+def summary(outcome: Outcome) -> str:
+    """The table a user reads after a calibration."""
+    teacher = outcome.qualities[0][1]
+    lines = [f"held-out quality on {outcome.held_out_tokens} tokens of {outcome.data}:",
+             f"{'model':<12} {'perplexity':>10} {'vs teacher':>10} {'KL to teacher':>14}",
+             f"{'teacher':<12} {teacher.teacher_ppl:>10.3f} {'':>10} {'':>14}"]
+    for name, q in outcome.qualities:
+        lines.append(f"{name:<12} {q.student_ppl:>10.3f} {100 * (q.student_ppl / q.teacher_ppl - 1):>+9.2f}% "
+                     f"{q.kl:>14.5f}")
+    return "\n".join([*outcome.notes, *lines])
