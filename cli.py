@@ -23,7 +23,7 @@ def friendly_errors(fn: Callable) -> Callable:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
+            click.echo("interrupted; OUT was not written", err=True)
             sys.exit(130)
 
     return wrapper
