@@ -25,7 +25,6 @@ from mlakit.convert.forward import (
     source_layer,
 )
 
-ACTIVATION_BYTES = 2**28
 
 
 class _Ends:
@@ -118,9 +117,3 @@ class Student(_Ends):
     def forward_layer(self, h: torch.Tensor, layer: StudentLayer, pos: torch.Tensor) -> torch.Tensor:
         h = h + self.attention(rms_norm(h, layer.input_norm, self.eps), layer.attn, pos)
         return h + mlp(rms_norm(h, layer.post_norm, self.eps), layer.gate, layer.up, layer.down)
-
-
-def row_chunks(n_rows: int, seq_len: int, width: int) -> list[slice]:
-    """Row slices whose activations of `width` floats per token stay near ACTIVATION_BYTES."""
-    step = max(1, ACTIVATION_BYTES // (4 * seq_len * width))
-    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, as_stored
-from mlakit.calibrate.layers import Student, Teacher, row_chunks
+from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.metrics import Quality, QualityMeter, next_token_labels
 from mlakit.convert.deepseek import format_attention
-from mlakit.convert.forward import MLAWeights, rms_norm
+from mlakit.convert.forward import MLAWeights, rms_norm, row_chunks
 
 INPUTS = ("student", "teacher")
 RIDGE = 1e-6

@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from mlakit.convert.families import SourceLayer, SourceSpec
 
 
+ACTIVATION_BYTES = 2**28
+
+
+def row_chunks(n_rows: int, seq_len: int, width: int) -> list[slice]:
+    """Row slices whose activations of `width` floats per token stay near ACTIVATION_BYTES, so
+    that calibration passes run in bounded memory whatever the number of rows."""
+    step = max(1, ACTIVATION_BYTES // (4 * seq_len * width))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -29,12 +29,12 @@ from mlakit.convert.errors import MlakitError
 from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
 from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
-    MLAWeights, attention_distance_histogram, mla_attention, mlp, rms_norm, rope_tables, source_attention,
+    MLAWeights, attention_distance_histogram, mla_attention, mlp, rms_norm, rope_tables, row_chunks,
+    source_attention,
 )
 from mlakit.convert.text import load_corpus, token_windows
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CHUNK_BYTES = 2**28
 
 
 @dataclass
@@ -233,12 +233,6 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.cpu()
 
 
-def _chunks(n_seq: int, seq_len: int, spec: SourceSpec) -> list[slice]:
-    per_seq = 4 * seq_len * max(spec.heads * seq_len, spec.intermediate, spec.hidden)
-    step = max(1, CHUNK_BYTES // per_seq)
-    return [slice(i, min(i + step, n_seq)) for i in range(0, n_seq, step)]
-
-
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
             opts: ConvertOptions, writer: ShardWriter | None, desc: str) -> dict[str, list[dict]]:
     """Carry calibration hidden states through the source, converting each layer for every
@@ -253,7 +247,7 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
     cos, sin = cos.to(dev), sin.to(dev)
     tgt_tables = {c.strategy: [t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)] for c in cands}
-    chunks = _chunks(windows.shape[0], seq_len, spec)
+    chunks = row_chunks(windows.shape[0], seq_len, max(spec.heads * seq_len, spec.intermediate, spec.hidden))
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     for i in tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None):
         layer = read_layer(spec, reader, i).to(dev)
