@@ -28,6 +28,7 @@ from mlakit.convert.text import DEFAULT_TEXT, token_windows
 VARIANTS = {
     "mlakit": {},
     "input-aware PCA latent": {"output_aware": False},
+    "lost rotations dropped": {"expected_rotation": False},
     "weight SVD latent": {"activation_aware": False, "output_aware": False},
     "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": "fold",
                        "output_aware": False},
