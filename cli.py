@@ -127,6 +127,10 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
               help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
+@click.option("--teacher-topk", type=int, default=0, show_default=True,
+              help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
+                   "checkpoint folder and train without it in memory (for when teacher and student do not fit "
+                   "together); the KL is then truncated to those K tokens. 0: run the teacher alongside.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT (and stale checkpoints) if present.")
@@ -150,7 +154,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
                                    inputs=kw["inputs"]),
         distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
-                               resume=kw["resume"]),
+                               resume=kw["resume"], teacher_topk=kw["teacher_topk"]),
     )
     outcome = run(converted, out, opts, force=kw["force"])
     if outcome is not None:

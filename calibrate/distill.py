@@ -10,6 +10,7 @@ weights of 2N steps in one run.
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import sys
@@ -24,7 +25,9 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, get_cosine
 
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export
-from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_labels, token_kl
+from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_labels
+from mlakit.calibrate.teacher import CACHE, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
+    cache_ready, logits
 from mlakit.convert.checkpoint import atomic_folder, read_json, write_json
 from mlakit.convert.deepseek import attention_names, format_attention, plain_latent
 from mlakit.convert.errors import MlakitError
@@ -47,6 +50,7 @@ class DistillOptions:
     resume: bool = False
     seed: int = 0
     device: str = "cpu"
+    teacher_topk: int = 0
 
 
 @dataclass
@@ -58,6 +62,7 @@ class DistillResult:
     final_loss: float
     seconds: float
     peak_memory_gib: float | None
+    teacher_tail_mass: float | None
 
 
 def to_plain(model: DeepseekV3ForCausalLM) -> None:
@@ -122,12 +127,17 @@ class Checkpoints:
                         "resume with the same options, or pass --force without --resume to start over"
                     )
             return last
-        if self.folder.exists() and not force:
+        if last is not None and not force:
             raise MlakitError(
                 f"{self.folder} holds checkpoints of an unfinished run: pass --resume to continue it, "
                 "or --force to start over"
             )
         return None
+
+    def clear(self) -> None:
+        """Remove the checkpoints of an earlier run; a teacher cache stays, it checks its own fingerprint."""
+        for old in [*self.folder.glob("step-*"), *self.folder.glob(".step-*.tmp")]:
+            shutil.rmtree(old)
 
     def save(self, accelerator, step: int) -> None:
         tmp = self.folder / f".step-{step:07d}.tmp"
@@ -142,22 +152,17 @@ class Checkpoints:
         accelerator.wait_for_everyone()
 
 
-def evaluate(teacher, student, rows: Packed, device: torch.device, batch: int) -> Quality:
-    """Held-out quality of stock-loaded models."""
+def evaluate(teacher: LiveTeacher | CachedTeacher, student, rows: Packed, device: torch.device,
+             batch: int) -> Quality:
+    """Held-out quality of a stock-loaded student."""
     meter = QualityMeter()
     labels = next_token_labels(rows.input_ids, rows.position_ids)
     with torch.no_grad():
         for start in range(0, len(rows), batch):
-            ids = rows.input_ids[start : start + batch].to(device)
-            pos = rows.position_ids[start : start + batch].to(device)
-            meter.add(_logits(teacher, ids, pos), _logits(student, ids, pos), labels[start : start + batch].to(device))
-    return meter.result()
-
-
-def _logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Logits of packed rows: transformers turns restarting position ids into a block-diagonal causal
-    mask only when no cache is in use."""
-    return model(ids, position_ids=pos, use_cache=False).logits
+            index = torch.arange(start, min(start + batch, len(rows)))
+            ids, pos = rows.input_ids[index].to(device), rows.position_ids[index].to(device)
+            teacher.measure(meter, "held_out", index, ids, pos, logits(student, ids, pos), labels[index].to(device))
+    return meter.result(teacher.top_k)
 
 
 def _load_student(folder: Path, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
@@ -182,11 +187,10 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     ckpt = Checkpoints(opts.checkpoint_dir, fingerprint)
     last = ckpt.check(opts.resume, force)
     if last is None and acc.is_main_process:
-        shutil.rmtree(ckpt.folder, ignore_errors=True)
+        ckpt.clear()
     acc.wait_for_everyone()
     dtype = torch.bfloat16 if cuda else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(acc.device).eval()
-    teacher.requires_grad_(False)
+    teacher = _teacher(teacher_dir, fit_rows, held_out, opts, ckpt.folder, dtype, acc)
     student, optimizer, scheduler = acc.prepare(*_trainable_student(converted, opts, steps, cuda))
     start_step = 0
     if last is not None:
@@ -205,7 +209,7 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
         for step in range(start_step, steps):
             rows = step_rows(step, opts.batch_size, len(fit_rows), opts.seed)[acc.process_index :: acc.num_processes]
             ids, pos = fit_rows.input_ids[rows].to(acc.device), fit_rows.position_ids[rows].to(acc.device)
-            loss = _loss(teacher, student, ids, pos, opts.lm_weight)
+            loss = _loss(teacher, student, rows, ids, pos, opts.lm_weight)
             acc.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -223,7 +227,8 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     bar.close()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    result = DistillResult(before, None, steps, done_tokens / max(seconds, 1e-9), loss_avg, seconds, peak)
+    result = DistillResult(before, None, steps, done_tokens / max(seconds, 1e-9), loss_avg, seconds, peak,
+                           getattr(teacher, "tail_mass", None))
     acc.wait_for_everyone()
     state = acc.get_state_dict(student)
     if main:
@@ -242,6 +247,31 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     return result
 
 
+def _teacher(teacher_dir: Path, fit_rows: Packed, held_out: Packed, opts: DistillOptions, folder: Path,
+             dtype: torch.dtype, acc) -> LiveTeacher | CachedTeacher:
+    """The source model, or with --teacher-topk its cached top-k log-probabilities (computed once by the
+    main process, then the model is freed before the student is built)."""
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(acc.device).eval()
+        return model.requires_grad_(False)
+
+    if not opts.teacher_topk:
+        return LiveTeacher(load())
+    parts = {"fit": fit_rows, "held_out": held_out}
+    fingerprint = cache_fingerprint(teacher_dir, parts, opts.teacher_topk)
+    cache = folder / CACHE
+    if acc.is_main_process and not cache_ready(cache, fingerprint):
+        model = load()
+        build_cache(model, parts, opts.teacher_topk, opts.batch_size, acc.device, cache, fingerprint)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    acc.wait_for_everyone()
+    return CachedTeacher(cache)
+
+
 def _trainable_student(converted: Path, opts: DistillOptions, steps: int, cuda: bool):
     """The student in the plain parametrization, its AdamW and its warmup-cosine schedule."""
     student = DeepseekV3ForCausalLM.from_pretrained(converted, dtype=torch.float32)
@@ -257,12 +287,11 @@ def _trainable_student(converted: Path, opts: DistillOptions, steps: int, cuda: 
     return student, optimizer, get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * steps), steps)
 
 
-def _loss(teacher, student, ids: torch.Tensor, pos: torch.Tensor, lm_weight: float) -> torch.Tensor:
+def _loss(teacher: LiveTeacher | CachedTeacher, student, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
+          lm_weight: float) -> torch.Tensor:
     """Mean per-token KL(teacher || student), plus lm_weight times the next-token cross-entropy."""
-    with torch.no_grad():
-        t_logits = _logits(teacher, ids, pos)
-    s_logits = _logits(student, ids, pos)
-    loss = token_kl(t_logits, s_logits).mean()
+    s_logits = logits(student, ids, pos)
+    loss = teacher.kl("fit", rows, ids, pos, s_logits).mean()
     if lm_weight:
         labels = next_token_labels(ids, pos)
         loss = loss + lm_weight * F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(),
@@ -273,4 +302,5 @@ def _loss(teacher, student, ids: torch.Tensor, pos: torch.Tensor, lm_weight: flo
 def _as_record(result: DistillResult) -> dict:
     return {"before": result.before.as_dict(), "after": result.after.as_dict(), "steps": result.steps,
             "tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
-            "seconds": round(result.seconds, 1), "peak_memory_gib": result.peak_memory_gib}
+            "seconds": round(result.seconds, 1), "peak_memory_gib": result.peak_memory_gib,
+            "teacher_tail_mass": result.teacher_tail_mass}

@@ -25,6 +25,25 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
     return (t.exp() * (t - s)).sum(-1)
 
 
+def rest_log_prob(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside `ids`, summed without cancellation (-inf when nothing is left)."""
+    return lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def top_k_kl(top_lp: torch.Tensor, ids: torch.Tensor, rest_lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) with p known by its top-k log-probs `top_lp` over `ids` and the log of its remaining
+    mass `rest_lp`, q by its whole log-probs `lq`: the KL of both distributions coarsened to those k
+    tokens plus one bucket for the rest. A lower bound of the full KL, exact when nothing is left
+    out; computed in top_lp's dtype, and differentiable in lq."""
+    ids = ids.long()
+    dtype = top_lp.dtype
+    kl = (top_lp.exp() * (top_lp - lq.gather(-1, ids).to(dtype))).sum(-1)
+    rest_p = rest_lp.to(dtype).exp()
+    left = rest_p > 0
+    rest_q = torch.where(left, rest_log_prob(lq, ids).to(dtype).exp(), 1.0)  # 0/0 gradients where nothing is left
+    return kl + torch.where(left, torch.xlogy(rest_p, rest_p) - torch.xlogy(rest_p, rest_q), 0.0)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed negative log-likelihood of the labelled positions."""
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -38,6 +57,7 @@ class Quality:
     student_ppl: float
     kl: float
     tokens: int
+    kl_top_k: int = 0  # 0: the KL over the whole vocabulary; k: truncated to the teacher's top k tokens
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +77,16 @@ class QualityMeter:
         self.labelled += int((labels != IGNORE).sum())
         self.positions += labels.numel()
 
-    def result(self) -> Quality:
+    def add_cached(self, teacher_label_logp: torch.Tensor, kl: torch.Tensor, student_logits: torch.Tensor,
+                   labels: torch.Tensor) -> None:
+        """Like `add`, from the teacher's stored label log-probabilities and a KL computed elsewhere."""
+        self.teacher_nll -= teacher_label_logp[labels != IGNORE].sum().item()
+        self.student_nll += token_nll(student_logits, labels).item()
+        self.kl += kl.sum().item()
+        self.labelled += int((labels != IGNORE).sum())
+        self.positions += labels.numel()
+
+    def result(self, kl_top_k: int = 0) -> Quality:
         n = max(self.labelled, 1)
         return Quality(math.exp(self.teacher_nll / n), math.exp(self.student_nll / n),
-                       self.kl / max(self.positions, 1), self.positions)
+                       self.kl / max(self.positions, 1), self.positions, kl_top_k)

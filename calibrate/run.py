@@ -62,8 +62,10 @@ def _check_options(opts: CalibrateOptions) -> None:
         raise MlakitError(f"--train {opts.distill.train}: choose one of {', '.join(TRAIN)}")
     if opts.seq_len < 16 or opts.tokens < opts.seq_len:
         raise MlakitError("--tokens must be at least --seq-len, which must be at least 16")
-    if min(opts.batch_size, opts.layerwise.batch_rows, opts.distill.save_every) < 1 or opts.layerwise.steps < 0:
-        raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, --layer-steps not negative")
+    if min(opts.batch_size, opts.layerwise.batch_rows, opts.distill.save_every) < 1 \
+            or min(opts.layerwise.steps, opts.distill.teacher_topk) < 0:
+        raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, "
+                          "--layer-steps and --teacher-topk not negative")
     if opts.mode != "distill" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MlakitError(
             f"--mode {opts.mode} runs in one process: run it without accelerate launch, then distill its output "
@@ -124,6 +126,8 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     teacher_id, revision = _teacher_id(converted, opts.teacher)
     teacher = resolve_model(teacher_id, revision)
     tokenizer = _tokenizer(teacher, converted)
+    if opts.distill.teacher_topk > len(tokenizer):
+        raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
     docs = load_documents(opts.data, opts.text_field)
     pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
     run = {"mlakit_version": mlakit.__version__, "converted": converted_id, "teacher": teacher_id,
@@ -137,12 +141,12 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     plan = _distill_plan(replace(opts, device=device), out, teacher, docs, run)
     Checkpoints(plan[0].checkpoint_dir, plan[1]).check(opts.distill.resume, force)
     if opts.mode == "distill":
-        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force)
+        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force, notes)
     else:
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.layerwise-", dir=out.resolve().parent))
         try:
             qualities += _layerwise(teacher, converted, stage, pool, held_out, opts, device, run, notes)
-            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force)[1:]
+            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force, notes)[1:]
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
@@ -176,7 +180,7 @@ def _distill_plan(opts: CalibrateOptions, out: Path, teacher: Path, docs: Docume
     dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
                               "device": opts.device, "checkpoint_dir": folder})
     options = {"tokens": opts.tokens, "seq_len": opts.seq_len, "batch_size": opts.batch_size, "lr": d.lr,
-               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed}
+               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed, "teacher_topk": d.teacher_topk}
     # the starting point is named by what made it, so that `--mode both --resume` matches its checkpoints
     fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
                    "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,
@@ -185,12 +189,15 @@ def _distill_plan(opts: CalibrateOptions, out: Path, teacher: Path, docs: Docume
 
 
 def _distill(teacher_dir: Path, converted: Path, out: Path, pool: Packed, held_out: Packed, plan: tuple,
-             run: dict, force: bool) -> list[tuple[str, Quality]]:
+             run: dict, force: bool, notes: list[str]) -> list[tuple[str, Quality]]:
     dopts, fingerprint, options = plan
     result = distill(teacher_dir, converted, out, pool, held_out, dopts, fingerprint,
                      {**run, "mode": "distill", "options": options}, force)
     if result.before is None:
         return []
+    if result.teacher_tail_mass is not None:
+        notes.append(f"cached teacher: its top {dopts.teacher_topk} tokens hold "
+                     f"{100 * (1 - result.teacher_tail_mass):.2f}% of its probability on average")
     return [("converted", result.before), ("distilled", result.after)]
 
 
@@ -203,4 +210,7 @@ def summary(outcome: Outcome) -> str:
     for name, q in outcome.qualities:
         lines.append(f"{name:<12} {q.student_ppl:>10.3f} {100 * (q.student_ppl / q.teacher_ppl - 1):>+9.2f}% "
                      f"{q.kl:>14.5f}")
+    top_k = {q.kl_top_k for _, q in outcome.qualities} - {0}
+    if top_k:
+        lines.append(f"(KL over the teacher's top {top_k.pop()} tokens, from the cached teacher)")
     return "\n".join([*outcome.notes, *lines])

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mlakit.convert.errors import MlakitError
 
@@ -100,7 +99,6 @@ class CheckpointReader:
             if not shard.is_file():
                 raise MlakitError(f"{shard}: listed in the shard index but missing")
             _check_safetensors_file(shard)
-        self._open: tuple[Path, object] | None = None
 
     @staticmethod
     def _keys(path: Path) -> list[str]:
@@ -122,15 +120,16 @@ class CheckpointReader:
         return name in (self._bin if self._bin is not None else self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        """Materialize one tensor; only the shard it lives in is open."""
+        """One tensor, memory-mapped from its shard.
+
+        The handle is closed at once, so the mapping lives exactly as long as the tensor: pages of
+        tensors already dropped leave resident memory, which a handle kept open would hold."""
         if self._bin is not None:
             return self._bin[name].clone()
         if name not in self._where:
             raise MlakitError(f"{self.folder}: weight {name} is missing from the checkpoint")
-        shard = self._where[name]
-        if self._open is None or self._open[0] != shard:
-            self._open = (shard, safe_open(shard, "pt"))
-        return self._open[1].get_tensor(name)
+        with safe_open(self._where[name], "pt") as fh:
+            return fh.get_tensor(name)
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the weights are stored in."""
@@ -138,36 +137,72 @@ class CheckpointReader:
         return self.get(name).dtype
 
 
+# safetensors dtype names (format knowledge of the file layout lives here with the writer)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 class ShardWriter:
-    """Write tensors into shards of at most `max_bytes`, then name them and write the index."""
+    """Stream tensors into safetensors shards of at most `max_bytes`, then name them and write the index.
+
+    Each tensor's bytes go to disk as it is added, so the writer holds no tensors: a shard's data is
+    appended to a scratch file, and when the shard is full its header (which the format puts first)
+    is written to the shard file and the data copied after it by the kernel."""
 
     def __init__(self, folder: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = folder
         self.max_bytes = max_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._data = None
         self._shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
+        if name in self._entries or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_bytes:
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        offset = self._data.tell() if self._data else 0
+        if self._entries and offset + nbytes > self.max_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        self._pending_bytes += nbytes
+            offset = 0
+        path = self._path(".data")
+        try:
+            if self._data is None:
+                self._data = open(path, "wb")
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        except OSError as exc:
+            raise _disk_error(exc, path) from exc
+        self._entries[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [offset, offset + nbytes]}
         self.total_bytes += nbytes
 
+    def _path(self, suffix: str) -> Path:
+        return self.folder / f"shard-{len(self._shards):05d}{suffix}"
+
     def _flush(self) -> None:
-        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        _save(self._pending, path)
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        """Header first, padded with spaces to 8 bytes as the format allows, then the data."""
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        data, path = self._path(".data"), self._path(".tmp")
+        try:
+            if self._data is None:
+                data.touch()
+            else:
+                self._data.close()
+            with open(path, "wb") as out, open(data, "rb") as src:
+                out.write(struct.pack("<Q", len(header)) + header)
+                shutil.copyfileobj(src, out, 64 * 2**20)
+            data.unlink()
+        except OSError as exc:
+            raise _disk_error(exc, path) from exc
+        self._shards.append(list(self._entries))
+        self._entries, self._data = {}, None
 
     def close(self) -> None:
         """Give the shards their final names and write model.safetensors.index.json."""
-        if self._pending or not self._shards:
+        if self._entries or not self._shards:
             self._flush()
         n = len(self._shards)
         weight_map = {}
@@ -178,13 +213,6 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             write_json(self.folder / "model.safetensors.index.json", index)
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except OSError as exc:
-        raise _disk_error(exc, path) from exc
 
 
 def _disk_error(exc: OSError, path: Path) -> MlakitError:

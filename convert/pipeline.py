@@ -237,7 +237,7 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
             opts: ConvertOptions, writer: ShardWriter | None, desc: str) -> dict[str, list[dict]]:
     """Carry calibration hidden states through the source, converting each layer for every
     candidate; write the (single) candidate's layers when a writer is given."""
-    spec, shape, dev = plan.spec, plan.shape, opts.device
+    spec, dev = plan.spec, opts.device
     embed = reader.get("model.embed_tokens.weight")
     hidden = embed[windows].float().to(dev)
     if writer:
@@ -245,44 +245,59 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     del embed
     seq_len = windows.shape[1]
     cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
-    cos, sin = cos.to(dev), sin.to(dev)
-    tgt_tables = {c.strategy: [t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)] for c in cands}
+    tables = {"source": (cos.to(dev), sin.to(dev)),
+              **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
     chunks = row_chunks(windows.shape[0], seq_len, max(spec.heads * seq_len, spec.intermediate, spec.hidden))
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     for i in tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None):
-        layer = read_layer(spec, reader, i).to(dev)
-        stats = SecondMoment(spec.hidden, dev)
-        dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
-        with torch.no_grad():
-            for sl in chunks:
-                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-                stats.update(x)
-                if dist is not None:
-                    dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
-            metrics = [True, False] if opts.output_aware else [False]
-            built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
-                     for c in cands for oa in metrics}
-            err = {key: [0.0, 0.0] for key in built}
-            for sl in chunks:
-                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-                ref = source_attention(x, layer, spec, cos, sin)
-                for key, (w, _) in built.items():
-                    dev_w = MLAWeights(*(t.to(dev) for t in vars(w).values()))
-                    out = mla_attention(x, dev_w, spec.heads, shape.qk_nope, shape.qk_rope, shape.v_head,
-                                        *tgt_tables[key[0]], norm_eps=None)
-                    err[key][0] += (out - ref).pow(2).sum().item()
-                    err[key][1] += ref.pow(2).sum().item()
-                h = hidden[sl] + ref
-                hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
-        best = {}
-        for c in cands:
-            best[c.strategy] = min(((c.strategy, oa) for oa in metrics), key=lambda key: err[key][0])
-            rel = math.sqrt(err[best[c.strategy]][0] / max(err[best[c.strategy]][1], 1e-300))
-            reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": best[c.strategy][1],
-                                        **built[best[c.strategy]][1]})
+        weights, input_gamma = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports)
         if writer:
-            _write_layer(writer, reader, plan, i, built[best[cands[0].strategy]][0], layer.input_norm.cpu())
+            _write_layer(writer, reader, plan, i, weights, input_gamma)
     return reports
+
+
+def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: list[slice],
+                   tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
+                   opts: ConvertOptions, reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor]:
+    """Convert layer i for every candidate, append their reports, advance `hidden` through the source
+    layer in place, and return the first candidate's weights and the layer's input norm.
+
+    A function of its own so that the source layer and the unchosen weights are freed before the
+    next layer is read: peak memory is one layer's, whatever the depth."""
+    spec, shape, dev = plan.spec, plan.shape, opts.device
+    cos, sin = tables["source"]
+    layer = read_layer(spec, reader, i).to(dev)
+    stats = SecondMoment(spec.hidden, dev)
+    seq_len = hidden.shape[1]
+    dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
+    with torch.no_grad():
+        for sl in chunks:
+            x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
+            stats.update(x)
+            if dist is not None:
+                dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
+        metrics = [True, False] if opts.output_aware else [False]
+        built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
+                 for c in cands for oa in metrics}
+        err = {key: [0.0, 0.0] for key in built}
+        for sl in chunks:
+            x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
+            ref = source_attention(x, layer, spec, cos, sin)
+            for key, (w, _) in built.items():
+                dev_w = MLAWeights(*(t.to(dev) for t in vars(w).values()))
+                out = mla_attention(x, dev_w, spec.heads, shape.qk_nope, shape.qk_rope, shape.v_head,
+                                    *tables[key[0]], norm_eps=None)
+                err[key][0] += (out - ref).pow(2).sum().item()
+                err[key][1] += ref.pow(2).sum().item()
+            h = hidden[sl] + ref
+            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
+    best = {}
+    for c in cands:
+        best[c.strategy] = min(((c.strategy, oa) for oa in metrics), key=lambda key: err[key][0])
+        rel = math.sqrt(err[best[c.strategy]][0] / max(err[best[c.strategy]][1], 1e-300))
+        reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": best[c.strategy][1],
+                                    **built[best[c.strategy]][1]})
+    return built[best[cands[0].strategy]][0], layer.input_norm.cpu()
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,

@@ -103,7 +103,7 @@ def test_disk_full(pico: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("mlakit.convert.checkpoint.save_file", full)
+    monkeypatch.setattr("mlakit.convert.checkpoint.shutil.copyfileobj", full)
     assert "disk full" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "16")
 
 

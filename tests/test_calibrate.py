@@ -19,7 +19,8 @@ from mlakit.calibrate.data import Documents, hold_out, load_documents, pack, per
 from mlakit.calibrate.distill import step_rows, to_plain
 from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.layers import Teacher
-from mlakit.calibrate.metrics import IGNORE, next_token_labels
+from mlakit.calibrate.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
+from mlakit.calibrate.teacher import CACHE
 from mlakit.cli import main
 from mlakit.convert.checkpoint import CheckpointReader
 from mlakit.convert.deepseek import plain_attention
@@ -204,10 +205,12 @@ def test_both_modes_chain_and_record_each_run(pair, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
 
 
-def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatch) -> None:
-    """8 steps with a checkpoint at 4: interrupted after it and resumed, the weights equal one run's."""
+@pytest.mark.parametrize("teacher", [[], ["--teacher-topk", "16"]], ids=["live", "cached"])
+def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatch, teacher: list[str]) -> None:
+    """8 steps with a checkpoint at 4: interrupted after it and resumed, the weights equal one run's.
+    A cached teacher is computed once: the resumed run reads it back."""
     src, mla = pair
-    args = [mla, None, *small(src), *DISTILL, "--save-every", "4"]
+    args = [mla, None, *small(src), *DISTILL, "--save-every", "4", *teacher]
     ok("calibrate", *[tmp_path / "straight" if a is None else a for a in args])
 
     save = distill_module.Checkpoints.save
@@ -222,11 +225,49 @@ def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatc
     assert result.exit_code == 130 and not resumed.exists()
     assert (tmp_path / "resumed.ckpt" / "step-0000004").is_dir()
     monkeypatch.setattr(distill_module.Checkpoints, "save", save)
+    if teacher:
+        assert (tmp_path / "resumed.ckpt" / CACHE).is_file()
+        monkeypatch.setattr(distill_module, "build_cache", lambda *a: pytest.fail("teacher cache computed twice"))
     ok("calibrate", *[resumed if a is None else a for a in args], "--resume")
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_cached_teacher_over_the_whole_vocabulary_is_the_live_teacher(pair, tmp_path: Path) -> None:
+    """With k = vocabulary the cached teacher's truncated KL is the full KL: same metrics, same weights."""
+    src, mla = pair
+    ok("calibrate", mla, tmp_path / "live", *small(src), *DISTILL)
+    text = ok("calibrate", mla, tmp_path / "cached", *small(src), *DISTILL, "--teacher-topk", "256")
+    assert "top 256 tokens hold 100.00%" in text
+    live, cached = (read_record(tmp_path / n)["calibrate"][-1] for n in ("live", "cached"))
+    for when in ("before", "after"):
+        for key in ("teacher_ppl", "student_ppl", "kl"):
+            assert cached[when][key] == pytest.approx(live[when][key], rel=1e-4, abs=1e-7), (when, key)
+    a, b = load_file(tmp_path / "live" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_top_k_kl_is_exact_at_full_k_and_a_lower_bound_below() -> None:
+    """The cached teacher's KL: at k = vocabulary the full KL with the same gradient; below, between
+    0 and the full KL (coarsening never increases a KL)."""
+    gen = torch.Generator().manual_seed(0)
+    t, s = torch.randn(3, 5, 50, generator=gen) * 3, (torch.randn(3, 5, 50, generator=gen) * 3).requires_grad_()
+    full = token_kl(t, s)
+    (grad_full,) = torch.autograd.grad(full.sum(), s)
+    lp = torch.log_softmax(t, -1)
+    for k in (50, 10, 1):
+        top = lp.topk(k, dim=-1)
+        part = top_k_kl(top.values, top.indices, rest_log_prob(lp, top.indices), torch.log_softmax(s, -1))
+        (grad,) = torch.autograd.grad(part.sum(), s)
+        assert torch.isfinite(grad).all()
+        if k == 50:
+            torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad, grad_full, rtol=1e-5, atol=1e-6)
+        else:
+            assert (part >= -1e-6).all() and (part <= full + 1e-5).all() and not torch.allclose(part, full)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -259,6 +300,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(pair, tmp_path: Path) -> No
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     one_line_error(invoke("calibrate", mla, out, "--teacher", src, "--data", tmp_path / "bad.jsonl"), "bad.jsonl:2")
     one_line_error(invoke("calibrate", mla, out, *small(src), *DISTILL, "--resume"), "no complete checkpoint")
+    one_line_error(invoke("calibrate", mla, out, *small(src), *DISTILL, "--teacher-topk", "257"), "vocabulary")
     out.mkdir()
     one_line_error(invoke("calibrate", mla, out, *small(src)), "--force")
     assert not any(out.iterdir())

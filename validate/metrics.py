@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from mlakit.calibrate.metrics import rest_log_prob, top_k_kl
 from mlakit.convert.checkpoint import CheckpointReader
 from mlakit.convert.deepseek import LATENT_NORM_EPS, MLAShape, attention_names
 from mlakit.convert.families import SourceSpec, read_layer
@@ -54,12 +55,7 @@ def reference(logits: torch.Tensor, windows: torch.Tensor, top_k: int | None) ->
     if top_k is None:
         return Reference(target_lp, lp.argmax(-1), lp, None)
     top_lp, top_ids = lp.topk(top_k, dim=-1)
-    return Reference(target_lp, top_ids[..., 0], top_lp, top_ids, _rest(lp, top_ids))
-
-
-def _rest(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside `ids`, summed without cancellation (-inf when nothing is left)."""
-    return lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return Reference(target_lp, top_ids[..., 0], top_lp, top_ids, rest_log_prob(lp, top_ids))
 
 
 @dataclass
@@ -79,11 +75,10 @@ def compare(ref: Reference, logits: torch.Tensor, windows: torch.Tensor) -> Toke
     distributions, a lower bound of the full KL that is exact when nothing is left out."""
     lq = _log_probs(logits)
     lp = ref.lp.double()
-    lq_ref = (lq if ref.ids is None else lq.gather(-1, ref.ids)).double()
-    kl = (lp.exp() * (lp - lq_ref)).sum(-1)
-    if ref.ids is not None:
-        rest_p, rest_q = ref.rest_lp.double().exp(), _rest(lq, ref.ids).double().exp()
-        kl += torch.xlogy(rest_p, rest_p) - torch.xlogy(rest_p, rest_q)
+    if ref.ids is None:
+        kl = (lp.exp() * (lp - lq.double())).sum(-1)
+    else:
+        kl = top_k_kl(lp, ref.ids, ref.rest_lp, lq)
     return TokenScores(
         source_nll=-ref.target_lp.flatten().double(),
         converted_nll=-lq.gather(-1, windows[:, 1:, None]).flatten().double(),
