@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--layer-steps", type=int, default=LayerwiseOptions.steps)
     ap.add_argument("--inputs", default=LayerwiseOptions.inputs)
     ap.add_argument("--lr", type=float, default=DistillOptions.lr)
+    ap.add_argument("--teacher-topk", type=int, nargs="+", default=[0],
+                    help="distill with the live teacher (0) and/or the cached top-k teacher (k)")
     args = ap.parse_args()
     logging.set_verbosity_error()
 
@@ -53,31 +55,35 @@ def main() -> None:
         for rank in args.ranks:
             mla = tmp_path / f"mla-{rank}"
             record = convert(args.model, mla, ConvertOptions(kv_lora_rank=rank, rope_dim=args.rope_dim,
-                                                             calib_text=[first90], dtype="fp32"),
+                                                             calib_text=[first90], calib_seq_len=args.seq_len,
+                                                             dtype="fp32"),
                              log=lambda _: None)
             cache = record["kv_cache"]
             budget = (f"{rank} + {args.rope_dim} ({cache['converted_elements_per_token_layer']}/"
                       f"{cache['source_elements_per_token_layer']})")
-            for mode in args.modes:
-                for tokens in args.layerwise_tokens if mode == "layerwise" else args.distill_tokens:
-                    out = tmp_path / f"cal-{rank}-{mode}-{tokens}"
-                    opts = CalibrateOptions(
-                        mode=mode, teacher=args.model, data=[str(args.text)], tokens=tokens,
-                        eval_tokens=10 * len(text), seq_len=args.seq_len,
-                        layerwise=LayerwiseOptions(steps=args.layer_steps, inputs=args.inputs),
-                        distill=DistillOptions(lr=args.lr),
-                    )
-                    wall, cpu = time.perf_counter(), time.process_time()
-                    outcome = calibrate(str(mla), out, opts)
-                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                    run = read_json(out / "mlakit.json")["calibrate"][-1]
-                    (_, before), (_, after) = outcome.qualities
-                    if not any(r[0] == budget and r[1] == "one-shot" for r in rows):
-                        rows.append((budget, "one-shot", "-", before, "-", "-", "-"))
-                    rate = f"{run['tokens_per_second']:.0f}" if "tokens_per_second" in run else "-"
-                    rows.append((budget, mode, tokens, after, f"{wall:.0f}", f"{cpu:.0f}", rate))
-                    print(f"{budget} {mode} {tokens}: ppl {after.student_ppl:.3f} KL {after.kl:.4f} ({wall:.0f} s)",
-                          flush=True)
+            runs = [(mode, tokens, k) for mode in args.modes
+                    for tokens in (args.layerwise_tokens if mode == "layerwise" else args.distill_tokens)
+                    for k in (args.teacher_topk if mode == "distill" else [0])]
+            for mode, tokens, k in runs:
+                out = tmp_path / f"cal-{rank}-{mode}-{tokens}-{k}"
+                opts = CalibrateOptions(
+                    mode=mode, teacher=args.model, data=[str(args.text)], tokens=tokens,
+                    eval_tokens=10 * len(text), seq_len=args.seq_len,
+                    layerwise=LayerwiseOptions(steps=args.layer_steps, inputs=args.inputs),
+                    distill=DistillOptions(lr=args.lr, teacher_topk=k),
+                )
+                wall, cpu = time.perf_counter(), time.process_time()
+                outcome = calibrate(str(mla), out, opts)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                run = read_json(out / "mlakit.json")["calibrate"][-1]
+                (_, before), (_, after) = outcome.qualities
+                if not any(r[0] == budget and r[1] == "one-shot" for r in rows):
+                    rows.append((budget, "one-shot", "-", before, "-", "-", "-"))
+                rate = f"{run['tokens_per_second']:.0f}" if "tokens_per_second" in run else "-"
+                label = f"{mode}, top-{k} teacher" if k else mode
+                rows.append((budget, label, tokens, after, f"{wall:.0f}", f"{cpu:.0f}", rate))
+                print(f"{budget} {label} {tokens}: ppl {after.student_ppl:.3f} KL {after.kl:.4f} ({wall:.0f} s)",
+                      flush=True)
     teacher = rows[0][3].teacher_ppl
     print(f"\nsource perplexity {teacher:.3f} on {rows[0][3].tokens} held-out tokens of {args.text.name}\n")
     print("| kv_lora_rank + rope (cache elements) | mode | calibration tokens | perplexity | vs source | "

@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -77,14 +76,17 @@ def build(folder: Path, shape: str, layers: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+# Peak resident memory is the child's VmHWM: ru_maxrss would also count what the parent (which
+# built the checkpoint) had resident when it forked the child.
 CHILD = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 from mlakit.convert.pipeline import ConvertOptions, convert
 t = time.time()
 convert(sys.argv[1], Path(sys.argv[2]), ConvertOptions(calib_tokens=int(sys.argv[3]), calib_seq_len=512,
         rope_strategy=sys.argv[4]), log=lambda m: None)
-print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(time.time() - t, int(hwm.split()[1]) / 2**20)
 """
 
 
@@ -98,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"shape {args.shape} ({SHAPES[args.shape]}), --calib-tokens {args.calib_tokens}, "
           f"--rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
-    print("| layers | checkpoint GB | convert s | s per layer | peak RSS GB |")
+    print("| layers | checkpoint GB | convert s | s per layer | peak RSS GiB |")
     print("|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.layers:
