@@ -130,7 +130,8 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
                    "checkpoint folder and train without it in memory (for when teacher and student do not fit "
-                   "together); the KL is then truncated to those K tokens. 0: run the teacher alongside.")
+                   "together); the KL is then over those K tokens plus one bucket for the rest. 0: run the teacher "
+                   "alongside.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT (and stale checkpoints) if present.")

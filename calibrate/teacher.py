@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.metrics import IGNORE, QualityMeter, next_token_labels, rest_log_prob, token_kl, top_k_kl
-from mlakit.convert.checkpoint import read_json, write_json
+from mlakit.convert.checkpoint import disk_error, read_json, write_json
 
 CACHE = "teacher-topk.safetensors"
 CACHE_INFO = "teacher-topk.json"
-PARTS = ("fit", "held_out")
 
 
 def logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -85,6 +84,8 @@ def build_cache(model, parts: dict[str, Packed], top_k: int, batch: int, device:
     """Run the teacher once over every part and write its top-k log-probabilities and label log-probs.
 
     The info file, holding the fingerprint, is written last: a cache without it is incomplete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(CACHE_INFO).unlink(missing_ok=True)
     tensors, tail, positions = {}, 0.0, 0
     bar = tqdm(total=sum(len(p) for p in parts.values()), desc="teacher top-k", unit="row", disable=None)
     with torch.no_grad():
@@ -107,8 +108,10 @@ def build_cache(model, parts: dict[str, Packed], top_k: int, batch: int, device:
             tensors.update({f"{name}.logp": torch.cat(logp), f"{name}.index": torch.cat(index),
                             f"{name}.rest": torch.cat(rest), f"{name}.label_logp": torch.cat(label_logp)})
     bar.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
     write_json(path.with_name(CACHE_INFO), {"top_k": top_k, "tail_mass": tail / max(positions, 1),
                                             "fingerprint": fingerprint})
 

@@ -173,7 +173,7 @@ class ShardWriter:
                 self._data = open(path, "wb")
             self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
         except OSError as exc:
-            raise _disk_error(exc, path) from exc
+            raise disk_error(exc, path) from exc
         self._entries[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                                "data_offsets": [offset, offset + nbytes]}
         self.total_bytes += nbytes
@@ -196,7 +196,7 @@ class ShardWriter:
                 shutil.copyfileobj(src, out, 64 * 2**20)
             data.unlink()
         except OSError as exc:
-            raise _disk_error(exc, path) from exc
+            raise disk_error(exc, path) from exc
         self._shards.append(list(self._entries))
         self._entries, self._data = {}, None
 
@@ -215,7 +215,7 @@ class ShardWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
 
-def _disk_error(exc: OSError, path: Path) -> MlakitError:
+def disk_error(exc: OSError, path: Path) -> MlakitError:
     if exc.errno == errno.ENOSPC:
         return MlakitError(f"disk full while writing {path}; free space and run again")
     return MlakitError(f"cannot write {path}: {exc.strerror or exc}")
@@ -225,7 +225,7 @@ def write_json(path: Path, obj: object) -> None:
     try:
         path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     except OSError as exc:
-        raise _disk_error(exc, path) from exc
+        raise disk_error(exc, path) from exc
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -246,7 +246,7 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise _disk_error(exc, out.parent) from exc
+        raise disk_error(exc, out.parent) from exc
     try:
         yield tmp
         if out.exists():
@@ -270,6 +270,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             try:
                 shutil.copy2(path, dst / path.name)
             except OSError as exc:
-                raise _disk_error(exc, dst / path.name) from exc
+                raise disk_error(exc, dst / path.name) from exc
             names.append(path.name)
     return names
