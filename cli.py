@@ -20,7 +20,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MlakitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; OUT was not written", err=True)

@@ -212,5 +212,6 @@ def summary(outcome: Outcome) -> str:
                      f"{q.kl:>14.5f}")
     top_k = {q.kl_top_k for _, q in outcome.qualities} - {0}
     if top_k:
-        lines.append(f"(KL over the teacher's top {top_k.pop()} tokens, from the cached teacher)")
+        lines.append(f"(KL over the cached teacher's top {top_k.pop()} tokens plus one bucket for the rest: "
+                     "a lower bound of the full KL)")
     return "\n".join([*outcome.notes, *lines])

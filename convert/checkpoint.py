@@ -148,7 +148,7 @@ class ShardWriter:
 
     Each tensor's bytes go to disk as it is added, so the writer holds no tensors: a shard's data is
     appended to a scratch file, and when the shard is full its header (which the format puts first)
-    is written to the shard file and the data copied after it by the kernel."""
+    is written to the shard file and the data copied after it in 64 MiB pieces."""
 
     def __init__(self, folder: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder = folder

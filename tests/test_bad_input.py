@@ -22,6 +22,7 @@ def convert_fails(src: str, out: Path, *args: str) -> str:
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.output
+    assert result.output.rstrip().splitlines()[-1] == errors[0], "the error must be the last line, whole"
     assert not out.exists() or (out / "keep").exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"
     return errors[0]
@@ -29,6 +30,14 @@ def convert_fails(src: str, out: Path, *args: str) -> str:
 
 def test_missing_source(tmp_path: Path) -> None:
     assert "no such folder" in convert_fails(str(tmp_path / "nope"), tmp_path / "out")
+
+
+def test_unreachable_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known\nAn error happened while trying to locate the files on the Hub.")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    assert "could not download from the hub" in convert_fails("someone/some-model", tmp_path / "out")
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
