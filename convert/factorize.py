@@ -112,3 +112,30 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
         error=_rel_error(stacked, basis @ down, sigma),
         optimum=optimum,
     )
+
+
+class LeastSquares:
+    """Running normal equations of y ~ W a over calibration tokens, for the closed-form refit of a
+    linear map (o_proj) once everything before it is fixed."""
+
+    def __init__(self, n_in: int, n_out: int, device: str | torch.device = "cpu"):
+        self.aa = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self.ay = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+        self.yy = 0.0
+
+    def update(self, a: torch.Tensor, y: torch.Tensor) -> None:
+        a, y = a.reshape(-1, a.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        self.aa += a.T @ a
+        self.ay += a.T @ y
+        self.yy += y.pow(2).sum().item()
+
+    def solve(self) -> torch.Tensor:
+        """The W (n_out, n_in) of least squared error (a tiny ridge keeps unused inputs at zero)."""
+        ridge = 1e-9 * self.aa.diagonal().mean().clamp_min(1e-300)
+        eye = torch.eye(self.aa.shape[0], dtype=torch.float64, device=self.aa.device)
+        return torch.linalg.solve(self.aa + ridge * eye, self.ay).T
+
+    def error(self, w: torch.Tensor) -> float:
+        """Summed squared error of W on the accumulated tokens, from the normal equations alone."""
+        w = w.double()
+        return max(0.0, self.yy - 2 * (w * self.ay.T).sum().item() + ((w @ self.aa) * w).sum().item())

@@ -73,15 +73,25 @@ def source_attention(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos:
 
 def attention_distance_histogram(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
                                  sin: torch.Tensor) -> torch.Tensor:
-    """Sum over query positions of the attention mass at each distance t - s: shape (H, L)."""
+    """Sum over batch and query positions of the attention mass at each distance t - s: shape (H, L).
+
+    Query positions go in blocks so that one (B, H, block, keys) score tile is alive at a time,
+    whatever L; each tile's mass lands on its distances in one index_add. Everything is made on
+    the input's device."""
     q, k, _ = source_qkv(x, layer, spec, cos, sin)
     k = k.repeat_interleave(spec.group, dim=1)
-    n = x.shape[1]
-    scores = (q @ k.transpose(-1, -2)).float() * spec.head_dim**-0.5
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    hist = torch.stack([probs.diagonal(-delta, -2, -1).sum(-1) for delta in range(n)], dim=-1)
-    return hist.sum(0)
+    b, h, n, _ = q.shape
+    pos = torch.arange(n, device=x.device)
+    hist = torch.zeros(h, n, dtype=torch.float64, device=x.device)
+    step = max(1, min(n, ACTIVATION_BYTES // (4 * b * h * n)))
+    for t0 in range(0, n, step):
+        t1 = min(t0 + step, n)
+        delta = pos[t0:t1, None] - pos[None, :t1]  # (block, keys): distance of each key
+        scores = (q[:, :, t0:t1] @ k[:, :, :t1].transpose(-1, -2)).float() * spec.head_dim**-0.5
+        mass = scores.masked_fill_(delta < 0, float("-inf")).softmax(-1).sum(0)  # (H, block, keys)
+        tile = torch.zeros(h, n, dtype=torch.float32, device=x.device)
+        hist += tile.index_add_(1, delta.clamp_min(0).flatten(), mass.reshape(h, -1))
+    return hist
 
 
 def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -113,6 +123,14 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_r
     """DeepSeek-V3 attention (q_lora_rank None, interleaved rope) of a normed input, through o_proj.
 
     `norm_eps=None` skips kv_a_layernorm (the plain linear parametrization used while fitting)."""
+    return linear(mla_heads(x, w, heads, qk_nope, qk_rope, v_head, cos, sin, norm_eps, scale), w.o)
+
+
+def mla_heads(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope: int, v_head: int,
+              cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = 1e-6,
+              scale: float | None = None) -> torch.Tensor:
+    """`mla_attention` before o_proj: the heads' outputs (B, L, heads * v_head), which o_proj maps
+    linearly, so that o_proj can be fitted by least squares."""
     b, n, _ = x.shape
     rank = w.kv_b.shape[1]
     qk_head = qk_nope + qk_rope
@@ -128,4 +146,4 @@ def mla_attention(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_r
     q = torch.cat([q_nope, q_rot], dim=-1)
     k = torch.cat([k_nope, k_rot], dim=-1)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale or qk_head**-0.5)
-    return linear(out.transpose(1, 2).flatten(2), w.o)
+    return out.transpose(1, 2).flatten(2)

@@ -8,6 +8,7 @@ memory holds one layer plus the embeddings and the calibration activations.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,10 +27,10 @@ from mlakit.convert.checkpoint import (
     resolve_model, write_json,
 )
 from mlakit.convert.errors import MlakitError
-from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
+from mlakit.convert.factorize import LeastSquares, SecondMoment, absorb_bias, joint_latent
 from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
-    MLAWeights, attention_distance_histogram, mla_attention, mlp, rms_norm, rope_tables, row_chunks,
+    MLAWeights, attention_distance_histogram, mla_attention, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
     source_attention,
 )
 from mlakit.convert.text import load_corpus, token_windows
@@ -56,6 +57,8 @@ class ConvertOptions:
     balance: bool = True
     llama3_rope: str = "yarn"
     strategy_tokens: int = 16384
+    inputs: str = "converted"
+    refit_output: bool = True
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
 
@@ -126,10 +129,11 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, r, v_head, rank)
     if opts.rope_strategy == "auto":
         strategies = list(rope.STRATEGIES) if r < d else ["fold"]
-    elif opts.rope_strategy in rope.STRATEGIES:
+    elif rope.valid_strategy(opts.rope_strategy, r // 2):
         strategies = [opts.rope_strategy]
     else:
-        raise MlakitError(f"--rope-strategy {opts.rope_strategy}: choose auto or one of {', '.join(rope.STRATEGIES)}")
+        raise MlakitError(f"--rope-strategy {opts.rope_strategy}: choose auto, {', '.join(rope.STRATEGIES)} or foldN "
+                          f"with N dividing the {r // 2} rotary slots")
     plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype])
     if not opts.kv_lora_rank:
         plan.notes.append(f"kv_lora_rank defaults to {rank} for this source")
@@ -174,8 +178,7 @@ def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
             raise AssertionError("output rope must not rescale attention")
         return emb.inv_freq.double(), config
 
-    kept = src.inv_freq.double()[[s[0] for s in rope.slots(plan.spec.head_dim // 2, plan.shape.qk_rope // 2,
-                                                             strategy)]]
+    kept = src.inv_freq.double()[rope.kept_frequencies(plan.spec.head_dim // 2, plan.shape.qk_rope // 2, strategy)]
     if params.get("rope_type") == "llama3" and llama3_rope == "yarn":
         params, _ = rope.llama3_as_yarn(params, kept, lambda p: target(p)[0])
     tgt, config = target(params)
@@ -196,7 +199,7 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
         k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), sigma, mean), G)
     v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), sigma, mean)
     split = rope.rorope(
-        k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slots(d // 2, shape.qk_rope // 2, cand.strategy),
+        k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
         complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
     )
     k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
@@ -234,9 +237,15 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
-            opts: ConvertOptions, writer: ShardWriter | None, desc: str) -> dict[str, list[dict]]:
-    """Carry calibration hidden states through the source, converting each layer for every
-    candidate; write the (single) candidate's layers when a writer is given."""
+            opts: ConvertOptions, writer: ShardWriter | None, desc: str,
+            log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
+    """Carry calibration hidden states through the model, converting each layer for every candidate;
+    write the (single) candidate's layers when a writer is given.
+
+    With `opts.inputs == "converted"` (and one candidate) the hidden states that feed layer i come
+    from the already converted layers, as GPTQ does: each layer is fitted on the inputs it will see.
+    Otherwise they come from the source. One line per layer goes to `log` when stderr is not a
+    terminal, so that logs show progress."""
     spec, dev = plan.spec, opts.device
     embed = reader.get("model.embed_tokens.weight")
     hidden = embed[windows].float().to(dev)
@@ -247,57 +256,125 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
     tables = {"source": (cos.to(dev), sin.to(dev)),
               **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
-    chunks = row_chunks(windows.shape[0], seq_len, max(spec.heads * seq_len, spec.intermediate, spec.hidden))
+    chunks = row_chunks(windows.shape[0], seq_len, max(spec.intermediate, spec.hidden))
+    sequential = opts.inputs == "converted" and len(cands) == 1
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
-    for i in tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None):
-        weights, input_gamma = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports)
+    bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
+    for i in bar:
+        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports,
+                                                       sequential)
         if writer:
+            start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
+            seconds["write"] = time.perf_counter() - start
+        for c in cands:
+            reports[c.strategy][-1]["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        if log and bar.disable:
+            row = reports[cands[0].strategy][-1]
+            log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attn err "
+                f"{row['attn_rel_error']:.4f}, latent err {row['latent_error']:.4f}")
     return reports
 
 
 def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: list[slice],
                    tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
-                   opts: ConvertOptions, reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor]:
-    """Convert layer i for every candidate, append their reports, advance `hidden` through the source
-    layer in place, and return the first candidate's weights and the layer's input norm.
+                   opts: ConvertOptions, reports: dict[str, list[dict]],
+                   sequential: bool) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
+    """Convert layer i for every candidate, append their reports, advance `hidden` in place (through
+    the converted attention when `sequential`, else through the source's), and return the first
+    candidate's weights, the layer's input norm and the seconds each part took.
 
     A function of its own so that the source layer and the unchosen weights are freed before the
     next layer is read: peak memory is one layer's, whatever the depth."""
     spec, shape, dev = plan.spec, plan.shape, opts.device
     cos, sin = tables["source"]
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[part] = seconds.get(part, 0.0) + now - clock
+        clock = now
+
     layer = read_layer(spec, reader, i).to(dev)
     stats = SecondMoment(spec.hidden, dev)
     seq_len = hidden.shape[1]
     dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
+    lap("read")
     with torch.no_grad():
         for sl in chunks:
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             stats.update(x)
             if dist is not None:
-                dist += attention_distance_histogram(x, layer, spec, cos, sin).double()
+                dist += attention_distance_histogram(x, layer, spec, cos, sin)
+        lap("statistics")
         metrics = [True, False] if opts.output_aware else [False]
         built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
                  for c in cands for oa in metrics}
-        err = {key: [0.0, 0.0] for key in built}
+        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(w).values())) for key, (w, _) in built.items()}
+        lap("rope and latent")
+        fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
         for sl in chunks:
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             ref = source_attention(x, layer, spec, cos, sin)
-            for key, (w, _) in built.items():
-                dev_w = MLAWeights(*(t.to(dev) for t in vars(w).values()))
-                out = mla_attention(x, dev_w, spec.heads, shape.qk_nope, shape.qk_rope, shape.v_head,
-                                    *tables[key[0]], norm_eps=None)
-                err[key][0] += (out - ref).pow(2).sum().item()
-                err[key][1] += ref.pow(2).sum().item()
-            h = hidden[sl] + ref
-            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
-    best = {}
+            for key, w in on_device.items():
+                fits[key].update(_real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape), ref)
+            if not sequential:
+                _advance(hidden, sl, ref, layer, spec)
+        options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
+        for key, fit in fits.items():
+            o = on_device[key].o
+            options[key + (False,)] = (fit.error(_real_columns(o, spec, shape)), o)
+            if opts.refit_output:
+                options[key + (True,)] = (fit.error(refit := fit.solve()), _padded_columns(refit, spec, shape))
+        best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
+                for c in cands}
+        for c in cands:
+            on_device[best[c.strategy][:2]].o = options[best[c.strategy]][1].float()
+        if sequential:
+            chosen = best[cands[0].strategy]
+            for sl in chunks:
+                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
+                _advance(hidden, sl, _mla(x, on_device[chosen[:2]], shape, spec.heads, tables[chosen[0]]), layer, spec)
+        lap("error pass")
     for c in cands:
-        best[c.strategy] = min(((c.strategy, oa) for oa in metrics), key=lambda key: err[key][0])
-        rel = math.sqrt(err[best[c.strategy]][0] / max(err[best[c.strategy]][1], 1e-300))
-        reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": best[c.strategy][1],
-                                    **built[best[c.strategy]][1]})
-    return built[best[cands[0].strategy]][0], layer.input_norm.cpu()
+        key = best[c.strategy]
+        rel = math.sqrt(options[key][0] / max(fits[key[:2]].yy, 1e-300))
+        built[key[:2]][0].o = options[key][1].float().cpu()
+        reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": key[1], "output_refit": key[2],
+                                    **built[key[:2]][1]})
+    return built[best[cands[0].strategy][:2]][0], layer.input_norm.cpu(), seconds
+
+
+def _mla_heads(x: torch.Tensor, w: MLAWeights, shape: deepseek.MLAShape, heads: int,
+               table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return mla_heads(x, w, heads, shape.qk_nope, shape.qk_rope, shape.v_head, *table, norm_eps=None)
+
+
+def _real_heads(a: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
+    """Head outputs without the zero padding of v (v_head > head_dim): the inputs o_proj really uses."""
+    return a.unflatten(-1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(-2)
+
+
+def _real_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
+    return o.unflatten(1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(1)
+
+
+def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
+    return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
+
+
+def _mla(x: torch.Tensor, w: MLAWeights, shape: deepseek.MLAShape, heads: int,
+         table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A converted attention block in its plain parametrization (latent norm as identity)."""
+    return mla_attention(x, w, heads, shape.qk_nope, shape.qk_rope, shape.v_head, *table, norm_eps=None)
+
+
+def _advance(hidden: torch.Tensor, sl: slice, attn: torch.Tensor, layer: SourceLayer, spec: SourceSpec) -> None:
+    """hidden[sl] through the rest of the decoder layer, given its attention output."""
+    h = hidden[sl] + attn
+    hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
@@ -343,7 +420,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     cand = cands[best]
     with atomic_folder(out, force) as tmp:
         writer = ShardWriter(tmp, opts.shard_bytes)
-        layers = _stream(plan, reader, windows, [cand], opts, writer, "converting")[best]
+        layers = _stream(plan, reader, windows, [cand], opts, writer, "converting", log)[best]
         writer.add("model.norm.weight", reader.get("model.norm.weight").to(plan.dtype))
         head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
         writer.add("lm_head.weight", reader.get(head).to(plan.dtype))

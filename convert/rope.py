@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("fold", "even", "high")
+STRATEGIES = ("fold", "even", "high")  # foldN (N slots per group) is valid too
 
 
 def interleave_permutation(dim: int) -> torch.Tensor:
@@ -38,21 +38,38 @@ def to_interleaved(rows: torch.Tensor) -> torch.Tensor:
     return to_real(rows)[..., interleave_permutation(2 * rows.shape[-2]), :]
 
 
-def slots(n_freq: int, n_slots: int, strategy: str) -> list[list[int]]:
-    """Which source frequencies share each kept rotary slot.
+def slot_groups(n_freq: int, n_slots: int, strategy: str) -> list[tuple[list[int], list[int]]]:
+    """Which source frequencies share which kept rotary slots: (frequencies, slots) per group.
 
-    fold: each slot takes `n_freq / n_slots` neighbouring frequencies (PCA over all of them);
+    Slot m rotates at source frequency m * n_freq / n_slots (m for `high`).
+    fold: each group takes `n_freq / n_slots` neighbouring frequencies into one slot (PCA over all
+      of them); foldN: N times as many frequencies into N neighbouring slots, so the PCA chooses
+      which heads and frequencies keep their rotation (TransMLA's FreqFold);
     even: each slot keeps the first of its neighbours, the rest lose rotation;
     high: slot m keeps frequency m (the highest ones); the low ones lose rotation.
     """
-    fold = n_freq // n_slots
-    if strategy == "fold":
-        return [list(range(m * fold, (m + 1) * fold)) for m in range(n_slots)]
+    ratio = n_freq // n_slots
+    if strategy.startswith("fold"):
+        width = int(strategy[4:] or 1)
+        return [(list(range(m * ratio, (m + width) * ratio)), list(range(m, m + width)))
+                for m in range(0, n_slots, width)]
     if strategy == "even":
-        return [[m * fold] for m in range(n_slots)]
+        return [([m * ratio], [m]) for m in range(n_slots)]
     if strategy == "high":
-        return [[m] for m in range(n_slots)]
+        return [([m], [m]) for m in range(n_slots)]
     raise ValueError(f"unknown rope strategy {strategy}")
+
+
+def kept_frequencies(n_freq: int, n_slots: int, strategy: str) -> list[int]:
+    """The source frequency each slot rotates at."""
+    return list(range(n_slots)) if strategy == "high" else [m * (n_freq // n_slots) for m in range(n_slots)]
+
+
+def valid_strategy(strategy: str, n_slots: int) -> bool:
+    if strategy in ("fold", "even", "high"):
+        return True
+    width = strategy[4:]
+    return strategy.startswith("fold") and width.isdigit() and int(width) >= 1 and n_slots % int(width) == 0
 
 
 def target_theta(theta: float, head_dim: int, rope_dim: int, strategy: str) -> float:
@@ -92,12 +109,13 @@ def expected_rotation(dist: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return (p.to(torch.complex128) @ phase.T).reshape(dist.shape[0], *freqs.shape)
 
 
-def principal_direction(cov: torch.Tensor) -> torch.Tensor:
-    """Unit top eigenvector of a Hermitian (or real symmetric) matrix, with a fixed phase."""
+def principal_directions(cov: torch.Tensor, n: int) -> torch.Tensor:
+    """The top-n unit eigenvectors (columns) of a Hermitian (or real symmetric) matrix, each with
+    a fixed phase."""
     _, vecs = torch.linalg.eigh(cov)
-    u = vecs[:, -1]
-    pivot = u[u.abs().argmax()]
-    return u * (pivot.abs() / pivot)
+    top = vecs[:, -n:].flip(-1)
+    pivot = top.gather(0, top.abs().argmax(0, keepdim=True))
+    return top * (pivot.abs() / pivot)
 
 
 @dataclass
@@ -115,7 +133,7 @@ class RopeSplit:
 
 
 def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torch.Tensor,
-           tgt_freq: torch.Tensor, slot_freqs: list[list[int]], *, complex_pca: bool = True,
+           tgt_freq: torch.Tensor, slot_freqs: list[tuple[list[int], list[int]]], *, complex_pca: bool = True,
            dist: torch.Tensor | None = None, k_rot_rows: torch.Tensor | None = None) -> RopeSplit:
     """RoRoPE: per slot, rotate the keys of all kv heads (and folded frequencies) onto their
     principal direction; component 0 keeps RoPE as the shared k_rot, the rest lose rotation.
@@ -142,26 +160,33 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
         channel_weight = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, head_weight)
     k_rot_src = k if k_rot_rows is None else k_rot_rows
     k_nope = k.clone()
-    k_rot = torch.zeros(len(slot_freqs), k.shape[-1], dtype=k.dtype)
-    q_rot = torch.zeros(heads, len(slot_freqs), q.shape[-1], dtype=q.dtype)
+    n_slots = sum(len(slots) for _, slots in slot_freqs)
+    k_rot = torch.zeros(n_slots, k.shape[-1], dtype=k.dtype)
+    q_rot = torch.zeros(heads, n_slots, q.shape[-1], dtype=q.dtype)
     kept = total = 0.0
-    for m, fs in enumerate(slot_freqs):
+    for fs, ms in slot_freqs:
         rows = k_rot_src[:, fs].reshape(groups * len(fs), -1)
         cov = rows @ sig @ rows.conj().T
         total += cov.diagonal().real.sum().item()
         w = channel_weight[:, fs].reshape(-1)
         root = (w / w.max().clamp_min(1e-300)).clamp_min(1e-3).sqrt().to(torch.complex128)
         weighted = root[:, None] * cov * root[None, :]
-        u = principal_direction(weighted if complex_pca else weighted.real).to(torch.complex128)
-        read = u * root / (u * root).norm()
-        load = u / root * (u * root).norm()
-        kept += ((read.conj() @ cov @ read).real * (load.conj() @ load).real).item()
-        k_rot[m] = read.conj() @ rows
+        top = principal_directions(weighted if complex_pca else weighted.real, len(ms)).to(torch.complex128)
         nope_rows = k[:, fs].reshape(groups * len(fs), -1)
-        k_nope[:, fs] = (nope_rows - load[:, None] * (read.conj() @ nope_rows)).view(groups, len(fs), -1)
-        load_g = load.view(groups, len(fs))[group_of]  # (H, |fs|)
-        mismatch = torch.ones(heads, len(fs), dtype=torch.complex128)
-        if dist is not None:
-            mismatch = expected_rotation(dist, src_freq[fs] - tgt_freq[m]).conj()
-        q_rot[:, m] = ((load_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)
+        freq_of = torch.tensor(fs).repeat(groups)
+        # components go to slots in order of their energy-weighted mean source frequency
+        order = (top.abs() ** 2 * freq_of[:, None]).sum(0).argsort()
+        for m, j in zip(ms, order.tolist()):
+            u = top[:, j]
+            read = u * root / (u * root).norm()
+            load = u / root * (u * root).norm()
+            kept += ((read.conj() @ cov @ read).real * (load.conj() @ load).real).item()
+            k_rot[m] = read.conj() @ rows
+            nope_rows = nope_rows - load[:, None] * (read.conj() @ nope_rows)
+            load_g = load.view(groups, len(fs))[group_of]  # (H, |fs|)
+            mismatch = torch.ones(heads, len(fs), dtype=torch.complex128)
+            if dist is not None:
+                mismatch = expected_rotation(dist, src_freq[fs] - tgt_freq[m]).conj()
+            q_rot[:, m] = ((load_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)
+        k_nope[:, fs] = nope_rows.view(groups, len(fs), -1)
     return RopeSplit(k_rot, q_rot, k_nope, lost[..., None] * q, kept / max(total, 1e-30))

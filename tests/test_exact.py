@@ -13,8 +13,10 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from mlakit.convert import deepseek, rope
 from mlakit.convert.factorize import joint_latent
 from mlakit.convert.families import SourceLayer, SourceSpec
+from mlakit.convert import forward
 from mlakit.convert.forward import (
-    MLAWeights, interleaved_rope, mla_attention, rms_norm, rope_tables, rotate_half_rope, source_layer,
+    MLAWeights, attention_distance_histogram, interleaved_rope, mla_attention, rms_norm, rope_tables,
+    rotate_half_rope, source_layer, source_qkv,
 )
 
 
@@ -54,7 +56,7 @@ def test_rorope_split_keeps_every_score_before_truncation() -> None:
     sigma = x.T @ x / 200
     freq = 10000.0 ** (-torch.arange(F) / F)
     for complex_pca in (True, False):
-        split = rope.rorope(k, q, sigma, freq, freq, rope.slots(F, F, "fold"), complex_pca=complex_pca)
+        split = rope.rorope(k, q, sigma, freq, freq, rope.slot_groups(F, F, "fold"), complex_pca=complex_pca)
         xt, xs = x[0], x[1]
         group = torch.arange(H) // (H // G)
         for h in range(H):
@@ -71,7 +73,7 @@ def test_complex_pca_keeps_at_least_the_real_energy() -> None:
     x = torch.randn(300, 16) @ torch.randn(16, 16)
     sigma = x.T @ x / 300
     freq = torch.ones(8)
-    args = (k, torch.randn(4, 8, 16, dtype=torch.complex128), sigma, freq, freq, rope.slots(8, 8, "fold"))
+    args = (k, torch.randn(4, 8, 16, dtype=torch.complex128), sigma, freq, freq, rope.slot_groups(8, 8, "fold"))
     assert rope.rorope(*args, complex_pca=True).energy_kept >= rope.rorope(*args, complex_pca=False).energy_kept - 1e-12
 
 
@@ -128,6 +130,27 @@ def _source_spec(cfg: LlamaConfig) -> SourceSpec:
                       1, cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, 64, True, False, cfg)
 
 
+@pytest.mark.parametrize("tile_bytes", [4 * 2 * 4 * 23, 2**28])
+def test_distance_histogram_in_tiles_equals_the_dense_sum(monkeypatch, tile_bytes: int) -> None:
+    """Blockwise (one query row per tile, and one tile for all) equals summing each diagonal of the
+    full causal attention matrix."""
+    torch.manual_seed(7)
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=48, num_hidden_layers=1, vocab_size=10)
+    spec = _source_spec(cfg)
+    w = lambda rows: torch.randn(rows, 32) * 0.5  # noqa: E731
+    layer = SourceLayer(w(32), w(16), w(16), w(32), None, None, None, torch.ones(32), torch.ones(32),
+                        w(48), w(48), torch.randn(32, 48))
+    x = torch.randn(2, 23, 32)
+    cos, sin = rope_tables(LlamaRotaryEmbedding(cfg).inv_freq, 23)
+    q, k, _ = source_qkv(x, layer, spec, cos, sin)
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / math.sqrt(8)
+    probs = scores.masked_fill(~torch.ones(23, 23, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    dense = torch.stack([probs.diagonal(-d, -2, -1).sum((0, -1)) for d in range(23)], dim=-1)
+    monkeypatch.setattr(forward, "ACTIVATION_BYTES", tile_bytes)
+    torch.testing.assert_close(attention_distance_histogram(x, layer, spec, cos, sin), dense, rtol=1e-5, atol=1e-6)
+
+
 def test_functional_source_layer_matches_transformers() -> None:
     torch.manual_seed(5)
     cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -168,3 +191,22 @@ def test_functional_mla_attention_matches_transformers() -> None:
     cos, sin = rope_tables(rotary.inv_freq, 9)
     got = mla_attention(x, w, 4, 8, 4, 6, cos.double(), sin.double(), norm_eps=ref.kv_a_layernorm.variance_epsilon)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_freqfold_split_keeps_every_score_when_folded_frequencies_are_equal() -> None:
+    """foldN mixes neighbouring frequencies into N slots; with equal frequencies in a group the
+    rotations commute with the mixing, so the split loses nothing before truncation."""
+    torch.manual_seed(2)
+    H, G, F, D = 4, 2, 8, 20
+    k = torch.randn(G, F, D, dtype=torch.complex128)
+    q = torch.randn(H, F, D, dtype=torch.complex128)
+    x = torch.randn(100, D)
+    freq = torch.full((F,), 0.3)
+    split = rope.rorope(k, q, x.T @ x / 100, freq, freq, rope.slot_groups(F, F, "fold4"))
+    xt, xs = x[3], x[4]
+    for h in range(H):
+        ref = _scores(q[h] @ xt.to(q.dtype), k[h // 2] @ xs.to(k.dtype), freq, 9, 1)
+        rot = _scores(split.q_rot[h] @ xt.to(q.dtype), split.k_rot @ xs.to(k.dtype), freq, 9, 1)
+        nope = _scores(split.q_nope[h] @ xt.to(q.dtype), split.k_nope[h // 2] @ xs.to(k.dtype), freq, 9, 1)
+        torch.testing.assert_close(rot + nope, ref, rtol=1e-10, atol=1e-10)
+    assert rope.slot_groups(8, 4, "fold2") == [([0, 1, 2, 3], [0, 1]), ([4, 5, 6, 7], [2, 3])]
