@@ -3,30 +3,55 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from mlakit.convert.errors import MlakitError
+from mlakit.convert.errors import MlakitError, Terminated
+from mlakit.convert.guard import check_output, local_model, positive, record_id, stale_folders
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM: raise where the process is, so that temporary folders are removed as on Ctrl-C;
+    further SIGTERMs are ignored so that the cleanup itself is not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn MlakitError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn MlakitError, Ctrl-C and SIGTERM into one line on stderr and a non-zero exit."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except MlakitError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
             sys.exit(1)
+        except Terminated:
+            click.echo("terminated; OUT was not written", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted; OUT was not written", err=True)
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _start(out: Path | None = None) -> None:
+    """Once the arguments are checked: name what killed runs left beside OUT, quiet transformers."""
+    for line in stale_folders(out) if out is not None else []:
+        click.echo(line, err=True)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,10 +63,6 @@ def main() -> None:
     mlakit convert demo ./demo-mla            convert the bundled demo model
     mlakit convert meta-llama/Llama-3.2-1B ./llama-mla --kv-lora-rank 512
     """
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 @main.command()
@@ -79,6 +100,9 @@ def convert(source: str, out: Path, **kw) -> None:
     Training-free: RoRoPE across kv heads, then a joint activation-aware PCA of no-rope keys and
     values. Streams one decoder layer at a time; OUT appears only when complete.
     """
+    check_output(out, kw["force"], protect=[local_model(source)])
+    positive("--kv-lora-rank", kw["kv_lora_rank"], "the rank")
+    _start(out)
     from mlakit.convert.pipeline import ConvertOptions, convert as run, summary
 
     opts = ConvertOptions(
@@ -89,7 +113,7 @@ def convert(source: str, out: Path, **kw) -> None:
         output_aware=not kw["weight_svd"],
         revision=kw["revision"],
     )
-    record = run(source, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
+    record = run(record_id(source), out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     click.echo(summary(record))
     click.echo(f"wrote {out}")
 
@@ -143,6 +167,9 @@ def calibrate(converted: str, out: Path, **kw) -> None:
     mlakit calibrate ./demo-mla ./demo-cal                       layer-wise, on the CPU
     accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
     """
+    teacher = kw["teacher"]
+    check_output(out, kw["force"], protect=[local_model(converted), teacher and local_model(teacher)])
+    _start(out)
     from mlakit.calibrate.distill import DistillOptions
     from mlakit.calibrate.layerwise import LayerwiseOptions
     from mlakit.calibrate.run import CalibrateOptions, calibrate as run, summary
@@ -184,6 +211,8 @@ def validate(source: str, converted: str, **kw) -> None:
     Perplexity, per-token KL, top-1 agreement, greedy divergence, per-layer attention error, and
     KV cache bytes measured from transformers' real caches; the two models run one after the other.
     """
+    local_model(source), local_model(converted)
+    _start()
     from mlakit.validate.report import summary
     from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run
 
@@ -199,6 +228,7 @@ def validate(source: str, converted: str, **kw) -> None:
 @friendly_errors
 def check(converted: str) -> None:
     """Say whether stock transformers, vLLM and SGLang load and serve CONVERTED, and with which MLA kernels."""
+    _start()
     from mlakit.validate.check import check_model
 
     result = check_model(converted)
@@ -220,6 +250,7 @@ def push(converted: Path, repo_id: str, **kw) -> None:
     CONVERTED must pass check and hold a validation report (CONVERTED/report). The token comes from
     HF_TOKEN or `hf auth login`; HF_ENDPOINT is honored.
     """
+    _start()
     from mlakit.validate.push import push as run
 
     url = run(converted, repo_id, private=kw["private"], revision=kw["revision"], dry_run=kw["dry_run"],
