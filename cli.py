@@ -46,8 +46,9 @@ def friendly_errors(fn: Callable) -> Callable:
 
 def _start(out: Path | None = None) -> None:
     """Once the arguments are checked: name what killed runs left beside OUT, quiet transformers."""
-    for line in stale_folders(out) if out is not None else []:
-        click.echo(line, err=True)
+    if out is not None:
+        for line in stale_folders(out):
+            click.echo(line, err=True)
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -184,7 +185,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
                                resume=kw["resume"], teacher_topk=kw["teacher_topk"]),
     )
-    outcome = run(converted, out, opts, force=kw["force"])
+    outcome = run(converted, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     if outcome is not None:
         click.echo(summary(outcome))
         click.echo(f"wrote {out}")
@@ -211,7 +212,8 @@ def validate(source: str, converted: str, **kw) -> None:
     Perplexity, per-token KL, top-1 agreement, greedy divergence, per-layer attention error, and
     KV cache bytes measured from transformers' real caches; the two models run one after the other.
     """
-    local_model(source), local_model(converted)
+    for name in (source, converted):
+        local_model(name)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.report import summary
     from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run

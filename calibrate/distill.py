@@ -30,10 +30,10 @@ from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_l
 from mlakit.calibrate.teacher import CACHE, CACHE_INFO, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
     cache_ready, logits
 from mlakit.convert.checkpoint import read_json, write_json
-from mlakit.convert.guard import atomic_folder
 from mlakit.convert.deepseek import attention_names, format_attention, plain_latent
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import MLAWeights
+from mlakit.convert.guard import atomic_folder
 
 TRAIN = ("attention", "all")
 STATE = "mlakit_state.json"

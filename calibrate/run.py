@@ -21,8 +21,8 @@ from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerwiseOptions, calibrate_layerwise
 from mlakit.calibrate.metrics import Quality
 from mlakit.convert.checkpoint import read_json, resolve_model
-from mlakit.convert.guard import atomic_folder, check_output, check_protected, record_id
 from mlakit.convert.errors import MlakitError
+from mlakit.convert.guard import atomic_folder, check_output, check_protected, record_id
 
 MODES = ("layerwise", "distill", "both")
 
@@ -136,7 +136,8 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
     docs = load_documents(opts.data, opts.text_field)
     pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
-    run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id), "teacher": record_id(teacher_id),
+    run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
+           "teacher": record_id(teacher_id),
            "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
                     "held_out_tokens": held_out.tokens}}
     qualities, notes = [], []
