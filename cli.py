@@ -230,6 +230,7 @@ def validate(source: str, converted: str, **kw) -> None:
 @friendly_errors
 def check(converted: str) -> None:
     """Say whether stock transformers, vLLM and SGLang load and serve CONVERTED, and with which MLA kernels."""
+    local_model(converted)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.check import check_model
 

@@ -225,12 +225,36 @@ def test_calibration_that_hurts_keeps_the_converted_weights(pair, tmp_path: Path
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_layerwise_stage_that_hurts_keeps_the_converted_weights(pair, tmp_path: Path, monkeypatch) -> None:
+    """The same rule for the layer-wise stage: its measured after-quality is made worse than before."""
+    from dataclasses import replace
+
+    from mlakit.calibrate import run as run_module
+
+    fit = run_module.calibrate_layerwise
+
+    def worse(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        return replace(result, after=replace(result.after, kl=result.before.kl + 1))
+
+    monkeypatch.setattr(run_module, "calibrate_layerwise", worse)
+    src, mla = pair
+    out = tmp_path / "cal"
+    result = invoke("calibrate", mla, out, "--teacher", src, "--data", src / "calib.txt", *CALIB, "--layer-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert sum(line.startswith("warning: layer-wise") for line in result.output.splitlines()) == 1, result.output
+    assert json.loads((out / "mlakit.json").read_text())["calibrate"][-1]["kept"] == "input"
+    a, b = load_file(mla / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_bad_arguments_fail_before_torch_is_imported(tmp_path: Path) -> None:
     code = ("import sys\nfrom mlakit.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
             "    print('exit', exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
     for args in (["convert", str(tmp_path / "nope"), "out"], ["convert", "demo", str(tmp_path / "x" / "out")],
-                 ["calibrate", str(tmp_path / "nope"), "out"], ["convert", "demo", "out", "--kv-lora-rank", "0"]):
+                 ["calibrate", str(tmp_path / "nope"), "out"], ["convert", "demo", "out", "--kv-lora-rank", "0"],
+                 ["validate", "demo", str(tmp_path / "nope")], ["check", str(tmp_path / "nope")]):
         done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=ENV, capture_output=True,
                               text=True, timeout=120)
         assert done.stdout.strip() == "exit 1 False False", (args, done.stdout, done.stderr)
