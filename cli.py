@@ -93,7 +93,7 @@ def main() -> None:
               help="Drop lost rotations (TransMLA) instead of replacing them by their attention-weighted mean.")
 @click.option("--weight-svd", is_flag=True, help="Factor the latent from weights alone (no activation statistics).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never when it is, holds or lies in SOURCE).")
 @friendly_errors
 def convert(source: str, out: Path, **kw) -> None:
     """Convert SOURCE (local folder, hub id, or `demo`) into a DeepSeek-V3 MLA checkpoint at OUT.
@@ -134,7 +134,8 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--tokens", type=int, default=131072, show_default=True,
               help="Calibration tokens: the layer-wise fitting set, and the distillation budget.")
 @click.option("--eval-tokens", type=int, default=16384, show_default=True,
-              help="Held-out tokens (taken from the end of the data, at most a tenth) for the before/after summary.")
+              help="Held-out tokens (taken from the end of the data, at least --seq-len, at most a tenth) for the "
+                   "before/after summary.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per distillation step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Distillation learning rate (AdamW, cosine).")
@@ -150,7 +151,8 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Weight of the next-token (LM) loss added to the KL.")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT.")
+              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT. When OUT is complete only "
+                   "mlakit's own files are removed from it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
@@ -169,7 +171,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
     accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
     """
     teacher = kw["teacher"]
-    check_output(out, kw["force"], protect=[local_model(converted), teacher and local_model(teacher)])
+    check_output(out, kw["force"], protect=[local_model(converted), local_model(teacher) if teacher else None])
     _start(out)
     from mlakit.calibrate.distill import DistillOptions
     from mlakit.calibrate.layerwise import LayerwiseOptions

@@ -83,7 +83,7 @@ def check_output(out: Path, force: bool, protect: Iterable[Path | None] = ()) ->
 def stale_folders(out: Path) -> list[str]:
     """One warning per temporary folder beside OUT that a killed run left, with its size; they are
     not deleted, since another run may still be writing one."""
-    out = out.expanduser().absolute()
+    out = out.expanduser().resolve()  # atomic_folder names its folders after the resolved OUT
     if not out.parent.is_dir():
         return []
     lines = []
