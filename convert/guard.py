@@ -66,7 +66,7 @@ def check_protected(target: Path, inputs: Iterable[Path | None], what: str = "OU
             relation = "lies inside"
         else:
             continue
-        raise MlakitError(f"{what} {target} {relation} {folder}, which this run reads; choose a {what} outside it")
+        raise MlakitError(f"{what} {target} {relation} {folder}, which this run reads; choose another {what}")
 
 
 def check_output(out: Path, force: bool, protect: Iterable[Path | None] = ()) -> None:
