@@ -3,30 +3,56 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from mlakit.convert.errors import MlakitError
+from mlakit.convert.errors import MlakitError, Terminated
+from mlakit.convert.guard import check_output, local_model, positive, record_id, stale_folders
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM: raise where the process is, so that temporary folders are removed as on Ctrl-C;
+    further SIGTERMs are ignored so that the cleanup itself is not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn MlakitError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Turn MlakitError, Ctrl-C and SIGTERM into one line on stderr and a non-zero exit."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except MlakitError as exc:
             click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
             sys.exit(1)
+        except Terminated:
+            click.echo("terminated; OUT was not written", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted; OUT was not written", err=True)
             sys.exit(130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _start(out: Path | None = None) -> None:
+    """Once the arguments are checked: name what killed runs left beside OUT, quiet transformers."""
+    if out is not None:
+        for line in stale_folders(out):
+            click.echo(line, err=True)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,10 +64,6 @@ def main() -> None:
     mlakit convert demo ./demo-mla            convert the bundled demo model
     mlakit convert meta-llama/Llama-3.2-1B ./llama-mla --kv-lora-rank 512
     """
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 @main.command()
@@ -73,7 +95,7 @@ def main() -> None:
               help="Drop lost rotations (TransMLA) instead of replacing them by their attention-weighted mean.")
 @click.option("--weight-svd", is_flag=True, help="Factor the latent from weights alone (no activation statistics).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never when it is, holds or lies in SOURCE).")
 @friendly_errors
 def convert(source: str, out: Path, **kw) -> None:
     """Convert SOURCE (local folder, hub id, or `demo`) into a DeepSeek-V3 MLA checkpoint at OUT.
@@ -81,6 +103,9 @@ def convert(source: str, out: Path, **kw) -> None:
     Training-free: RoRoPE across kv heads, then a joint activation-aware PCA of no-rope keys and
     values. Streams one decoder layer at a time; OUT appears only when complete.
     """
+    check_output(out, kw["force"], protect=[local_model(source)])
+    positive("--kv-lora-rank", kw["kv_lora_rank"], "the rank")
+    _start(out)
     from mlakit.convert.pipeline import ConvertOptions, convert as run, summary
 
     opts = ConvertOptions(
@@ -91,7 +116,7 @@ def convert(source: str, out: Path, **kw) -> None:
         output_aware=not kw["weight_svd"],
         revision=kw["revision"],
     )
-    record = run(source, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
+    record = run(record_id(source), out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     click.echo(summary(record))
     click.echo(f"wrote {out}")
 
@@ -111,7 +136,8 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--tokens", type=int, default=131072, show_default=True,
               help="Calibration tokens: the layer-wise fitting set, and the distillation budget.")
 @click.option("--eval-tokens", type=int, default=16384, show_default=True,
-              help="Held-out tokens (taken from the end of the data, at most a tenth) for the before/after summary.")
+              help="Held-out tokens (taken from the end of the data, at least --seq-len, at most a tenth) for the "
+                   "before/after summary.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per distillation step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Distillation learning rate (AdamW, cosine).")
@@ -127,7 +153,8 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Weight of the next-token (LM) loss added to the KL.")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT.")
+              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT. When OUT is complete only "
+                   "mlakit's own files are removed from it.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
@@ -145,6 +172,9 @@ def calibrate(converted: str, out: Path, **kw) -> None:
     mlakit calibrate ./demo-mla ./demo-cal                       layer-wise, on the CPU
     accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
     """
+    teacher = kw["teacher"]
+    check_output(out, kw["force"], protect=[local_model(converted), local_model(teacher) if teacher else None])
+    _start(out)
     from mlakit.calibrate.distill import DistillOptions
     from mlakit.calibrate.layerwise import LayerwiseOptions
     from mlakit.calibrate.run import CalibrateOptions, calibrate as run, summary
@@ -159,7 +189,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
                                resume=kw["resume"], teacher_topk=kw["teacher_topk"]),
     )
-    outcome = run(converted, out, opts, force=kw["force"])
+    outcome = run(converted, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     if outcome is not None:
         click.echo(summary(outcome))
         click.echo(f"wrote {out}")
@@ -186,6 +216,9 @@ def validate(source: str, converted: str, **kw) -> None:
     Perplexity, per-token KL, top-1 agreement, greedy divergence, per-layer attention error, and
     KV cache bytes measured from transformers' real caches; the two models run one after the other.
     """
+    for name in (source, converted):
+        local_model(name)  # a missing folder fails before torch is loaded
+    _start()
     from mlakit.validate.report import summary
     from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run
 
@@ -201,6 +234,8 @@ def validate(source: str, converted: str, **kw) -> None:
 @friendly_errors
 def check(converted: str) -> None:
     """Say whether stock transformers, vLLM and SGLang load and serve CONVERTED, and with which MLA kernels."""
+    local_model(converted)  # a missing folder fails before torch is loaded
+    _start()
     from mlakit.validate.check import check_model
 
     result = check_model(converted)
@@ -222,6 +257,7 @@ def push(converted: Path, repo_id: str, **kw) -> None:
     CONVERTED must pass check and hold a validation report (CONVERTED/report). The token comes from
     HF_TOKEN or `hf auth login`; HF_ENDPOINT is honored.
     """
+    _start()
     from mlakit.validate.push import push as run
 
     url = run(converted, repo_id, private=kw["private"], revision=kw["revision"], dry_run=kw["dry_run"],

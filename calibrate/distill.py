@@ -10,6 +10,7 @@ weights of 2N steps in one run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import shutil
@@ -24,17 +25,19 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
 
 from mlakit.calibrate.data import Packed
-from mlakit.calibrate.export import Export
+from mlakit.calibrate.export import Export, keep_better
 from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_labels
-from mlakit.calibrate.teacher import CACHE, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
+from mlakit.calibrate.teacher import CACHE, CACHE_INFO, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
     cache_ready, logits
-from mlakit.convert.checkpoint import atomic_folder, read_json, write_json
+from mlakit.convert.checkpoint import read_json, write_json
 from mlakit.convert.deepseek import attention_names, format_attention, plain_latent
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import MLAWeights
+from mlakit.convert.guard import atomic_folder
 
 TRAIN = ("attention", "all")
 STATE = "mlakit_state.json"
+CREATED = ".mlakit-created"  # marks a checkpoint folder mlakit made, which it may then remove
 WARMUP_FRACTION = 0.05
 
 
@@ -63,6 +66,7 @@ class DistillResult:
     seconds: float
     peak_memory_gib: float | None
     teacher_tail_mass: float | None
+    kept: str = "calibrated"
 
 
 def to_plain(model: DeepseekV3ForCausalLM) -> None:
@@ -134,6 +138,23 @@ class Checkpoints:
             )
         return None
 
+    def create(self) -> None:
+        """Make the folder if it is missing, marked as mlakit's."""
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            (self.folder / CREATED).touch()
+
+    def remove(self) -> None:
+        """After a finished run: delete what mlakit wrote (checkpoints, teacher cache), and the folder
+        only if mlakit made it and nothing else is left in it; a folder the user named may hold more."""
+        self.clear()
+        for name in (CACHE, CACHE_INFO):
+            (self.folder / name).unlink(missing_ok=True)
+        if (self.folder / CREATED).is_file():
+            (self.folder / CREATED).unlink()
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
     def clear(self) -> None:
         """Remove the checkpoints of an earlier run; a teacher cache stays, it checks its own fingerprint."""
         for old in [*self.folder.glob("step-*"), *self.folder.glob(".step-*.tmp")]:
@@ -186,8 +207,10 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     steps = max(1, math.ceil(opts.tokens / (opts.batch_size * seq_len)))
     ckpt = Checkpoints(opts.checkpoint_dir, fingerprint)
     last = ckpt.check(opts.resume, force)
-    if last is None and acc.is_main_process:
-        ckpt.clear()
+    if acc.is_main_process:
+        ckpt.create()
+        if last is None:
+            ckpt.clear()
     acc.wait_for_everyone()
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher = _teacher(teacher_dir, fit_rows, held_out, opts, ckpt.folder, dtype, acc)
@@ -241,8 +264,9 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
             export.close()
             result.after = evaluate(teacher, _load_student(tmp, dtype).to(acc.device), held_out, acc.device,
                                     opts.batch_size)
+            result.kept = keep_better(converted, tmp, before, result.after)
             export.record({**run, **_as_record(result)})
-        shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
+        ckpt.remove()
     acc.wait_for_everyone()
     return result
 
@@ -303,4 +327,4 @@ def _as_record(result: DistillResult) -> dict:
     return {"before": result.before.as_dict(), "after": result.after.as_dict(), "steps": result.steps,
             "tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
             "seconds": round(result.seconds, 1), "peak_memory_gib": result.peak_memory_gib,
-            "teacher_tail_mass": result.teacher_tail_mass}
+            "teacher_tail_mass": result.teacher_tail_mass, "kept": result.kept}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV3Config
 
+from mlakit.calibrate.metrics import Quality
 from mlakit.convert.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
 from mlakit.convert.deepseek import format_attention, plain_attention
 from mlakit.convert.errors import MlakitError
@@ -75,3 +76,20 @@ class Export:
         record[SECTION] = [*record.get(SECTION, []), run]
         write_json(self.folder / RECORD, record)
         return record
+
+
+def keep_better(converted: Path, folder: Path, before: Quality, after: Quality) -> str:
+    """Which weights a calibration stage leaves in `folder` (its finished, not yet renamed output):
+    "calibrated", or "input" when calibrating raised the held-out KL, in which case `folder` is
+    rewritten with CONVERTED's weights unchanged, so that a run never makes a model worse."""
+    if after.kl <= before.kl:
+        return "calibrated"
+    for path in folder.iterdir():
+        path.unlink()
+    Export(converted, folder).close()
+    return "input"
+
+
+def worse_warning(stage: str, before: Quality, after: Quality) -> str:
+    return (f"warning: {stage} raised the held-out KL to the teacher from {before.kl:.5f} to {after.kl:.5f}; "
+            "OUT holds this stage's input weights, kept unchanged")

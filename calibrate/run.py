@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from transformers import AutoConfig, AutoTokenizer
 import mlakit
 from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
-from mlakit.calibrate.export import RECORD, Export, load_mla_config
+from mlakit.calibrate.export import RECORD, Export, keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerwiseOptions, calibrate_layerwise
 from mlakit.calibrate.metrics import Quality
-from mlakit.convert.checkpoint import atomic_folder, check_output, read_json, resolve_model
+from mlakit.convert.checkpoint import read_json, resolve_model
 from mlakit.convert.errors import MlakitError
+from mlakit.convert.guard import atomic_folder, check_output, check_protected, record_id
 
 MODES = ("layerwise", "distill", "both")
 
@@ -62,6 +64,9 @@ def _check_options(opts: CalibrateOptions) -> None:
         raise MlakitError(f"--train {opts.distill.train}: choose one of {', '.join(TRAIN)}")
     if opts.seq_len < 16 or opts.tokens < opts.seq_len:
         raise MlakitError("--tokens must be at least --seq-len, which must be at least 16")
+    if opts.eval_tokens < opts.seq_len:
+        raise MlakitError(f"--eval-tokens {opts.eval_tokens}: the held-out rows are whole rows of --seq-len "
+                          f"{opts.seq_len} tokens; give at least {opts.seq_len}")
     if min(opts.batch_size, opts.layerwise.batch_rows, opts.distill.save_every) < 1 \
             or min(opts.layerwise.steps, opts.distill.teacher_topk) < 0:
         raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, "
@@ -116,44 +121,48 @@ def _check_layerwise_pair(teacher: Teacher, student: Student) -> None:
                               f"teacher {what} {a}, student {b}")
 
 
-def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool = False) -> Outcome | None:
+def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool = False,
+              log: Callable[[str], None] = print) -> Outcome | None:
     """Calibrate CONVERTED into OUT; return the held-out summary (None on other than the main process)."""
     _check_options(opts)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_output(out.resolve(), force)
     converted = resolve_model(converted_id)
     load_mla_config(converted)
     teacher_id, revision = _teacher_id(converted, opts.teacher)
     teacher = resolve_model(teacher_id, revision)
+    check_output(out.resolve(), force, protect=[converted, teacher])
     tokenizer = _tokenizer(teacher, converted)
     if opts.distill.teacher_topk > len(tokenizer):
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
     docs = load_documents(opts.data, opts.text_field)
     pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
-    run = {"mlakit_version": mlakit.__version__, "converted": converted_id, "teacher": teacher_id,
+    run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
+           "teacher": record_id(teacher_id),
            "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
                     "held_out_tokens": held_out.tokens}}
     qualities, notes = [], []
     if opts.mode == "layerwise":
         with atomic_folder(out, force) as tmp:
-            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, notes)
+            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, notes, log)
         return Outcome(docs.name, held_out.tokens, qualities, notes)
     plan = _distill_plan(replace(opts, device=device), out, teacher, docs, run)
+    check_protected(plan[0].checkpoint_dir, [converted, teacher, out], "--checkpoint-dir")
     Checkpoints(plan[0].checkpoint_dir, plan[1]).check(opts.distill.resume, force)
     if opts.mode == "distill":
-        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force, notes)
+        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force, notes, log)
     else:
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.layerwise-", dir=out.resolve().parent))
         try:
-            qualities += _layerwise(teacher, converted, stage, pool, held_out, opts, device, run, notes)
-            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force, notes)[1:]
+            qualities += _layerwise(teacher, converted, stage, pool, held_out, opts, device, run, notes, log)
+            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force, notes, log)[1:]
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
 
 
 def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, held_out: Packed,
-               opts: CalibrateOptions, device: str, run: dict, notes: list[str]) -> list[tuple[str, Quality]]:
+               opts: CalibrateOptions, device: str, run: dict, notes: list[str],
+               log: Callable[[str], None]) -> list[tuple[str, Quality]]:
     teacher = Teacher(teacher_dir, opts.seq_len, device)
     student = Student(converted, opts.seq_len, device)
     _check_layerwise_pair(teacher, student)
@@ -162,7 +171,10 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
     export = Export(converted, folder)
     result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw)
     export.close()
-    export.record({**run, "mode": "layerwise", "fit_tokens": fit_rows.tokens,
+    kept = keep_better(converted, folder, result.before, result.after)
+    if kept == "input":
+        log(worse_warning("layer-wise calibration", result.before, result.after))
+    export.record({**run, "mode": "layerwise", "fit_tokens": fit_rows.tokens, "kept": kept,
                   "options": {k: lw.__dict__[k] for k in ("steps", "lr", "batch_rows", "inputs", "seed")},
                   "before": result.before.as_dict(), "after": result.after.as_dict(), "layers": result.layers,
                   "seconds": round(result.seconds, 1)})
@@ -189,12 +201,14 @@ def _distill_plan(opts: CalibrateOptions, out: Path, teacher: Path, docs: Docume
 
 
 def _distill(teacher_dir: Path, converted: Path, out: Path, pool: Packed, held_out: Packed, plan: tuple,
-             run: dict, force: bool, notes: list[str]) -> list[tuple[str, Quality]]:
+             run: dict, force: bool, notes: list[str], log: Callable[[str], None]) -> list[tuple[str, Quality]]:
     dopts, fingerprint, options = plan
     result = distill(teacher_dir, converted, out, pool, held_out, dopts, fingerprint,
                      {**run, "mode": "distill", "options": options}, force)
     if result.before is None:
         return []
+    if result.kept == "input":
+        log(worse_warning("distillation", result.before, result.after))
     if result.teacher_tail_mass is not None:
         notes.append(f"cached teacher: its top {dopts.teacher_topk} tokens hold "
                      f"{100 * (1 - result.teacher_tail_mass):.2f}% of its probability on average")

@@ -7,47 +7,45 @@ goes to a temporary folder beside the destination and is renamed into place only
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mlakit.convert.errors import MlakitError
+# also imported from here, with the rest of checkpoint I/O
+from mlakit.convert.guard import DEMO_DIR, atomic_folder, check_output, disk_error, local_model  # noqa: F401
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+# Everything but the weights; the weights are fetched second, only the shards the index names (a repo
+# may also ship the same weights in another layout, e.g. Mistral's consolidated.safetensors).
+HUB_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def resolve_model(source: str, revision: str | None = None) -> Path:
     """Turn `demo`, a local folder or a hub id into a local folder holding config.json."""
-    if source == "demo":
-        return DEMO_DIR
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise MlakitError(f"{source}: no config.json in this folder; point at a Hugging Face model folder")
-        return path
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise MlakitError(f"{source}: no such folder, and not a hub id of the form owner/name")
+    folder = local_model(source)
+    if folder is not None:
+        return folder
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS)
+        local = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
+        index = local / "model.safetensors.index.json"
+        weights = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        # the snapshot folder is named by its commit: the weights come from the same one
+        local = Path(snapshot_download(source, revision=local.name, allow_patterns=weights))
+    except MlakitError:
+        raise
     except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
         raise MlakitError(f"{source}: could not download from the hub ({type(exc).__name__}: {exc})") from exc
-    local_path = Path(local)
-    if not any(local_path.glob("*.safetensors")):
+    if not all((local / name).is_file() for name in weights):
         raise MlakitError(f"{source}: the hub repo has no safetensors weights; convert it to safetensors first")
-    return local_path
+    return local
 
 
 def read_json(path: Path) -> dict:
@@ -215,12 +213,6 @@ class ShardWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
 
-def disk_error(exc: OSError, path: Path) -> MlakitError:
-    if exc.errno == errno.ENOSPC:
-        return MlakitError(f"disk full while writing {path}; free space and run again")
-    return MlakitError(f"cannot write {path}: {exc.strerror or exc}")
-
-
 def write_json(path: Path, obj: object) -> None:
     try:
         path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -228,44 +220,12 @@ def write_json(path: Path, obj: object) -> None:
         raise disk_error(exc, path) from exc
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail early, before any work, when OUT exists and --force was not given."""
-    if out.exists() and not force:
-        raise MlakitError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.exists():
-        raise MlakitError(f"{out.parent}: no such folder")
-    if not os.access(out.parent, os.W_OK):
-        raise MlakitError(f"{out.parent}: no write access")
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; rename it to `out` only if the block completes."""
-    out = out.resolve()
-    check_output(out, force)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise disk_error(exc, out.parent) from exc
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy tokenizer and generation files, which stay valid for the converted model."""
+    """Copy tokenizer, chat template and generation files, which stay valid for the converted model."""
     names = []
     for path in sorted(src.iterdir()):
-        is_tok = path.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens"))
+        is_tok = path.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens",
+                                       "chat_template"))
         if path.is_file() and (is_tok or path.name == "generation_config.json" or path.suffix == ".tiktoken"):
             try:
                 shutil.copy2(path, dst / path.name)

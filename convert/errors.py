@@ -3,3 +3,7 @@
 
 class MlakitError(Exception):
     """A problem the user can fix: the message says what went wrong and what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it cleans up as Ctrl-C does."""

@@ -33,6 +33,7 @@ from mlakit.convert.forward import (
     MLAWeights, attention_distance_histogram, mla_attention, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
     source_attention,
 )
+from mlakit.convert.guard import positive
 from mlakit.convert.text import load_corpus, token_windows
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -119,8 +120,9 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
             f"--rope-dim {r}: must be even and its half must divide the {d // 2} source frequencies (e.g. {d // 2})"
         )
     most = 2 * spec.kv_heads * d - r
+    positive("--kv-lora-rank", opts.kv_lora_rank, "the rank")
     rank = opts.kv_lora_rank or default_rank(spec, r)
-    if not 1 <= rank <= most:
+    if rank > most:
         raise MlakitError(
             f"--kv-lora-rank {rank}: this source can fill at most {most} (2 * {spec.kv_heads} kv heads * {d} - "
             f"rope dim {r}); choose a smaller rank"

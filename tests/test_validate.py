@@ -249,9 +249,10 @@ def test_converted_demo_model(tmp_path: Path, prompts: Path) -> None:
     assert kv["measured_matches"] and kv["source_bytes_per_token"] == 2 * 2 * 64 * 4 * 2  # 4 layers, bf16
     assert kv["converted_bytes_per_token"] == (64 + 64) * 4 * 2 and kv["reduction_percent"] == 50.0
     # measured (rank 64, 4096 calibration tokens, training-free): ppl 67.57 -> 68.94 (+2.0%),
-    # KL mean 0.073, p99 0.59, top-1 agreement 78%, worst layer error 0.25
+    # KL mean 0.073, p99 0.59, top-1 agreement 78%, worst layer error 0.25; only the error is bounded,
+    # and only from above, so that a better conversion passes
     ppl = report["perplexity"]
-    assert 60 < ppl["source"] < 75 and ppl["source"] < ppl["converted"] < 1.1 * ppl["source"]
-    assert 0.02 < report["kl"]["mean"] < 0.2 and report["kl"]["p99"] < 1.5
-    assert 0.65 < report["top1_agreement"] < 0.95
-    assert all(0.05 < row["attn_rel_error"] < 0.4 for row in report["layers"])
+    assert 60 < ppl["source"] < 75 and ppl["converted"] < 1.1 * ppl["source"]
+    assert report["kl"]["mean"] < 0.2 and report["kl"]["p99"] < 1.5
+    assert report["top1_agreement"] > 0.65
+    assert all(row["attn_rel_error"] < 0.4 for row in report["layers"])

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mlakit.convert.checkpoint import CheckpointReader, check_output, read_json, resolve_model
+from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.families import load_spec
+from mlakit.convert.guard import check_output, check_protected
 from mlakit.convert.text import Corpus, load_corpus, token_windows
 from mlakit.validate import cache, metrics
 from mlakit.validate.check import effective_config, mla_shape, require_mla
@@ -136,8 +137,10 @@ def default_report(converted: str, folder: Path) -> Path:
     return folder / "report" if Path(converted).expanduser().exists() else Path(f"{converted.split('/')[-1]}-report")
 
 
-def check_report_target(out: Path) -> None:
-    """Refuse an unwritable place, or an existing folder that is not an earlier report (it would be replaced)."""
+def check_report_target(out: Path, inputs: list[Path]) -> None:
+    """Refuse a folder that is or holds a model read (inside CONVERTED is its default place), an unwritable
+    place, or an existing folder that is not an earlier report (it would be replaced)."""
+    check_protected(out, inputs, "--report", nest_ok=True)
     if out.exists() and not (out / "report.json").is_file():
         raise MlakitError(f"{out} exists and is not an mlakit report; choose another --report folder")
     check_output(out, force=True)
@@ -199,6 +202,8 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
     if opts.seq_len < 2 or opts.tokens < opts.seq_len:
         raise MlakitError("--tokens must be at least --seq-len, which must be at least 2")
     src_dir, conv_dir = resolve_model(source), resolve_model(converted)
+    out = (opts.report or default_report(converted, conv_dir)).expanduser().resolve()
+    check_report_target(out, [src_dir, conv_dir])
     checked = require_mla(conv_dir, converted)
     spec = load_spec(src_dir)
     conv_cfg = effective_config(read_json(conv_dir / "config.json"))
@@ -208,8 +213,6 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
     max_positions = min(spec.max_positions, conv_cfg["max_position_embeddings"])
     if opts.seq_len > max_positions:
         raise MlakitError(f"--seq-len {opts.seq_len} is longer than max_position_embeddings {max_positions}")
-    out = (opts.report or default_report(converted, conv_dir)).expanduser().resolve()
-    check_report_target(out)
     corpus = evaluation_text(opts.texts)
     tokenizer = same_tokenizer(src_dir, conv_dir, (source, converted), corpus.text[:4000])
     windows = token_windows(tokenizer, corpus.text, opts.tokens, opts.seq_len, what="evaluation")

@@ -1,0 +1,134 @@
+"""Checks that protect the user's files, and the atomic write of an output folder.
+
+No torch or transformers here: the CLI runs these checks before loading anything heavy, so that
+bad paths and numbers fail at once, and every stage calls the same rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from mlakit.convert.errors import MlakitError
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+# Folders a run writes beside OUT (.NAME.PART-XXXX); a killed run can leave them behind.
+TEMP_PARTS = ("tmp", "old", "layerwise")
+
+
+def local_model(source: str) -> Path | None:
+    """The folder SOURCE names on this machine (`demo` or a path), None for a hub id; refuse a
+    missing path or a folder without config.json."""
+    if source == "demo":
+        return DEMO_DIR
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MlakitError(f"{source}: no config.json in this folder; point at a Hugging Face model folder")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise MlakitError(f"{source}: no such folder, and not a hub id of the form owner/name")
+    return None
+
+
+def record_id(source: str) -> str:
+    """How a record names a source: a local folder by its absolute path (so that it is found again
+    from any working folder), `demo` and hub ids as given."""
+    folder = local_model(source)
+    return str(folder.resolve()) if folder is not None and source != "demo" else source
+
+
+def positive(option: str, value: int | None, what: str = "the value") -> None:
+    """Refuse 0 and negatives for an option that has no meaning for them (None: not given)."""
+    if value is not None and value < 1:
+        raise MlakitError(f"{option} {value}: {what} must be positive")
+
+
+def check_protected(target: Path, inputs: Iterable[Path | None], what: str = "OUT", nest_ok: bool = False) -> None:
+    """Refuse a folder to be written that is, holds or lies inside a folder the run reads: replacing
+    it would delete that input, or the input would change under the run. Symlinks are followed, so
+    an alias is caught. `nest_ok` allows lying inside (validate keeps its report in CONVERTED)."""
+    dest = target.expanduser().resolve()
+    for folder in inputs:
+        if folder is None:
+            continue
+        src = folder.expanduser().resolve()
+        if dest == src:
+            relation = "is"
+        elif dest in src.parents:
+            relation = "holds"
+        elif src in dest.parents and not nest_ok:
+            relation = "lies inside"
+        else:
+            continue
+        raise MlakitError(f"{what} {target} {relation} {folder}, which this run reads; choose another {what}")
+
+
+def check_output(out: Path, force: bool, protect: Iterable[Path | None] = ()) -> None:
+    """Fail early, before any work: OUT would replace an input, exists without --force, or cannot be written."""
+    check_protected(out, protect)
+    if out.exists() and not force:
+        raise MlakitError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise MlakitError(f"{out.parent}: no such folder")
+    if not os.access(out.parent, os.W_OK):
+        raise MlakitError(f"{out.parent}: no write access")
+
+
+def stale_folders(out: Path) -> list[str]:
+    """One warning per temporary folder beside OUT that a killed run left, with its size; they are
+    not deleted, since another run may still be writing one."""
+    out = out.expanduser().resolve()  # atomic_folder names its folders after the resolved OUT
+    if not out.parent.is_dir():
+        return []
+    lines = []
+    for part in TEMP_PARTS:
+        for folder in sorted(out.parent.glob(f".{out.name}.{part}-*")):
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+            lines.append(f"warning: {folder} ({size / 2**20:.1f} MiB) is left from an interrupted run, or another "
+                         "run is writing it; delete it when no run is")
+    return lines
+
+
+def disk_error(exc: OSError, path: Path) -> MlakitError:
+    if exc.errno == errno.ENOSPC:
+        return MlakitError(f"disk full while writing {path}; free space and run again")
+    return MlakitError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _umask_mode() -> int:
+    """The mode a plain mkdir would give: mkdtemp makes 0700, which would survive the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, force: bool, protect: Iterable[Path | None] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block completes.
+
+    Any exception, Ctrl-C or SIGTERM (which the CLI raises as an exception) removes the folder."""
+    out = out.resolve()
+    check_output(out, force, protect)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise disk_error(exc, out.parent) from exc
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.chmod(_umask_mode())
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():  # stopped between the two renames: put the previous OUT back
+            os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
