@@ -1,17 +1,22 @@
-"""Peak resident memory and wall time of `mlakit convert` against depth, on real model shapes.
+"""Peak resident memory and time of `mlakit convert` against depth and calibration tokens.
 
 Builds random-weight checkpoints with the shapes of Llama-3.1-8B (and optionally Llama-3.1-70B)
-at several depths, converts each in a fresh process, and prints a table. Memory must stay flat as
+at several depths, or takes a real model (`--model`), converts each in a fresh process for each
+`--calib-tokens`, and prints a table: wall time, seconds per layer and its parts (reading the
+layer, statistics and attention-distance histogram, rope step and latent, the error pass with the
+o_proj refit and the next layer's inputs, writing), and peak memory. Memory must stay flat as
 layers grow: one layer, the embeddings and the calibration activations, never the whole model.
 
     python benchmarks/bench_memory.py --shape 8b --layers 2 4 8 --calib-tokens 8192
     python benchmarks/bench_memory.py --shape 70b --layers 2 4 --calib-tokens 4096
+    python benchmarks/bench_memory.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct --calib-tokens 16384 65536
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,43 +84,56 @@ def build(folder: Path, shape: str, layers: int) -> None:
 # Peak resident memory is the child's VmHWM: ru_maxrss would also count what the parent (which
 # built the checkpoint) had resident when it forked the child.
 CHILD = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 from mlakit.convert.pipeline import ConvertOptions, convert
 t = time.time()
 convert(sys.argv[1], Path(sys.argv[2]), ConvertOptions(calib_tokens=int(sys.argv[3]), calib_seq_len=512,
-        rope_strategy=sys.argv[4]), log=lambda m: None)
+        rope_strategy=sys.argv[4], kv_lora_rank=int(sys.argv[5]) or None), log=lambda m: None)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(time.time() - t, int(hwm.split()[1]) / 2**20)
+layers = json.loads((Path(sys.argv[2]) / "mlakit.json").read_text())["layers"]
+parts = {k: sum(l["seconds"][k] for l in layers) / len(layers) for k in layers[0]["seconds"]}
+print(json.dumps({"seconds": time.time() - t, "rss": int(hwm.split()[1]) / 2**20, "parts": parts}))
 """
+PARTS = ("read", "statistics", "rope and latent", "error pass", "write")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--model", default=None, help="a real model folder instead of random weights of --shape")
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--calib-tokens", type=int, nargs="+", default=[8192])
+    ap.add_argument("--kv-lora-rank", type=int, default=0, help="0: the default for the source")
     ap.add_argument("--rope-strategy", default="fold", help="fixed, so the table times one conversion pass")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (needs disk)")
     args = ap.parse_args()
-    print(f"shape {args.shape} ({SHAPES[args.shape]}), --calib-tokens {args.calib_tokens}, "
-          f"--rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
-    print("| layers | checkpoint GB | convert s | s per layer | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|")
+    what = args.model or f"shape {args.shape} ({SHAPES[args.shape]})"
+    print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
+    print("| layers | calib tokens | checkpoint GB | convert s | s per layer | "
+          + " | ".join(PARTS) + " | peak RSS GiB |")
+    print("|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for n in args.layers:
-            src, out = Path(tmp) / f"src{n}", Path(tmp) / f"out{n}"
-            build(src, args.shape, n)
+        for n in [None] if args.model else args.layers:
+            src, out = (Path(args.model).expanduser(), Path(tmp) / "out") if args.model else \
+                (Path(tmp) / f"src{n}", Path(tmp) / f"out{n}")
+            if not args.model:
+                build(src, args.shape, n)
+            n = n or json.loads((src / "config.json").read_text())["num_hidden_layers"]
             size = sum(f.stat().st_size for f in src.iterdir()) / 1e9
-            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(args.calib_tokens),
-                                  args.rope_strategy], capture_output=True, text=True, check=False)
-            if res.returncode:
-                sys.exit(res.stderr)
-            secs, rss = map(float, res.stdout.split()[-2:])
-            print(f"| {n} | {size:.1f} | {secs:.0f} | {secs / n:.1f} | {rss:.2f} |", flush=True)
-            for folder in (src, out):
-                for f in folder.iterdir():
-                    f.unlink()
+            for tokens in args.calib_tokens:
+                res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(tokens),
+                                      args.rope_strategy, str(args.kv_lora_rank)],
+                                     capture_output=True, text=True, check=False)
+                if res.returncode:
+                    sys.exit(res.stderr)
+                got = json.loads(res.stdout.splitlines()[-1])
+                parts = " | ".join(f"{got['parts'].get(p, 0.0):.2f}" for p in PARTS)
+                print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['seconds'] / n:.1f} | {parts} | "
+                      f"{got['rss']:.2f} |", flush=True)
+                shutil.rmtree(out)
+            if not args.model:
+                shutil.rmtree(src)
 
 
 if __name__ == "__main__":

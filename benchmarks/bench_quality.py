@@ -1,13 +1,26 @@
 """One-shot quality against KV-cache budget: perplexity of the source and of its conversions.
 
-Calibrates on the first 90% of a text and evaluates on the last 10%, for mlakit's default method,
-for a plain weight-SVD latent, for a TransMLA-style conversion (real PCA across kv heads, frequency
-folding, lost rotations dropped), and, when the rope dim leaves source frequencies out, for each
-rope-budget strategy. Conversions are written in fp32 so that the table shows approximation error,
-not rounding.
+Protocol: conversions calibrate on the first 90% of `--text` and never see the evaluation text:
+the last 10% of `--text` and of each `--also-eval` file, cut into `--eval-windows` windows of
+`--seq-len` tokens (and, with `--long-seq-len`, windows of that length for long context).
+Perplexity is measured in fp32 by transformers itself (the source as LlamaForCausalLM, the
+conversion as DeepseekV3ForCausalLM); conversions are written in fp32 so that the table shows
+approximation error, not rounding. Each row also gives the conversion's wall time.
+
+Methods (`--methods`, all by default):
+- mlakit: the defaults of `mlakit convert`;
+- source inputs: each layer fitted on the source's hidden states instead of the converted ones;
+- no o_proj refit: without the least-squares refit of o_proj;
+- input-aware latent / weight SVD latent: the latent from the input covariance alone / from weights;
+- lost rotations dropped: rotations that do not fit the shared rotary key are dropped, not averaged;
+- TransMLA-style: TransMLA's published choices reimplemented: real PCA across kv heads with
+  FreqFold 4 (4 neighbouring source frequencies share a PCA), lost rotations dropped, K balanced
+  to V by norm, input-covariance PCA latent, layers fitted on the source's hidden states;
+- full latent: the largest kv_lora_rank, so that only the rope step loses anything.
 
     python benchmarks/bench_quality.py                                   # bundled demo model
-    python benchmarks/bench_quality.py --model PATH --text ../shared/data/shakespeare.txt
+    python benchmarks/bench_quality.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
+        --text ../shared/data/shakespeare.txt --also-eval mlakit/demo/docstrings.txt --ranks 128 32
 """
 
 from __future__ import annotations
@@ -15,78 +28,110 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
 from mlakit.convert.checkpoint import resolve_model
-from mlakit.convert.families import load_spec
+from mlakit.convert.families import SourceSpec, load_spec
 from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.convert.text import DEFAULT_TEXT, token_windows
 
-VARIANTS = {
-    "mlakit": {},
-    "input-aware PCA latent": {"output_aware": False},
-    "lost rotations dropped": {"expected_rotation": False},
-    "weight SVD latent": {"activation_aware": False, "output_aware": False},
-    "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": "fold",
-                       "output_aware": False},
-}
-STRATEGIES = {f"mlakit, rope {s}": {"rope_strategy": s} for s in ("fold", "even", "high")}
+
+def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:
+    """Option overrides per method; TransMLA's FreqFold 4 is 4 source frequencies per PCA group."""
+    slots, n_freq = rope_dim // 2, spec.head_dim // 2
+    freqfold4 = f"fold{max(1, 4 * slots // n_freq)}"
+    return {
+        "mlakit": {},
+        "source inputs": {"inputs": "source"},
+        "no o_proj refit": {"refit_output": False},
+        "input-aware latent": {"output_aware": False},
+        "weight SVD latent": {"activation_aware": False, "output_aware": False},
+        "lost rotations dropped": {"expected_rotation": False},
+        "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": freqfold4,
+                           "output_aware": False, "inputs": "source", "refit_output": False},
+        "full latent": {"kv_lora_rank": 2 * spec.kv_heads * spec.head_dim - rope_dim},
+    }
 
 
 @torch.no_grad()
-def perplexity(folder: Path, windows: torch.Tensor) -> float:
+def perplexity(folder: Path, windows: list[torch.Tensor]) -> list[float]:
+    """Perplexity on each set of windows, one model load."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    nll = [model(w[None], labels=w[None]).loss.item() for w in windows]
-    return math.exp(sum(nll) / len(nll))
+    out = []
+    for rows in windows:
+        nll = [model(w[None], labels=w[None]).loss.item() for w in rows]
+        out.append(math.exp(sum(nll) / len(nll)))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="calibration (first 90%%) and held-out text")
+    ap.add_argument("--also-eval", type=Path, nargs="*", default=[], help="more held-out text (last 10%% of each)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--rope-dims", type=int, nargs="+", default=[64, 32])
-    ap.add_argument("--calib-tokens", type=int, default=65536)
-    ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--seq-len", type=int, default=256, help="calibration and evaluation window (the demo's "
-                    "training length)")
+    ap.add_argument("--rope-dims", type=int, nargs="+", default=[64])
+    ap.add_argument("--methods", nargs="+", default=None, help="subset of the methods, by name")
+    ap.add_argument("--calib-tokens", type=int, default=ConvertOptions.calib_tokens)
+    ap.add_argument("--calib-seq-len", type=int, default=ConvertOptions.calib_seq_len)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256, help="evaluation window")
+    ap.add_argument("--long-seq-len", type=int, default=0, help="also evaluate at this context (0: no)")
+    ap.add_argument("--long-windows", type=int, default=8)
     args = ap.parse_args()
+    logging.set_verbosity_error()
 
     folder = resolve_model(args.model)
     spec = load_spec(folder)
-    text = args.text.read_text(encoding="utf-8")
-    cut = int(0.9 * len(text))
-    windows = token_windows(AutoTokenizer.from_pretrained(folder), text[cut:], args.eval_tokens, args.seq_len,
-                            what="evaluation")
-    base = perplexity(folder, windows)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = {p.name: p.read_text(encoding="utf-8") for p in [args.text, *args.also_eval]}
+    held_out = {name: t[int(0.9 * len(t)):] for name, t in texts.items()}
+    sets = {f"{name} @{args.seq_len}": token_windows(tokenizer, t, args.eval_windows * args.seq_len, args.seq_len,
+                                                     what="evaluation") for name, t in held_out.items()}
+    if args.long_seq_len:
+        t = held_out[args.text.name]
+        sets[f"{args.text.name} @{args.long_seq_len}"] = token_windows(
+            tokenizer, t, args.long_windows * args.long_seq_len, args.long_seq_len, what="evaluation")
+    base = perplexity(folder, list(sets.values()))
     src_cache = spec.kv_elements_per_token_layer()
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
-          f"eval on the last 10% of {args.text.name} ({windows.numel()} tokens), calibration on the first 90% "
-          f"({args.calib_tokens} tokens)")
-    print(f"source perplexity {base:.3f}; source KV cache {src_cache} elements per token per layer\n")
-    print("| rope dim | kv_lora_rank | cache vs source | method | perplexity | vs source |")
-    print("|---:|---:|---:|---|---:|---:|")
+          f"calibration: {args.calib_tokens} tokens of the first 90% of {args.text.name} in windows of "
+          f"{args.calib_seq_len}; held-out: " + ", ".join(f"{k} ({v.shape[0]} windows)" for k, v in sets.items()))
+    print("source perplexity: " + ", ".join(f"{k} {p:.3f}" for k, p in zip(sets, base))
+          + f"; source KV cache {src_cache} elements per token per layer\n")
+    print("| rope dim | kv_lora_rank | cache vs source | method | convert s | "
+          + " | ".join(f"ppl {k} | vs source" for k in sets) + " |")
+    print("|---:|---:|---:|---|---:|" + "---:|---:|" * len(sets))
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calib.txt"
-        calib.write_text(text[:cut], encoding="utf-8")
+        calib.write_text(texts[args.text.name][: int(0.9 * len(texts[args.text.name]))], encoding="utf-8")
         for rope_dim in args.rope_dims:
+            table = methods(spec, rope_dim)
+            if rope_dim < spec.head_dim:
+                table.update({f"mlakit, rope {s}": {"rope_strategy": s} for s in ("fold", "even", "high")})
+            chosen = {k: v for k, v in table.items() if args.methods is None or k in args.methods}
             for rank in args.ranks:
-                if rank > 2 * spec.kv_heads * spec.head_dim - rope_dim:
-                    continue
-                variants = dict(VARIANTS)
-                if rope_dim < spec.head_dim and rank == args.ranks[len(args.ranks) // 2]:
-                    variants.update(STRATEGIES)
-                for name, kw in variants.items():
+                for name, kw in chosen.items():
+                    if name == "full latent" and rank != args.ranks[0]:
+                        continue
+                    opts = ConvertOptions(**{"kv_lora_rank": rank, "rope_dim": rope_dim, "calib_text": [calib],
+                                             "dtype": "fp32", "calib_tokens": args.calib_tokens,
+                                             "calib_seq_len": args.calib_seq_len, **kw})
+                    if opts.kv_lora_rank > 2 * spec.kv_heads * spec.head_dim - rope_dim:
+                        continue
                     out = Path(tmp) / "out"
-                    opts = ConvertOptions(kv_lora_rank=rank, rope_dim=rope_dim, calib_text=[calib], dtype="fp32",
-                                          calib_tokens=args.calib_tokens, calib_seq_len=args.seq_len, **kw)
+                    start = time.perf_counter()
                     convert(args.model, out, opts, force=True, log=lambda m: None)
-                    ppl = perplexity(out, windows)
-                    share = 100 * (rank + rope_dim) / src_cache
-                    print(f"| {rope_dim} | {rank} | {share:.1f}% | {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% |",
+                    seconds = time.perf_counter() - start
+                    ppl = perplexity(out, list(sets.values()))
+                    share = 100 * (opts.kv_lora_rank + rope_dim) / src_cache
+                    cells = " | ".join(f"{p:.3f} | {100 * (p / b - 1):+.2f}%" for p, b in zip(ppl, base))
+                    print(f"| {rope_dim} | {opts.kv_lora_rank} | {share:.1f}% | {name} | {seconds:.0f} | {cells} |",
                           flush=True)
 
 

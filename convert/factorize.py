@@ -20,9 +20,11 @@ class SecondMoment:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        flat = x.reshape(-1, x.shape[-1]).double()
-        self.xx += flat.T @ flat
-        self.x += flat.sum(0)
+        """Add a chunk: its products in the input's own precision (float32 BLAS is several times
+        faster than float64), summed across chunks in float64."""
+        flat = x.reshape(-1, x.shape[-1])
+        self.xx += (flat.T @ flat).double()
+        self.x += flat.sum(0).double()
         self.count += flat.shape[0]
 
     @property
@@ -124,10 +126,11 @@ class LeastSquares:
         self.yy = 0.0
 
     def update(self, a: torch.Tensor, y: torch.Tensor) -> None:
-        a, y = a.reshape(-1, a.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-        self.aa += a.T @ a
-        self.ay += a.T @ y
-        self.yy += y.pow(2).sum().item()
+        """Add a chunk, with products in the inputs' precision summed in float64 (as SecondMoment)."""
+        a, y = a.reshape(-1, a.shape[-1]), y.reshape(-1, y.shape[-1])
+        self.aa += (a.T @ a).double()
+        self.ay += (a.T @ y).double()
+        self.yy += y.double().pow(2).sum().item()
 
     def solve(self) -> torch.Tensor:
         """The W (n_out, n_in) of least squared error (a tiny ridge keeps unused inputs at zero)."""

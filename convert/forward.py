@@ -66,30 +66,33 @@ def source_qkv(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch
 def source_attention(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
     """Causal GQA self-attention of a normed input, through o_proj."""
-    q, k, v = source_qkv(x, layer, spec, cos, sin)
+    return attend(*source_qkv(x, layer, spec, cos, sin), layer, spec)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: SourceLayer, spec: SourceSpec) -> torch.Tensor:
+    """Causal GQA attention of rotated queries, keys and values (`source_qkv`), through o_proj."""
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=spec.head_dim**-0.5)
     return linear(out.transpose(1, 2).flatten(2), layer.o)
 
 
-def attention_distance_histogram(x: torch.Tensor, layer: SourceLayer, spec: SourceSpec, cos: torch.Tensor,
-                                 sin: torch.Tensor) -> torch.Tensor:
-    """Sum over batch and query positions of the attention mass at each distance t - s: shape (H, L).
+def attention_distance_histogram(q: torch.Tensor, k: torch.Tensor, spec: SourceSpec) -> torch.Tensor:
+    """Sum over batch and query positions of the attention mass at each distance t - s: shape (H, L),
+    from rotated queries (B, H, L, d) and keys (B, G, L, d).
 
     Query positions go in blocks so that one (B, H, block, keys) score tile is alive at a time,
     whatever L; each tile's mass lands on its distances in one index_add. Everything is made on
     the input's device."""
-    q, k, _ = source_qkv(x, layer, spec, cos, sin)
     k = k.repeat_interleave(spec.group, dim=1)
     b, h, n, _ = q.shape
-    pos = torch.arange(n, device=x.device)
-    hist = torch.zeros(h, n, dtype=torch.float64, device=x.device)
+    pos = torch.arange(n, device=q.device)
+    hist = torch.zeros(h, n, dtype=torch.float64, device=q.device)
     step = max(1, min(n, ACTIVATION_BYTES // (4 * b * h * n)))
     for t0 in range(0, n, step):
         t1 = min(t0 + step, n)
         delta = pos[t0:t1, None] - pos[None, :t1]  # (block, keys): distance of each key
         scores = (q[:, :, t0:t1] @ k[:, :, :t1].transpose(-1, -2)).float() * spec.head_dim**-0.5
         mass = scores.masked_fill_(delta < 0, float("-inf")).softmax(-1).sum(0)  # (H, block, keys)
-        tile = torch.zeros(h, n, dtype=torch.float32, device=x.device)
+        tile = torch.zeros(h, n, dtype=torch.float32, device=q.device)
         hist += tile.index_add_(1, delta.clamp_min(0).flatten(), mass.reshape(h, -1))
     return hist
 

@@ -30,10 +30,10 @@ from mlakit.convert.errors import MlakitError
 from mlakit.convert.factorize import LeastSquares, SecondMoment, absorb_bias, joint_latent
 from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
-    MLAWeights, attention_distance_histogram, mla_attention, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
-    source_attention,
+    MLAWeights, attend, attention_distance_histogram, linear, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
+    source_qkv,
 )
-from mlakit.convert.guard import positive
+from mlakit.convert.guard import local_model, positive, record_id
 from mlakit.convert.text import load_corpus, token_windows
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -304,26 +304,31 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
     seq_len = hidden.shape[1]
     dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
     lap("read")
+    refs = []  # the source attention's output per chunk: the target of the fit
     with torch.no_grad():
         for sl in chunks:
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             stats.update(x)
+            q, k, v = source_qkv(x, layer, spec, cos, sin)
             if dist is not None:
-                dist += attention_distance_histogram(x, layer, spec, cos, sin)
+                dist += attention_distance_histogram(q, k, spec)
+            refs.append(attend(q, k, v, layer, spec))
+        del q, k, v
         lap("statistics")
-        metrics = [True, False] if opts.output_aware else [False]
+        metrics = [opts.output_aware]
         built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
                  for c in cands for oa in metrics}
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(w).values())) for key, (w, _) in built.items()}
         lap("rope and latent")
         fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
-        for sl in chunks:
+        heads = []  # sequential: the one candidate's head outputs, which o_proj maps once it is fixed
+        for sl, ref in zip(chunks, refs):
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-            ref = source_attention(x, layer, spec, cos, sin)
             for key, w in on_device.items():
-                fits[key].update(_real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape), ref)
-            if not sequential:
-                _advance(hidden, sl, ref, layer, spec)
+                a = _real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape)
+                fits[key].update(a, ref)
+            if sequential:
+                heads.append(a)
         options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
         for key, fit in fits.items():
             o = on_device[key].o
@@ -335,10 +340,10 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         for c in cands:
             on_device[best[c.strategy][:2]].o = options[best[c.strategy]][1].float()
         if sequential:
-            chosen = best[cands[0].strategy]
-            for sl in chunks:
-                x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-                _advance(hidden, sl, _mla(x, on_device[chosen[:2]], shape, spec.heads, tables[chosen[0]]), layer, spec)
+            o = _real_columns(options[best[cands[0].strategy]][1], spec, shape).float()
+            refs = [linear(a, o) for a in heads]
+        for sl, attn in zip(chunks, refs):
+            _advance(hidden, sl, attn, layer, spec)
         lap("error pass")
     for c in cands:
         key = best[c.strategy]
@@ -367,12 +372,6 @@ def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape)
     return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
 
 
-def _mla(x: torch.Tensor, w: MLAWeights, shape: deepseek.MLAShape, heads: int,
-         table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """A converted attention block in its plain parametrization (latent norm as identity)."""
-    return mla_attention(x, w, heads, shape.qk_nope, shape.qk_rope, shape.v_head, *table, norm_eps=None)
-
-
 def _advance(hidden: torch.Tensor, sl: slice, attn: torch.Tensor, layer: SourceLayer, spec: SourceSpec) -> None:
     """hidden[sl] through the rest of the decoder layer, given its attention output."""
     h = hidden[sl] + attn
@@ -396,7 +395,8 @@ def _revision(folder: Path) -> str | None:
 def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
             log: Callable[[str], None] = print) -> dict:
     """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT; return the mlakit.json record."""
-    check_output(out, force)
+    check_output(out, force, protect=[local_model(source)])
+    source = record_id(source)
     plan = make_plan(source, opts)
     for note in plan.notes:
         log(note)
@@ -420,7 +420,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     else:
         best = plan.strategies[0]
     cand = cands[best]
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, protect=[plan.folder]) as tmp:
         writer = ShardWriter(tmp, opts.shard_bytes)
         layers = _stream(plan, reader, windows, [cand], opts, writer, "converting", log)[best]
         writer.add("model.norm.weight", reader.get("model.norm.weight").to(plan.dtype))

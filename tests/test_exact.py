@@ -148,7 +148,7 @@ def test_distance_histogram_in_tiles_equals_the_dense_sum(monkeypatch, tile_byte
     probs = scores.masked_fill(~torch.ones(23, 23, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     dense = torch.stack([probs.diagonal(-d, -2, -1).sum((0, -1)) for d in range(23)], dim=-1)
     monkeypatch.setattr(forward, "ACTIVATION_BYTES", tile_bytes)
-    torch.testing.assert_close(attention_distance_histogram(x, layer, spec, cos, sin), dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attention_distance_histogram(q, k, spec), dense, rtol=1e-5, atol=1e-6)
 
 
 def test_functional_source_layer_matches_transformers() -> None:
