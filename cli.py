@@ -84,9 +84,6 @@ def main() -> None:
 @click.option("--rope-strategy", default="auto", show_default=True,
               help="How head_dim/2 source frequencies share rope_dim/2 rotary slots: fold, foldN (N slots per "
                    "PCA group, TransMLA's FreqFold), even or high; auto picks by attention error on calibration text.")
-@click.option("--calib-inputs", type=click.Choice(["converted", "source"]), default="converted", show_default=True,
-              help="Hidden states that each layer is fitted on: those of the already converted layers (errors "
-                   "of earlier layers are seen and compensated), or the source's.")
 @click.option("--llama3-rope", type=click.Choice(["yarn", "keep"]), default="yarn", show_default=True,
               help="llama3 rope scaling: a fitted YaRN that transformers, vLLM and SGLang all compute alike, or "
                    "llama3 kept as is (exact in transformers only).")
@@ -111,7 +108,7 @@ def convert(source: str, out: Path, **kw) -> None:
     opts = ConvertOptions(
         kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"], dtype=kw["dtype"],
-        device=kw["device"], rope_strategy=kw["rope_strategy"], inputs=kw["calib_inputs"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
+        device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
         output_aware=not kw["weight_svd"],
         revision=kw["revision"],

@@ -9,13 +9,12 @@ approximation error, not rounding. Each row also gives the conversion's wall tim
 
 Methods (`--methods`, all by default):
 - mlakit: the defaults of `mlakit convert`;
-- source inputs: each layer fitted on the source's hidden states instead of the converted ones;
 - no o_proj refit: without the least-squares refit of o_proj;
 - input-aware latent / weight SVD latent: the latent from the input covariance alone / from weights;
 - lost rotations dropped: rotations that do not fit the shared rotary key are dropped, not averaged;
 - TransMLA-style: TransMLA's published choices reimplemented: real PCA across kv heads with
   FreqFold 4 (4 neighbouring source frequencies share a PCA), lost rotations dropped, K balanced
-  to V by norm, input-covariance PCA latent, layers fitted on the source's hidden states;
+  to V by norm, input-covariance PCA latent, no refit;
 - full latent: the largest kv_lora_rank, so that only the rope step loses anything.
 
     python benchmarks/bench_quality.py                                   # bundled demo model
@@ -47,13 +46,12 @@ def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:
     freqfold4 = f"fold{max(1, 4 * slots // n_freq)}"
     return {
         "mlakit": {},
-        "source inputs": {"inputs": "source"},
         "no o_proj refit": {"refit_output": False},
         "input-aware latent": {"output_aware": False},
         "weight SVD latent": {"activation_aware": False, "output_aware": False},
         "lost rotations dropped": {"expected_rotation": False},
         "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": freqfold4,
-                           "output_aware": False, "inputs": "source", "refit_output": False},
+                           "output_aware": False, "refit_output": False},
         "full latent": {"kv_lora_rank": 2 * spec.kv_heads * spec.head_dim - rope_dim},
     }
 

@@ -30,7 +30,7 @@ from mlakit.convert.errors import MlakitError
 from mlakit.convert.factorize import LeastSquares, SecondMoment, absorb_bias, joint_latent
 from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
-    MLAWeights, attend, attention_distance_histogram, linear, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
+    MLAWeights, attend, attention_distance_histogram, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
     source_qkv,
 )
 from mlakit.convert.guard import local_model, positive, record_id
@@ -58,7 +58,6 @@ class ConvertOptions:
     balance: bool = True
     llama3_rope: str = "yarn"
     strategy_tokens: int = 16384
-    inputs: str = "converted"
     refit_output: bool = True
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
@@ -244,10 +243,9 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     """Carry calibration hidden states through the model, converting each layer for every candidate;
     write the (single) candidate's layers when a writer is given.
 
-    With `opts.inputs == "converted"` (and one candidate) the hidden states that feed layer i come
-    from the already converted layers, as GPTQ does: each layer is fitted on the inputs it will see.
-    Otherwise they come from the source. One line per layer goes to `log` when stderr is not a
-    terminal, so that logs show progress."""
+    The hidden states are the source's (teacher-forced): fitting each layer on the converted
+    layers' hidden states instead was measured worse on a real model (docs/real-models.md).
+    One line per layer goes to `log` when stderr is not a terminal, so that logs show progress."""
     spec, dev = plan.spec, opts.device
     embed = reader.get("model.embed_tokens.weight")
     hidden = embed[windows].float().to(dev)
@@ -259,12 +257,10 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     tables = {"source": (cos.to(dev), sin.to(dev)),
               **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
     chunks = row_chunks(windows.shape[0], seq_len, max(spec.intermediate, spec.hidden))
-    sequential = opts.inputs == "converted" and len(cands) == 1
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
     for i in bar:
-        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports,
-                                                       sequential)
+        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports)
         if writer:
             start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
@@ -280,11 +276,12 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
 
 def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: list[slice],
                    tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
-                   opts: ConvertOptions, reports: dict[str, list[dict]],
-                   sequential: bool) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
-    """Convert layer i for every candidate, append their reports, advance `hidden` in place (through
-    the converted attention when `sequential`, else through the source's), and return the first
-    candidate's weights, the layer's input norm and the seconds each part took.
+                   opts: ConvertOptions,
+                   reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
+    """Convert layer i for every candidate (rope step and latent, then o_proj refitted by least
+    squares to the source attention's output), append their reports, advance `hidden` through the
+    source layer in place, and return the first candidate's weights, the layer's input norm and
+    the seconds each part took.
 
     A function of its own so that the source layer and the unchosen weights are freed before the
     next layer is read: peak memory is one layer's, whatever the depth."""
@@ -321,14 +318,10 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(w).values())) for key, (w, _) in built.items()}
         lap("rope and latent")
         fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
-        heads = []  # sequential: the one candidate's head outputs, which o_proj maps once it is fixed
         for sl, ref in zip(chunks, refs):
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             for key, w in on_device.items():
-                a = _real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape)
-                fits[key].update(a, ref)
-            if sequential:
-                heads.append(a)
+                fits[key].update(_real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape), ref)
         options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
         for key, fit in fits.items():
             o = on_device[key].o
@@ -339,11 +332,9 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
                 for c in cands}
         for c in cands:
             on_device[best[c.strategy][:2]].o = options[best[c.strategy]][1].float()
-        if sequential:
-            o = _real_columns(options[best[cands[0].strategy]][1], spec, shape).float()
-            refs = [linear(a, o) for a in heads]
-        for sl, attn in zip(chunks, refs):
-            _advance(hidden, sl, attn, layer, spec)
+        for sl, ref in zip(chunks, refs):
+            h = hidden[sl] + ref
+            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
         lap("error pass")
     for c in cands:
         key = best[c.strategy]
@@ -370,12 +361,6 @@ def _real_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -
 
 def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
     return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
-
-
-def _advance(hidden: torch.Tensor, sl: slice, attn: torch.Tensor, layer: SourceLayer, spec: SourceSpec) -> None:
-    """hidden[sl] through the rest of the decoder layer, given its attention output."""
-    h = hidden[sl] + attn
-    hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
