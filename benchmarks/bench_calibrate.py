@@ -8,7 +8,7 @@ source and of the student, and KL(source || student) per token. Time is wall-clo
 calibration on this machine, with the process CPU seconds beside it.
 
     python benchmarks/bench_calibrate.py                                  # bundled demo model
-    python benchmarks/bench_calibrate.py --model PATH --text ../shared/data/shakespeare.txt
+    python benchmarks/bench_calibrate.py --model PATH --text shakespeare.txt
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Methods (`--methods`, all by default):
 
     python benchmarks/bench_quality.py                                   # bundled demo model
     python benchmarks/bench_quality.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
-        --text ../shared/data/shakespeare.txt --also-eval mlakit/demo/docstrings.txt --ranks 128 32
+        --text shakespeare.txt --also-eval mlakit/demo/docstrings.txt --ranks 128 32
 """
 
 from __future__ import annotations

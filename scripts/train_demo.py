@@ -47,7 +47,7 @@ Examples
     python scripts/train_demo.py --write-corpus --corpus-only
 
     # a ~5M-parameter Shakespeare model somewhere else
-    python scripts/train_demo.py --text ../shared/data/shakespeare.txt --layers 6 --out /tmp/shakespeare
+    python scripts/train_demo.py --text shakespeare.txt --layers 6 --out /tmp/shakespeare
 """
 
 from __future__ import annotations
