@@ -72,9 +72,10 @@ def build_llama_cpp(sdist: Path | None, cache: Path, jobs: int) -> tuple[Path, P
 
 def chunk_windows(tokenizer, text: str, ctx: int, chunks: int) -> torch.Tensor:
     """llama-perplexity's chunks: the whole text tokenized once (with BOS when the vocabulary adds
-    one), cut into `ctx`-token chunks whose first token becomes BOS when it does."""
+    one), cut into `ctx`-token chunks whose first token becomes BOS when it does; one chunk of text
+    is left for llama-perplexity to run past the last one scored."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    n = min(chunks, len(ids) // ctx)
+    n = min(chunks, len(ids) // ctx - 1)
     windows = torch.tensor(ids[: n * ctx]).view(n, ctx)
     if tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
         windows[:, 0] = tokenizer.bos_token_id
@@ -123,10 +124,12 @@ def to_gguf(src: Path, folder: Path, outtype: str, out: Path, pre: str | None) -
 
 def llama_side(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, prompt: str, new_tokens: int,
                threads: int) -> tuple[float | str, str]:
-    """llama-perplexity's final estimate (or why it failed) and llama-simple's greedy continuation."""
+    """llama-perplexity's perplexity over the first `chunks` chunks (or why it failed) and
+    llama-simple's greedy continuation. llama-perplexity logs from a thread that can lose its last
+    lines at exit, so it runs one chunk more and its running value after `chunks` chunks is read."""
     proc = run([str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                "--chunks", str(chunks), "-t", str(threads), "-b", str(ctx)])
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stderr + proc.stdout)
+                "--chunks", str(chunks + 1), "-t", str(threads), "-b", str(ctx)])
+    found = re.search(rf"\[{chunks}\]([0-9.]+)", proc.stderr + proc.stdout)
     ppl: float | str = float(found.group(1)) if found else last_error(proc)
     gen = run([str(bins / "llama-simple"), "-m", str(gguf), "-n", str(new_tokens), prompt])
     at = gen.stdout.find(prompt)  # llama-simple echoes the prompt (and any BOS piece) first
@@ -162,7 +165,7 @@ def main() -> None:
     src, bins = build_llama_cpp(args.sdist, args.cache, args.jobs)
     text = args.text.read_text(encoding="utf-8")
     held_out = text[int(0.9 * len(text)):]
-    prompt = " ".join(held_out[:400].split()[:24])
+    prompt = " ".join(held_out[held_out.find("\n") + 1:][:400].split()[:24])
     models = ([("source", args.source)] if args.source else []) + [("converted", c) for c in args.converted]
     print(f"llama.cpp from {src.parent.parent.name}; last 10% of {args.text.name}, {args.chunks} chunks of "
           f"{args.ctx} tokens (second half of each scored); greedy {args.new_tokens} tokens after: {prompt!r}\n")
