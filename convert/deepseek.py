@@ -239,13 +239,17 @@ def engine_rope(cfg: dict) -> dict[str, EngineRope]:
     theta = rope["rope_theta"]
     base = {k: v for k, v in cfg.items() if k != "rope_scaling"}
 
-    def rotary(params: dict) -> tuple[torch.Tensor, float]:
-        emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**{**base, "rope_parameters": params}))
+    def rotary(params: dict) -> tuple[torch.Tensor | None, float]:
+        """transformers' frequencies and cos/sin factor for these parameters; None where it cannot."""
+        try:
+            emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**{**base, "rope_parameters": params}))
+        except Exception:  # transformers' strict config and rope init raise several types
+            return None, 1.0
         return emb.inv_freq.double(), float(emb.attention_scaling)
 
     plain = rotary({"rope_type": "default", "rope_theta": theta})[0]
-    out = {"transformers": EngineRope(f"{kind} as written", *rotary(rope), yarn_apply_mscale(rope, 1.0))}
     factor, orig = rope.get("factor"), rope.get("original_max_position_embeddings")
+    out = {"transformers": EngineRope(f"{kind} as written", *rotary(rope), yarn_apply_mscale(rope, 1.0))}
     if kind == "default":
         served = EngineRope("no scaling", plain)
     elif factor is None or orig is None:

@@ -204,3 +204,13 @@ def test_cli_prints_every_rule_and_exits_by_outcome(good: Path, tmp_path: Path) 
     assert bad.exit_code == 1 and "FAIL  rope_interleave" in bad.output
     assert [line for line in bad.output.splitlines() if line.startswith("error: ")] == [
         f"error: {tmp_path / 'broken'}: 1 rule(s) fail"]
+
+
+def test_yarn_without_original_length_fails_where_it_is_not_inferred(good: Path, tmp_path: Path) -> None:
+    """transformers infers original_max_position_embeddings; vLLM, SGLang and llama.cpp's converter need it."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
+    rows = {r.rule: r.status for r in result.rules if r.rule.startswith("rope: ")}
+    assert rows == {"rope: transformers": "pass", "rope: vLLM": "fail", "rope: SGLang": "fail",
+                    "rope: llama.cpp": "fail"}
+    assert result.loads("transformers") and not any(result.loads(e) for e in ("vllm", "sglang", "llamacpp"))

@@ -182,7 +182,7 @@ def _rope_rules(cfg: dict) -> list[Rule]:
     rows = []
     for engine, got in engines.items():
         name = f"rope: {ENGINE_NAMES[engine]}"
-        if got.inv_freq is None:
+        if got.inv_freq is None or ref.inv_freq is None:
             rows.append(Rule(name, "fail", (engine,), got.reads))
             continue
         diff = ((got.inv_freq - ref.inv_freq).abs() / ref.inv_freq).max().item()
