@@ -16,7 +16,8 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mlakit.cli import main
 from mlakit.convert import deepseek
-from mlakit.validate.check import check_folder
+from mlakit.convert.errors import MlakitError
+from mlakit.validate.check import check_folder, require_mla
 
 from conftest import byte_tokenizer
 
@@ -214,3 +215,10 @@ def test_yarn_without_original_length_fails_where_it_is_not_inferred(good: Path,
     assert rows == {"rope: transformers": "pass", "rope: vLLM": "fail", "rope: SGLang": "fail",
                     "rope: llama.cpp": "fail"}
     assert result.loads("transformers") and not any(result.loads(e) for e in ("vllm", "sglang", "llamacpp"))
+
+
+def test_a_folder_only_llama_cpp_refuses_still_validates(good: Path, tmp_path: Path) -> None:
+    folder = broken_copy(good, tmp_path, {deepseek.LLAMACPP_BLOCK: None})
+    assert require_mla(folder, "old").failures
+    with pytest.raises(MlakitError, match="fails check .rope_interleave"):
+        require_mla(broken_copy(good, tmp_path / "b", {"rope_interleave": False}), "bad")
