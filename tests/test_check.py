@@ -222,3 +222,11 @@ def test_a_folder_only_llama_cpp_refuses_still_validates(good: Path, tmp_path: P
     assert require_mla(folder, "old").failures
     with pytest.raises(MlakitError, match="fails check .rope_interleave"):
         require_mla(broken_copy(good, tmp_path / "b", {"rope_interleave": False}), "bad")
+
+
+def test_older_rope_scaling_field_is_read_like_rope_parameters(good: Path, tmp_path: Path) -> None:
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.0,
+            "mscale_all_dim": 0.0}
+    folder = broken_copy(good, tmp_path, {"rope_parameters": None, "rope_scaling": rope, "rope_theta": 10000.0})
+    rows = {r.rule: r.detail for r in check_folder(folder).rules if r.rule.startswith("rope: ")}
+    assert rows["rope: transformers"].startswith("yarn as written") and "logits x 1.29648" in rows["rope: llama.cpp"]
