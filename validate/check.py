@@ -179,7 +179,8 @@ def _rope_rules(raw: dict, cfg: dict) -> list[Rule]:
     """One row per engine: what it computes from the rope fields, against transformers' (exact) rope.
     A config with only the older `rope_scaling` (and top-level rope_theta) is read as transformers does."""
     theta = raw.get("rope_theta", cfg["rope_parameters"]["rope_theta"])
-    rope = raw.get("rope_parameters") or {"rope_type": "default", **(raw.get("rope_scaling") or {}), "rope_theta": theta}
+    older = {"rope_type": "default", **(raw.get("rope_scaling") or {}), "rope_theta": theta}
+    rope = raw.get("rope_parameters") or older
     engines = deepseek.engine_rope({**cfg, "rope_parameters": rope})
     ref = engines["transformers"]
     rows = []
@@ -261,7 +262,8 @@ def check_folder(folder: Path) -> CheckResult:
         return CheckResult(folder, rules)
     cfg = effective_config(raw)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg)) + _weight_rules(folder, cfg)
+    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg))
+    rules += _weight_rules(folder, cfg)
     rules.append(_rule("tokenizer", has_tokenizer, NATIVE, "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
