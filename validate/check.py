@@ -71,7 +71,7 @@ class CheckResult:
                 reasons = "; ".join(r.rule for r in self.failures if engine in r.engines)
                 out[engine] = f"fails ({reasons})"
             elif engine == "llamacpp":
-                out[engine] = "loads after convert_hf_to_gguf.py (no overrides)"
+                out[engine] = "loads after convert_hf_to_gguf.py, no overrides (if that script knows the tokenizer)"
             else:
                 out[engine] = "loads" if engine == "transformers" else f"serves; MLA decode kernels: {kernels}"
         return out
