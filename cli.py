@@ -85,8 +85,8 @@ def main() -> None:
               help="How head_dim/2 source frequencies share rope_dim/2 rotary slots: fold, foldN (N slots per "
                    "PCA group, TransMLA's FreqFold), even or high; auto picks by attention error on calibration text.")
 @click.option("--llama3-rope", type=click.Choice(["yarn", "keep"]), default="yarn", show_default=True,
-              help="llama3 rope scaling: a fitted YaRN that transformers, vLLM and SGLang all compute alike, or "
-                   "llama3 kept as is (exact in transformers only).")
+              help="llama3 rope scaling: a fitted YaRN that transformers, vLLM, SGLang and llama.cpp all compute "
+                   "alike, or llama3 kept as is (exact in transformers only).")
 @click.option("--real-pca", is_flag=True, help="Real (TransMLA) instead of complex PCA across kv heads.")
 @click.option("--no-expected-rotation", is_flag=True,
               help="Drop lost rotations (TransMLA) instead of replacing them by their attention-weighted mean.")
@@ -230,7 +230,8 @@ def validate(source: str, converted: str, **kw) -> None:
 @click.argument("converted")
 @friendly_errors
 def check(converted: str) -> None:
-    """Say whether stock transformers, vLLM and SGLang load and serve CONVERTED, and with which MLA kernels."""
+    """Say whether stock transformers, vLLM, SGLang and llama.cpp load and serve CONVERTED, with which MLA
+    kernels and rope."""
     local_model(converted)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.check import check_model

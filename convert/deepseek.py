@@ -1,7 +1,7 @@
-"""The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM and SGLang load.
+"""The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM, SGLang and llama.cpp load.
 
-Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, and the
-exact trick that makes the latent RMSNorm a fixed per-channel scale.
+Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, the exact
+trick that makes the latent RMSNorm a fixed per-channel scale, and how each engine reads the rope.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3RotaryEmbedding, yarn_apply_mscale, yarn_get_mscale,
+)
 
 from mlakit.convert.families import SourceSpec
 from mlakit.convert.forward import MLAWeights
@@ -26,8 +30,20 @@ LATENT_NORM_EPS = 1e-6
 LATENT_NORM_MARGIN = 1e-6
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
 LATENT_TRICK_DTYPES = {"bfloat16", "float32"}
-# Rope types vLLM and SGLang read as written; they turn every other scaling type into YaRN.
-ENGINE_ROPE_TYPES = {"default", "yarn"}
+# llama.cpp's converter (convert_hf_to_gguf.py) merges this config block into the top level before it
+# writes GGUF metadata (its "lm_config" -> "text_config" rename); transformers, vLLM and SGLang do not
+# read the key. It carries the values only llama.cpp may see: q_lora_rank 0, because its deepseek2
+# loader requires the key (unless the model has 26 or 27 layers) and builds a plain wq for 0, while
+# transformers and vLLM need null for a plain q_proj; n_group and topk_group 0, because the loader
+# asserts expert_group_count < expert_count (n_routed_experts is 1 here).
+LLAMACPP_BLOCK = "lm_config"
+LLAMACPP_VALUES = {"q_lora_rank": 0, "n_group": 0, "topk_group": 0}
+# YaRN ramp boundaries llama.cpp's deepseek2 always uses: it ignores the config's beta_fast/beta_slow.
+LLAMACPP_YARN_BETAS = (32.0, 1.0)
+# mscale and mscale_all_dim of an output YaRN. llama.cpp applies YaRN's magnitude 1 + 0.1 ln(factor)
+# when mscale_all_dim is 0 and cancels it otherwise; this is nonzero for that, and small enough that
+# every engine's 1 + 0.1 * mscale * ln(factor) is 1 in float32.
+YARN_MSCALE = 1e-8
 # Triton MLA decodes any shape: it serves what the fast decode kernels refuse.
 FALLBACK_DECODE_KERNEL = "Triton MLA"
 # Weights of a dense decoder layer besides attention, and those outside the layers.
@@ -82,7 +98,8 @@ def kernel_notes(shape: MLAShape) -> list[tuple[str, bool, str]]:
 
 
 def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: torch.dtype) -> dict:
-    """config.json of the converted model (dense DeepSeek-V3, plain q_proj, untied lm_head)."""
+    """config.json of the converted model (dense DeepSeek-V3, plain q_proj, untied lm_head), with the
+    block of values that only llama.cpp's converter reads."""
     src = spec.hf_config
     rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     dtype = str(torch_dtype).removeprefix("torch.")
@@ -102,6 +119,7 @@ def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: tor
         "num_experts_per_tok": 1,
         "n_group": 1,
         "topk_group": 1,
+        LLAMACPP_BLOCK: dict(LLAMACPP_VALUES),
         "routed_scaling_factor": 1.0,
         "num_nextn_predict_layers": 0,
         "q_lora_rank": None,
@@ -187,3 +205,78 @@ def plain_attention(get: Callable[[str], torch.Tensor], i: int, rank: int) -> ML
         kv_b=get(names["kv_b_proj"]).float(),
         o=get(names["o_proj"]).float(),
     )
+
+
+@dataclass(frozen=True)
+class EngineRope:
+    """What one engine computes from a config's rope fields: how it reads them, its inverse
+    frequencies (None where it refuses them), and its factors on the rotary q and k and on every
+    attention logit (on top of 1/sqrt(qk_head_dim))."""
+
+    reads: str
+    inv_freq: torch.Tensor | None
+    rotary_scale: float = 1.0
+    logit_scale: float = 1.0
+
+    @property
+    def rotary_logit_scale(self) -> float:
+        return self.logit_scale * self.rotary_scale**2
+
+
+def engine_rope(cfg: dict) -> dict[str, EngineRope]:
+    """How transformers, vLLM, SGLang and llama.cpp read the rope of a DeepSeek-V3 config.
+
+    transformers computes every type as written. vLLM and SGLang turn every scaling type into
+    DeepSeek YaRN (beta_fast/beta_slow as written, cos/sin times mscale(mscale) / mscale(mscale_all_dim),
+    logits times mscale(mscale_all_dim)^2). llama.cpp's deepseek2 reads YaRN with beta 32/1 whatever the
+    config says; with mscale_all_dim 0 or absent it keeps YaRN's magnitude 1 + 0.1 ln(factor) on the
+    rotary q and k and applies its square to every logit, else only mscale(mscale_all_dim)^2 on the
+    logits; linear gets the plain frequencies over factor and the same squared magnitude on the
+    logits; other types are not read."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope["rope_theta"]
+    base = {k: v for k, v in cfg.items() if k != "rope_scaling"}
+
+    def rotary(params: dict) -> tuple[torch.Tensor | None, float]:
+        """transformers' frequencies and cos/sin factor for these parameters; None where it cannot."""
+        try:
+            emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**{**base, "rope_parameters": params}))
+        except Exception:  # transformers' strict config and rope init raise several types
+            return None, 1.0
+        return emb.inv_freq.double(), float(emb.attention_scaling)
+
+    plain = rotary({"rope_type": "default", "rope_theta": theta})[0]
+    factor, orig = rope.get("factor"), rope.get("original_max_position_embeddings")
+    out = {"transformers": EngineRope(f"{kind} as written", *rotary(rope), yarn_apply_mscale(rope, 1.0))}
+    if kind == "default":
+        served = EngineRope("no scaling", plain)
+    elif factor is None or orig is None:
+        served = EngineRope(f"{kind} read as YaRN, which needs factor and original_max_position_embeddings", None)
+    else:
+        betas = (rope.get("beta_fast", 32.0), rope.get("beta_slow", 1.0))
+        all_dim = rope.get("mscale_all_dim") or 0.0
+        yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": orig,
+                "beta_fast": betas[0], "beta_slow": betas[1], "attention_factor": 1.0}
+        served = EngineRope(
+            f"{'YaRN' if kind == 'yarn' else kind + ' read as YaRN'} with beta {betas[0]:g}/{betas[1]:g}",
+            rotary(yarn)[0],
+            yarn_get_mscale(factor, rope.get("mscale", 1.0)) / yarn_get_mscale(factor, all_dim)
+            * rope.get("attn_factor", 1.0),
+            yarn_get_mscale(factor, all_dim) ** 2,
+        )
+    out["vllm"] = out["sglang"] = served
+    magnitude = yarn_get_mscale(factor or 1.0)
+    if kind == "yarn":
+        log_mul = rope.get("mscale_all_dim") or 0.0
+        fixed = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": orig,
+                 "beta_fast": LLAMACPP_YARN_BETAS[0], "beta_slow": LLAMACPP_YARN_BETAS[1], "attention_factor": 1.0}
+        out["llamacpp"] = EngineRope(
+            f"YaRN with beta {LLAMACPP_YARN_BETAS[0]:g}/{LLAMACPP_YARN_BETAS[1]:g} (fixed)", rotary(fixed)[0],
+            1.0 if log_mul else magnitude, yarn_get_mscale(factor, log_mul) ** 2 if log_mul else magnitude**2)
+    elif kind == "linear":
+        out["llamacpp"] = EngineRope("linear, with YaRN's attention magnitude", plain / factor, 1.0, magnitude**2)
+    else:
+        out["llamacpp"] = EngineRope("no scaling" if kind == "default" else f"{kind} not read: no scaling", plain)
+    return out

@@ -7,7 +7,6 @@ any mixing across kv heads that is the same for both halves of a pair commutes w
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,25 +76,26 @@ def target_theta(theta: float, head_dim: int, rope_dim: int, strategy: str) -> f
     return theta ** (rope_dim / head_dim) if strategy == "high" else theta
 
 
-def llama3_as_yarn(llama3: dict, kept_freq: torch.Tensor,
-                   yarn_freq: Callable[[dict], torch.Tensor]) -> tuple[dict, float]:
+def llama3_as_yarn(llama3: dict, kept_freq: torch.Tensor, yarn_freq: Callable[[dict], torch.Tensor],
+                   betas: tuple[float, float], mscale: float) -> tuple[dict, float]:
     """YaRN parameters whose frequencies best match a llama3-scaled source's kept frequencies.
 
-    llama3 and YaRN share their thresholds (beta_fast = high_freq_factor, beta_slow =
-    low_freq_factor) but not the ramp between them, so beta_fast/beta_slow are fitted on the worst
-    relative frequency error. attention_factor 1 and zero mscales keep every engine from rescaling
-    attention. Returns the parameters and their worst relative error."""
+    beta_fast/beta_slow are fixed (llama.cpp reads no others) and so is factor (the frequencies past
+    the ramp stay exact); original_max_position_embeddings, which places the ramp, is fitted on the
+    worst relative frequency error, never below the source's (vLLM serves factor times it). attention
+    factor 1 and the given mscales keep every engine from rescaling attention. Returns the parameters
+    and their worst relative error."""
     base = {
         "rope_type": "yarn", "rope_theta": llama3["rope_theta"], "factor": llama3["factor"],
-        "original_max_position_embeddings": llama3["original_max_position_embeddings"],
-        "attention_factor": 1.0, "mscale": 0.0, "mscale_all_dim": 0.0,
+        "beta_fast": betas[0], "beta_slow": betas[1], "attention_factor": 1.0, "mscale": mscale,
+        "mscale_all_dim": mscale,
     }
+    orig = llama3["original_max_position_embeddings"]
     best = (float("inf"), base)
-    for fast, slow in itertools.product([x / 4 for x in range(4, 33)], [x / 8 for x in range(2, 25)]):
-        if fast > slow:
-            params = {**base, "beta_fast": fast, "beta_slow": slow}
-            err = ((yarn_freq(params).double() - kept_freq.double()).abs() / kept_freq.double()).max().item()
-            best = min(best, (err, params), key=lambda t: t[0])
+    for step in range(33):  # the source's context up to 4x it, in sixteenths of an octave
+        params = {**base, "original_max_position_embeddings": round(orig * 2 ** (step / 16))}
+        err = ((yarn_freq(params).double() - kept_freq.double()).abs() / kept_freq.double()).max().item()
+        best = min(best, (err, params), key=lambda t: t[0])
     return best[1], best[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,19 +15,23 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mlakit.cli import main
-from mlakit.validate.check import check_folder
+from mlakit.convert import deepseek
+from mlakit.convert.errors import MlakitError
+from mlakit.validate.check import check_folder, require_mla
 
 from conftest import byte_tokenizer
 
 
 def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 32, seed: int = 0) -> Path:
-    """A random pico DeepSeek-V3 in the output format: dense, plain q_proj, head dims (64, 64, 128)."""
+    """A random pico DeepSeek-V3 in the output format: dense, plain q_proj, head dims (64, 64, 128), with
+    the block of values llama.cpp's converter reads."""
     torch.manual_seed(seed)
     cfg = DeepseekV3Config(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=kv_lora_rank,
         qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=layers, n_routed_experts=1,
         num_nextn_predict_layers=0, tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
+        n_group=1, topk_group=1, num_experts_per_tok=1, **{deepseek.LLAMACPP_BLOCK: dict(deepseek.LLAMACPP_VALUES)},
     )
     DeepseekV3ForCausalLM(cfg).to(torch.float32).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
@@ -64,7 +69,7 @@ def failing(folder: Path) -> set[str]:
 def test_good_folder_passes_every_rule(good: Path) -> None:
     result = check_folder(good)
     assert not result.failures, result.table()
-    assert result.loads("transformers") and result.loads("vllm") and result.loads("sglang")
+    assert all(result.loads(engine) for engine in ("transformers", "vllm", "sglang", "llamacpp"))
     # kv_lora_rank 32 leaves FlashMLA and FA3-MLA: served, by Triton MLA only
     assert {r.rule for r in result.rules if r.status == "warn"} == {"FlashMLA decode", "FA3-MLA decode"}
     assert result.decode_kernels() == ["Triton MLA"]
@@ -81,7 +86,7 @@ def test_fast_kernels_are_named_when_the_shape_fits(tmp_path: Path) -> None:
     ({"num_nextn_predict_layers": 1}, {"no MTP layers"}),
     ({"num_nextn_predict_layers": None}, {"no MTP layers"}),
     ({"num_key_value_heads": 1}, {"kv heads"}),
-    ({"q_lora_rank": 16}, {"plain q_proj"}),
+    ({"q_lora_rank": 16}, {"plain q_proj", "llama.cpp q_lora_rank"}),
     ({"attention_bias": True}, {"attention_bias"}),
     ({"hidden_act": "gelu"}, {"hidden_act"}),
     ({"rope_interleave": False}, {"rope_interleave"}),
@@ -103,12 +108,62 @@ def test_null_experts_fail_in_transformers_and_vllm(good: Path, tmp_path: Path) 
     assert failing(folder) == {"n_routed_experts", "config"}
 
 
-def test_llama3_rope_warns_that_engines_apply_yarn(good: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block,rules", [
+    (None, {"llama.cpp q_lora_rank", "llama.cpp expert groups"}),
+    ({"q_lora_rank": 0}, {"llama.cpp expert groups"}),
+    ({"n_group": 0, "topk_group": 0}, {"llama.cpp q_lora_rank"}),
+    ({**deepseek.LLAMACPP_VALUES, "q_lora_rank": 16}, {"llama.cpp q_lora_rank"}),
+])
+def test_llama_cpp_values_fail_llama_cpp_only(good: Path, tmp_path: Path, block: dict | None, rules: set[str]) -> None:
+    folder = broken_copy(good, tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw[deepseek.LLAMACPP_BLOCK] = block
+    (folder / "config.json").write_text(json.dumps(raw))
+    result = check_folder(folder)
+    assert failing(folder) == rules and not result.loads("llamacpp")
+    assert result.loads("transformers") and result.loads("vllm") and result.loads("sglang")
+
+
+def _rope_rows(good: Path, tmp_path: Path, rope: dict) -> dict[str, str]:
+    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
+    assert not result.failures, result.table()
+    return {r.rule.removeprefix("rope: "): r.status for r in result.rules if r.rule.startswith("rope: ")}
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "attention_factor": 1.0}
+
+
+def test_llama3_rope_differs_in_every_engine_but_transformers(good: Path, tmp_path: Path) -> None:
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
-    row = next(r for r in result.rules if r.rule == "rope scaling")
-    assert not result.failures and row.status == "warn" and "YaRN" in row.detail
+    assert _rope_rows(good, tmp_path, rope) == {
+        "transformers": "pass", "vLLM": "warn", "SGLang": "warn", "llama.cpp": "warn"}
+
+
+def test_output_yarn_is_computed_alike_by_every_engine(good: Path, tmp_path: Path) -> None:
+    beta_fast, beta_slow = deepseek.LLAMACPP_YARN_BETAS
+    rope = {**YARN, "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": deepseek.YARN_MSCALE,
+            "mscale_all_dim": deepseek.YARN_MSCALE}
+    assert set(_rope_rows(good, tmp_path, rope).values()) == {"pass"}
+
+
+@pytest.mark.parametrize("change", [{"beta_fast": 4.0}, {"mscale": 0.0, "mscale_all_dim": 0.0}])
+def test_yarn_that_llama_cpp_reads_differently_warns_for_it_only(good: Path, tmp_path: Path, change: dict) -> None:
+    rope = {**YARN, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": deepseek.YARN_MSCALE,
+            "mscale_all_dim": deepseek.YARN_MSCALE, **change}
+    rows = _rope_rows(good, tmp_path, rope)
+    assert rows == {"transformers": "pass", "vLLM": "pass", "SGLang": "pass", "llama.cpp": "warn"}
+
+
+def test_llama_cpp_keeps_yarn_magnitude_when_mscale_all_dim_is_zero() -> None:
+    cfg = {**DeepseekV3Config(qk_rope_head_dim=64).to_dict(), "rope_parameters": {**YARN, "mscale": 0.0,
+                                                                              "mscale_all_dim": 0.0}}
+    engines = deepseek.engine_rope(cfg)
+    magnitude = 1 + 0.1 * math.log(4.0)
+    assert engines["transformers"].logit_scale == 1.0 and engines["vllm"].rotary_logit_scale == 1.0
+    assert engines["llamacpp"].logit_scale == pytest.approx(magnitude**2)
+    assert engines["llamacpp"].rotary_logit_scale == pytest.approx(magnitude**4)
 
 
 def _drop(name: str) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -150,3 +205,28 @@ def test_cli_prints_every_rule_and_exits_by_outcome(good: Path, tmp_path: Path) 
     assert bad.exit_code == 1 and "FAIL  rope_interleave" in bad.output
     assert [line for line in bad.output.splitlines() if line.startswith("error: ")] == [
         f"error: {tmp_path / 'broken'}: 1 rule(s) fail"]
+
+
+def test_yarn_without_original_length_fails_where_it_is_not_inferred(good: Path, tmp_path: Path) -> None:
+    """transformers infers original_max_position_embeddings; vLLM, SGLang and llama.cpp's converter need it."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
+    rows = {r.rule: r.status for r in result.rules if r.rule.startswith("rope: ")}
+    assert rows == {"rope: transformers": "pass", "rope: vLLM": "fail", "rope: SGLang": "fail",
+                    "rope: llama.cpp": "fail"}
+    assert result.loads("transformers") and not any(result.loads(e) for e in ("vllm", "sglang", "llamacpp"))
+
+
+def test_a_folder_only_llama_cpp_refuses_still_validates(good: Path, tmp_path: Path) -> None:
+    folder = broken_copy(good, tmp_path, {deepseek.LLAMACPP_BLOCK: None})
+    assert require_mla(folder, "old").failures
+    with pytest.raises(MlakitError, match="fails check .rope_interleave"):
+        require_mla(broken_copy(good, tmp_path / "b", {"rope_interleave": False}), "bad")
+
+
+def test_older_rope_scaling_field_is_read_like_rope_parameters(good: Path, tmp_path: Path) -> None:
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.0,
+            "mscale_all_dim": 0.0}
+    folder = broken_copy(good, tmp_path, {"rope_parameters": None, "rope_scaling": rope, "rope_theta": 10000.0})
+    rows = {r.rule: r.detail for r in check_folder(folder).rules if r.rule.startswith("rope: ")}
+    assert rows["rope: transformers"].startswith("yarn as written") and "logits x 1.29648" in rows["rope: llama.cpp"]

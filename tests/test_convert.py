@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCac
 
 from mlakit.cli import main
 from mlakit.convert.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ShardWriter
+from mlakit.validate.check import check_folder
 
 from conftest import make_llama
 
@@ -58,6 +59,8 @@ def test_output_obeys_the_format_contract(tmp_path: Path) -> None:
     assert (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]) == (64, 64, 128)
     assert cfg["rope_interleave"] is True and cfg["tie_word_embeddings"] is False
     assert cfg["rms_norm_eps"] == 1e-6 and cfg["attention_bias"] is False
+    assert cfg["lm_config"] == {"q_lora_rank": 0, "n_group": 0, "topk_group": 0}  # read by llama.cpp only
+    assert not check_folder(tmp_path / "out").failures
     reader = CheckpointReader(tmp_path / "out")
     assert "lm_head.weight" in reader and not any(n.endswith(".bias") for n in reader.names)
     assert all(reader.get(n).dtype == torch.bfloat16 for n in reader.names)
@@ -122,7 +125,8 @@ def test_rope_scaling_is_carried_exactly_in_transformers(tmp_path: Path, rope: d
 
 
 def test_llama3_as_fitted_yarn(tmp_path: Path) -> None:
-    """Llama-3.1's rope written as YaRN: the DESIGN's measured fit (worst relative error 0.34)."""
+    """Llama-3.1's rope written as YaRN within what every engine reads (llama.cpp's fixed beta 32/1):
+    the source's own factor and length fit best; the ramp leaves a worst relative error of 0.486."""
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     src = make_llama(tmp_path / "src", kv_heads=1, head_dim=128, hidden=128, heads=1, layers=1, rope_parameters=rope)
@@ -130,5 +134,8 @@ def test_llama3_as_fitted_yarn(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
     params = record["rope"]["rope_parameters"]
     assert params["rope_type"] == "yarn" and params["attention_factor"] == 1.0
-    assert (params["beta_fast"], params["beta_slow"]) == (3.0, 1.25)
-    assert abs(record["rope"]["max_relative_frequency_error"] - 0.343) < 1e-3
+    assert (params["beta_fast"], params["beta_slow"]) == (32.0, 1.0)
+    assert (params["factor"], params["original_max_position_embeddings"]) == (8.0, 8192)
+    assert abs(record["rope"]["max_relative_frequency_error"] - 0.486) < 1e-3
+    rows = {r.rule: r.status for r in check_folder(tmp_path / "out").rules if r.rule.startswith("rope: ")}
+    assert set(rows.values()) == {"pass"}, rows

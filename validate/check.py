@@ -1,4 +1,5 @@
-"""`mlakit check`: will stock transformers, vLLM and SGLang load and serve a folder, and with which MLA kernels.
+"""`mlakit check`: will stock transformers, vLLM, SGLang and llama.cpp load and serve a folder, and with which
+MLA kernels and rope.
 
 One row per rule of DESIGN section 2, each naming the engines it matters to. The numbers behind
 the rules live in convert/deepseek.py; this module only reads a folder and applies them.
@@ -6,6 +7,7 @@ the rules live in convert/deepseek.py; this module only reads a folder and appli
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,9 +18,13 @@ from mlakit.convert import deepseek
 from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
 from mlakit.convert.errors import MlakitError
 
-ALL = ("transformers", "vllm", "sglang")
+ALL = ("transformers", "vllm", "sglang", "llamacpp")
+PYTHON = ("transformers", "vllm", "sglang")
 SERVING = ("vllm", "sglang")
-ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLang"}
+NATIVE = ("vllm", "sglang", "llamacpp")
+ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp"}
+# How close an engine's rope must come to transformers' (relative) to count as the same.
+ROPE_TOLERANCE = 1e-6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -64,6 +70,8 @@ class CheckResult:
             if not self.loads(engine):
                 reasons = "; ".join(r.rule for r in self.failures if engine in r.engines)
                 out[engine] = f"fails ({reasons})"
+            elif engine == "llamacpp":
+                out[engine] = "loads after convert_hf_to_gguf.py, no overrides (if that script knows the tokenizer)"
             else:
                 out[engine] = "loads" if engine == "transformers" else f"serves; MLA decode kernels: {kernels}"
         return out
@@ -116,8 +124,6 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
         loads, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     cfg = effective_config(raw)
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     experts = cfg["n_routed_experts"]
     return [
@@ -127,28 +133,71 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
               "must be equal (every layer dense)"),
         _rule("n_routed_experts", isinstance(experts, int) and not isinstance(experts, bool), ALL, f"{experts!r}",
               "must be an int even when dense (transformers' strict config rejects null, vLLM adds to it)"),
-        _rule("no MTP layers", cfg["num_nextn_predict_layers"] == 0, ALL,
+        _rule("no MTP layers", cfg["num_nextn_predict_layers"] == 0, PYTHON,
               f"num_nextn_predict_layers {cfg['num_nextn_predict_layers']}",
               "must be 0 (transformers 5 defaults to 1 and then expects MTP weights)"),
-        _rule("kv heads", cfg["num_key_value_heads"] == heads, ALL,
+        _rule("kv heads", cfg["num_key_value_heads"] == heads, PYTHON,
               f"num_key_value_heads {cfg['num_key_value_heads']}, num_attention_heads {heads}", "must be equal"),
-        _rule("plain q_proj", cfg["q_lora_rank"] is None, ALL, f"q_lora_rank {cfg['q_lora_rank']}", "must be null"),
+        _rule("plain q_proj", cfg["q_lora_rank"] is None, PYTHON, f"q_lora_rank {cfg['q_lora_rank']}", "must be null"),
         _rule("attention_bias", cfg["attention_bias"] is False, SERVING, f"{cfg['attention_bias']}",
               "must be false (vLLM and SGLang drop DeepSeek biases)"),
         _rule("hidden_act", cfg["hidden_act"] == "silu", ALL, f"{cfg['hidden_act']}", "must be silu"),
-        _rule("rope_interleave", cfg["rope_interleave"] is True, SERVING, f"{cfg['rope_interleave']}",
-              "must be true (vLLM always rotates interleaved pairs)"),
-        _rule("rope scaling", rope_type in deepseek.ENGINE_ROPE_TYPES, SERVING, f"rope_type {rope_type}",
-              "exact in transformers only; vLLM and SGLang apply YaRN instead", warn=True),
-        _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, SERVING, f"{cfg['rms_norm_eps']:g}",
+        _rule("rope_interleave", cfg["rope_interleave"] is True, NATIVE, f"{cfg['rope_interleave']}",
+              "must be true (vLLM and llama.cpp always rotate interleaved pairs)"),
+        _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, NATIVE, f"{cfg['rms_norm_eps']:g}",
               f"must be {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses {deepseek.LATENT_NORM_EPS:g} in "
-              "transformers and rms_norm_eps in vLLM and SGLang)"),
-        _rule("dtype", dtype in deepseek.LATENT_TRICK_DTYPES, ALL, f"{dtype}",
+              "transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)"),
+        _rule("dtype", dtype in deepseek.LATENT_TRICK_DTYPES, PYTHON, f"{dtype}",
               f"must be one of {', '.join(sorted(deepseek.LATENT_TRICK_DTYPES))} (fp16 flushes the scaled latent "
               "into subnormals)"),
         _rule("untied lm_head", cfg["tie_word_embeddings"] is False, SERVING,
               f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM does not tie)"),
     ]
+
+
+def _llamacpp_rules(raw: dict, cfg: dict) -> list[Rule]:
+    """What llama.cpp's converter writes and its deepseek2 loader asserts, read from the config as the
+    converter sees it (the llama.cpp block merged over the top level)."""
+    seen = {**cfg, **(raw.get(deepseek.LLAMACPP_BLOCK) or {})}
+    q_rank, layers = seen["q_lora_rank"], cfg["num_hidden_layers"]
+    q_ok = layers in (26, 27) or isinstance(q_rank, int) and (q_rank == 0) == (cfg["q_lora_rank"] is None)
+    experts, used = seen["n_routed_experts"] or 0, seen["num_experts_per_tok"] or 0
+    groups, groups_used = seen["n_group"] or 0, seen["topk_group"] or 0
+    grouping = groups <= 1 or (experts % groups == 0 and 0 < groups_used < groups)
+    experts_ok = used <= experts and (used > 0 and groups < experts and grouping if experts else groups == 0)
+    fix = f'add "{deepseek.LLAMACPP_BLOCK}": {json.dumps(deepseek.LLAMACPP_VALUES)}'
+    return [
+        _rule("llama.cpp q_lora_rank", q_ok, ("llamacpp",), f"q_lora_rank {q_rank} as llama.cpp's converter reads it",
+              f"its loader requires the key and reads 0 as a plain q_proj; {fix}"),
+        _rule("llama.cpp expert groups", experts_ok, ("llamacpp",),
+              f"n_routed_experts {experts}, num_experts_per_tok {used}, n_group {groups}, topk_group {groups_used}",
+              f"its loader asserts num_experts_per_tok <= n_routed_experts and n_group < n_routed_experts; {fix}"),
+    ]
+
+
+def _rope_rules(raw: dict, cfg: dict) -> list[Rule]:
+    """One row per engine: what it computes from the rope fields, against transformers' (exact) rope.
+    A config with only the older `rope_scaling` (and top-level rope_theta) is read as transformers does."""
+    theta = raw.get("rope_theta", cfg["rope_parameters"]["rope_theta"])
+    older = {"rope_type": "default", **(raw.get("rope_scaling") or {}), "rope_theta": theta}
+    rope = raw.get("rope_parameters") or older
+    engines = deepseek.engine_rope({**cfg, "rope_parameters": rope})
+    ref = engines["transformers"]
+    rows = []
+    for engine, got in engines.items():
+        name = f"rope: {ENGINE_NAMES[engine]}"
+        if got.inv_freq is None or ref.inv_freq is None:
+            rows.append(Rule(name, "fail", (engine,), got.reads))
+            continue
+        diff = ((got.inv_freq - ref.inv_freq).abs() / ref.inv_freq).max().item()
+        scales = (got.logit_scale, got.rotary_logit_scale)
+        same = diff <= ROPE_TOLERANCE and all(abs(a / b - 1) <= ROPE_TOLERANCE for a, b in
+                                               zip(scales, (ref.logit_scale, ref.rotary_logit_scale)))
+        where = "" if engine == "transformers" else f", max relative difference from transformers {diff:.3g}"
+        detail = (f"{got.reads}: {len(got.inv_freq)} frequencies {got.inv_freq[0]:.4g}..{got.inv_freq[-1]:.4g}{where}; "
+                  f"logits x {scales[0]:.6g}, rotary part x {scales[1]:.6g}")
+        rows.append(_rule(name, same, (engine,), detail, "differs from transformers", warn=True))
+    return rows
 
 
 def _kernel_rules(shape: deepseek.MLAShape) -> list[Rule]:
@@ -184,8 +233,8 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
         _rule("weights", not missing and not unknown, ALL,
               f"{len(missing)} missing{f' (first {missing[0]})' if missing else ''}, {len(unknown)} unexpected"
               f"{f' (first {unknown[0]})' if unknown else ''}", "transformers refuses missing or unexpected weights"),
-        _rule("no bias weights", not biases, SERVING, f"{len(biases)} bias tensors"
-              f"{f' (first {biases[0]})' if biases else ''}", "vLLM and SGLang drop them"),
+        _rule("no bias weights", not biases, NATIVE, f"{len(biases)} bias tensors"
+              f"{f' (first {biases[0]})' if biases else ''}", "vLLM and SGLang drop them, llama.cpp has none"),
         _rule("lm_head weight", "lm_head.weight" in names, SERVING,
               "lm_head.weight " + ("present" if "lm_head.weight" in names else "missing"), "vLLM does not tie it"),
     ]
@@ -213,20 +262,24 @@ def check_folder(folder: Path) -> CheckResult:
         return CheckResult(folder, rules)
     cfg = effective_config(raw)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    rules += _kernel_rules(mla_shape(cfg)) + _weight_rules(folder, cfg)
-    rules.append(_rule("tokenizer", has_tokenizer, SERVING, "tokenizer files " + ("present" if has_tokenizer
+    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg))
+    rules += _weight_rules(folder, cfg)
+    rules.append(_rule("tokenizer", has_tokenizer, NATIVE, "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
 
 
 def require_mla(folder: Path, name: str) -> CheckResult:
-    """The check of a folder that validate or push works on; refuse one that is not MLA or fails a rule."""
+    """The check of a folder that validate or push works on; refuse one that is not MLA or fails a rule
+    of transformers, vLLM or SGLang (what validate runs and the model card promises; a folder only
+    llama.cpp refuses, such as one converted before the llama.cpp block existed, still validates)."""
     result = check_folder(folder)
     if result.rules[0].status == "fail":
         raise MlakitError(f"{name} is not an MLA model ({result.rules[0].detail.split(':')[0]}); convert it first "
                           "with `mlakit convert`")
-    if result.failures:
-        first = result.failures[0]
+    blocking = [r for r in result.failures if set(r.engines) & set(PYTHON)]
+    if blocking:
+        first = blocking[0]
         raise MlakitError(f"{name} fails check ({first.rule}: {first.detail}); run `mlakit check {name}` for every "
                           "rule")
     return result
