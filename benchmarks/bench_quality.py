@@ -1,8 +1,8 @@
 """One-shot quality against KV-cache budget: perplexity of the source and of its conversions.
 
 Protocol: conversions calibrate on the first 90% of `--text` and never see the evaluation text:
-the last 10% of `--text` and of each `--also-eval` file, cut into `--eval-windows` windows of
-`--seq-len` tokens (and, with `--long-seq-len`, windows of that length for long context).
+the last 10% of `--text` and of each `--also-eval` file, `--eval-tokens` of each cut into windows
+of `--seq-len` tokens (and, with `--long-seq-len`, `--long-tokens` in windows of that length).
 Perplexity is measured in fp32 by transformers itself (the source as LlamaForCausalLM, the
 conversion as DeepseekV3ForCausalLM); conversions are written in fp32 so that the table shows
 approximation error, not rounding. Each row also gives the conversion's wall time.
@@ -77,10 +77,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the methods, by name")
     ap.add_argument("--calib-tokens", type=int, default=ConvertOptions.calib_tokens)
     ap.add_argument("--calib-seq-len", type=int, default=ConvertOptions.calib_seq_len)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=256, help="evaluation window")
     ap.add_argument("--long-seq-len", type=int, default=0, help="also evaluate at this context (0: no)")
-    ap.add_argument("--long-windows", type=int, default=8)
+    ap.add_argument("--long-tokens", type=int, default=8192)
     args = ap.parse_args()
     logging.set_verbosity_error()
 
@@ -89,12 +89,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = {p.name: p.read_text(encoding="utf-8") for p in [args.text, *args.also_eval]}
     held_out = {name: t[int(0.9 * len(t)):] for name, t in texts.items()}
-    sets = {f"{name} @{args.seq_len}": token_windows(tokenizer, t, args.eval_windows * args.seq_len, args.seq_len,
+    sets = {f"{name} @{args.seq_len}": token_windows(tokenizer, t, args.eval_tokens, args.seq_len,
                                                      what="evaluation") for name, t in held_out.items()}
     if args.long_seq_len:
         t = held_out[args.text.name]
         sets[f"{args.text.name} @{args.long_seq_len}"] = token_windows(
-            tokenizer, t, args.long_windows * args.long_seq_len, args.long_seq_len, what="evaluation")
+            tokenizer, t, args.long_tokens, args.long_seq_len, what="evaluation")
     base = perplexity(folder, list(sets.values()))
     src_cache = spec.kv_elements_per_token_layer()
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
