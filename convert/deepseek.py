@@ -24,6 +24,10 @@ MAX_FAST_ROPE_DIM = 64
 LATENT_NORM_EPS = 1e-6
 # The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
 LATENT_NORM_MARGIN = 1e-6
+# Ridge of the native format's least-squares refit, relative to the mean of the Gram diagonal.
+NATIVE_RIDGE = 1e-6
+# Worst-case mean square of a latent, as a fraction of eps, below which the latent norm is taken as linear.
+LINEAR_REGIME = 1e-2
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
 LATENT_TRICK_DTYPES = {"bfloat16", "float32"}
 # Rope types vLLM and SGLang read as written; they turn every other scaling type into YaRN.
@@ -160,15 +164,89 @@ def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = L
     return scaled * (norm_weight / math.sqrt(eps)).unsqueeze(1)
 
 
-def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
-    """Layer i's attention tensors in the output format, from plain weights (trick applied)."""
+class LatentMoments:
+    """Calibration statistics of one layer's plain latent c, for `native_attention`'s refit.
+
+    With the latent at its natural scale, kv_a_layernorm really normalizes: kv_b_proj sees
+    n = c / rms(c) instead of c. Since every row of kv_b_proj is regressed on the same n, the
+    least-squares kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is kv_b C for one rank x rank
+    C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets; these sums are all it needs.
+    """
+
+    def __init__(self, rank: int, alpha: float, device: torch.device | str = "cpu"):
+        self.alpha = alpha
+        self.cn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
+        self.nn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
+        self.mean_sq = 0.0
+        self.count = 0
+
+    def update(self, c: torch.Tensor) -> None:
+        """Add plain latents c (..., rank), normalized exactly as kv_a_layernorm normalizes alpha * c."""
+        c = c.reshape(-1, c.shape[-1]).double()
+        n = normalized_latent(c * self.alpha)
+        self.cn += c.T @ n
+        self.nn += n.T @ n
+        self.mean_sq += c.pow(2).mean(-1).sum().item()
+        self.count += c.shape[0]
+
+    def refit(self) -> tuple[torch.Tensor, float]:
+        """(C, g): kv_b C maps normalized latents to the plain ones; g = rms of the plain latent."""
+        ridge = NATIVE_RIDGE * self.nn.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(self.nn.shape[0], dtype=self.nn.dtype, device=self.nn.device)
+        c = torch.linalg.solve(self.nn + ridge * eye, self.cn.T).T
+        return c, math.sqrt(self.mean_sq / max(self.count, 1))
+
+
+def normalized_latent(c: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
+    """kv_a_layernorm without its weight, in float64."""
+    c = c.double()
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def native_alpha(kv_a: torch.Tensor, rank: int) -> float:
+    """Scale of the native latent rows: the rms of the rope rows beside them, so that one scale per
+    tensor (fp8) or per block fits both (the norm makes the choice free)."""
+    latent, rope_rows = kv_a[:rank].double(), kv_a[rank:].double()
+    return rope_rows.pow(2).mean().sqrt().item() / max(latent.pow(2).mean().sqrt().item(), 1e-30)
+
+
+def native_attention(w: MLAWeights, moments: LatentMoments) -> MLAWeights:
+    """Plain weights (kv_a_layernorm as identity) in the native latent format: latent rows at the
+    rope rows' scale, kv_a_layernorm = g (the plain latent's rms), kv_b_proj refitted to the
+    normalized latent (`LatentMoments`). Approximate: exact only when rms(c) is constant over inputs."""
     rank = w.kv_b.shape[1]
-    latent, norm = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
+    c, g = moments.refit()
+    kv_b = w.kv_b.double() @ c.to(w.kv_b.device) / g
+    kv_a = torch.cat([w.kv_a[:rank] * moments.alpha, w.kv_a[rank:]])
+    return MLAWeights(w.q, kv_a, torch.full((rank,), g, device=w.kv_b.device), kv_b.float(), w.o)
+
+
+def latent_is_linear(kv_a_latent: torch.Tensor, input_gamma: torch.Tensor, hidden: int) -> bool:
+    """Whether stored latent rows are in `latent_norm_trick`'s linear regime (the exact format) rather
+    than the native one: the worst-case mean square stays far below eps. The two regimes are many
+    orders of magnitude apart, so a loose threshold separates them in any dtype."""
+    rank = kv_a_latent.shape[0]
+    bound = torch.linalg.matrix_norm(kv_a_latent.double() * input_gamma.double().to(kv_a_latent.device),
+                                     ord=2).item() * math.sqrt(hidden)
+    return bound**2 / rank <= LINEAR_REGIME * LATENT_NORM_EPS
+
+
+def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int,
+                     native: bool = False) -> dict[str, torch.Tensor]:
+    """Layer i's attention tensors in the output format. Exact format: from plain weights, trick
+    applied. Native format (`native`): `w` is already native (see `native_attention`), written as is."""
+    rank = w.kv_b.shape[1]
     names = attention_names(i)
+    if native:
+        kv_a, norm = w.kv_a.float(), w.kv_norm.float()
+    else:
+        latent, scale = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
+        kv_a = torch.cat([latent.float(), w.kv_a[rank:].float()])
+        norm = scale.float().to(w.kv_norm.device) * w.kv_norm.float()
     return {
         names["q_proj"]: w.q,
-        names["kv_a_proj_with_mqa"]: torch.cat([latent.float(), w.kv_a[rank:].float()]),
-        names["kv_a_layernorm"]: norm.float() * w.kv_norm.float(),
+        names["kv_a_proj_with_mqa"]: kv_a,
+        names["kv_a_layernorm"]: norm,
         names["kv_b_proj"]: w.kv_b,
         names["o_proj"]: w.o,
     }
