@@ -18,7 +18,8 @@ Latent variants:
                tokens of the latent's mean square, times 16 (a 4x safety factor on its norm), kept
                at 1e-3 eps so that the norm's relative error stays below 5e-4
     native     the native format (calibrate/native.py): latent at its natural scale, the norm
-               normalizing, kv_b_proj refitted by least squares
+               normalizing, a fitted latent metric, kv_b_proj refitted by least squares
+    native, no metric   the same without the metric (plain latent directions)
 
     python benchmarks/bench_quant.py                                  # bundled demo model
     python benchmarks/bench_quant.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
@@ -40,7 +41,7 @@ from transformers.utils import logging
 
 from mlakit.calibrate.native import convert_native
 from mlakit.convert.checkpoint import resolve_model
-from mlakit.convert.deepseek import LATENT_NORM_EPS
+from mlakit.convert.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
 from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.convert.text import DEFAULT_TEXT, token_windows
 
@@ -48,6 +49,8 @@ from mlakit.convert.text import DEFAULT_TEXT, token_windows
 CALIBRATED_MARGIN = 1e-3
 CALIBRATED_SAFETY = 4.0
 Q8_BLOCK = 32
+# Native variants: with the fitted latent metric, and with the plain latent (identity metric).
+NATIVE = {"native": NATIVE_METRIC_STEPS, "native, no metric": 0}
 
 
 def f16(w: torch.Tensor) -> torch.Tensor:
@@ -133,7 +136,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=256, help="calibration and evaluation window")
     ap.add_argument("--variants", nargs="+", default=["exact", "calibrated", "native"],
-                    choices=["exact", "calibrated", "native"])
+                    choices=["exact", "calibrated", *NATIVE])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     args = ap.parse_args()
     logging.set_verbosity_error()
@@ -157,10 +160,11 @@ def main() -> None:
             calib_windows = token_windows(tokenizer, text[:cut], args.calib_tokens, args.seq_len)
             calibrated(tmp / "exact", tmp / "calibrated", calib_windows)
             folders["calibrated"] = tmp / "calibrated"
-        if "native" in args.variants:
-            convert_native(args.model, tmp / "native", lambda s, f: convert(s, f, opts, log=quiet), [calib],
-                           args.calib_tokens, args.seq_len, "cpu", force=False)
-            folders["native"] = tmp / "native"
+        for name, steps in NATIVE.items():
+            if name in args.variants:
+                convert_native(args.model, tmp / name, lambda s, f: convert(s, f, opts, log=quiet), [calib],
+                               args.calib_tokens, args.seq_len, "cpu", force=False, metric_steps=steps)
+                folders[name] = tmp / name
         print(f"model {args.model}, kv_lora_rank {args.kv_lora_rank}, rope dim {args.rope_dim}; calibration on the "
               f"first 90% of {args.text.name} ({args.calib_tokens} tokens), evaluation on the last 10% "
               f"({windows.numel()} tokens, windows of {args.seq_len}); conversions in "

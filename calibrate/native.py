@@ -23,14 +23,20 @@ from transformers import AutoTokenizer
 from mlakit.calibrate.export import RECORD, Export, as_stored
 from mlakit.calibrate.layers import Student
 from mlakit.convert.checkpoint import atomic_folder, check_output, read_json, write_json
-from mlakit.convert.deepseek import LATENT_NORM_EPS, LatentMoments, format_attention, native_alpha, native_attention
+from mlakit.convert.deepseek import (
+    LATENT_NORM_EPS, NATIVE_METRIC_STEPS, LatentMoments, format_attention, native_attention, native_transform,
+)
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import linear, rms_norm, row_chunks
 from mlakit.convert.text import load_corpus, token_windows
 
+# Calibration tokens the latent metric is fitted on (a random subset of them all).
+METRIC_TOKENS = 16384
+
 
 @torch.no_grad()
-def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: str) -> list[dict]:
+def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: str,
+                 metric_steps: int = NATIVE_METRIC_STEPS) -> list[dict]:
     """Write CONVERTED (exact format) into `folder` in the native format; per layer, the relative
     error of the native attention output against the exact one on the calibration windows."""
     seq_len = windows.shape[1]
@@ -41,15 +47,20 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
     chunks = row_chunks(len(ids), seq_len, max(student.dims[0] * seq_len, student.config.intermediate_size))
     h = torch.cat([student.embed(ids[c]) for c in chunks])
     export = Export(converted, folder)
+    gen = torch.Generator().manual_seed(0)
     reports = []
     for i in range(student.layers):
         layer = student.layer(i)
         if layer.norm_eps is not None:
             raise MlakitError(f"{converted}: layer {i} is already in the native latent format")
         w = layer.attn
-        moments = LatentMoments(rank, native_alpha(w.kv_a, rank), device)
-        for c in chunks:
-            moments.update(linear(rms_norm(h[c], layer.input_norm, student.eps), w.kv_a[:rank]))
+        latents = [linear(rms_norm(h[c], layer.input_norm, student.eps), w.kv_a[:rank]) for c in chunks]
+        sample = torch.cat(latents).flatten(0, 1)
+        sample = sample[torch.randperm(len(sample), generator=gen, device="cpu")[:METRIC_TOKENS].to(device)]
+        moments = LatentMoments(native_transform(w.kv_a, rank, sample, metric_steps))
+        for c in latents:
+            moments.update(c)
+        del latents, sample
         native = native_attention(w, moments)
         export.add(format_attention(i, native, layer.input_norm, hidden, native=True))
         stored = as_stored(i, native, layer.input_norm, hidden, export.dtype, native=True)
@@ -59,8 +70,7 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
             ref = student.attention(x, w, pos[c])
             err += (student.attention(x, stored, pos[c], LATENT_NORM_EPS) - ref).pow(2).sum().item()
             energy += ref.pow(2).sum().item()
-        reports.append({"layer": i, "alpha": moments.alpha, "latent_rms": moments.refit()[1],
-                        "attn_rel_error": math.sqrt(err / max(energy, 1e-300))})
+        reports.append({"layer": i, "attn_rel_error": math.sqrt(err / max(energy, 1e-300))})
         fitted = replace(layer, attn=stored, norm_eps=LATENT_NORM_EPS)
         for c in chunks:
             h[c] = student.forward_layer(h[c], fitted, pos[c])
@@ -69,7 +79,8 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
 
 
 def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict], calib_text: list[Path] | None,
-                   calib_tokens: int, calib_seq_len: int, device: str, force: bool) -> dict:
+                   calib_tokens: int, calib_seq_len: int, device: str, force: bool,
+                   metric_steps: int = NATIVE_METRIC_STEPS) -> dict:
     """`convert(source, folder)` into a staging folder beside OUT (exact format), then the native pass
     on the same calibration windows into OUT; returns the record with the native layers' errors."""
     check_output(out, force)
@@ -83,7 +94,7 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
         tokenizer = AutoTokenizer.from_pretrained(exact)
         windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len)
         with atomic_folder(out, force) as tmp:
-            layers = refit_native(exact, tmp, windows, device)
+            layers = refit_native(exact, tmp, windows, device, metric_steps)
             record = read_json(exact / RECORD)
             record["latent"] = {"format": "native", "layers": layers}
             write_json(tmp / RECORD, record)

@@ -26,6 +26,9 @@ LATENT_NORM_EPS = 1e-6
 LATENT_NORM_MARGIN = 1e-6
 # Ridge of the native format's least-squares refit, relative to the mean of the Gram diagonal.
 NATIVE_RIDGE = 1e-6
+# L-BFGS iterations and eigenvalue spread of the native format's latent metric.
+NATIVE_METRIC_STEPS = 100
+NATIVE_METRIC_CONDITION = 30.0
 # Worst-case mean square of a latent, as a fraction of eps, below which the latent norm is taken as linear.
 LINEAR_REGIME = 1e-2
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
@@ -167,34 +170,31 @@ def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = L
 class LatentMoments:
     """Calibration statistics of one layer's plain latent c, for `native_attention`'s refit.
 
-    With the latent at its natural scale, kv_a_layernorm really normalizes: kv_b_proj sees
-    n = c / rms(c) instead of c. Since every row of kv_b_proj is regressed on the same n, the
-    least-squares kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is kv_b C for one rank x rank
-    C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets; these sums are all it needs.
+    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = N(T c), the norm of
+    the transformed latent T c (`latent_metric`), instead of c. Since every row of kv_b_proj is
+    regressed on the same n, the least-squares kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is
+    kv_b C for one rank x rank C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets;
+    these sums are all it needs.
     """
 
-    def __init__(self, rank: int, alpha: float, device: torch.device | str = "cpu"):
-        self.alpha = alpha
+    def __init__(self, transform: torch.Tensor):
+        self.transform = transform.double()
+        rank, device = transform.shape[0], transform.device
         self.cn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
         self.nn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
-        self.mean_sq = 0.0
-        self.count = 0
 
     def update(self, c: torch.Tensor) -> None:
-        """Add plain latents c (..., rank), normalized exactly as kv_a_layernorm normalizes alpha * c."""
+        """Add plain latents c (..., rank)."""
         c = c.reshape(-1, c.shape[-1]).double()
-        n = normalized_latent(c * self.alpha)
+        n = normalized_latent(c @ self.transform.T)
         self.cn += c.T @ n
         self.nn += n.T @ n
-        self.mean_sq += c.pow(2).mean(-1).sum().item()
-        self.count += c.shape[0]
 
-    def refit(self) -> tuple[torch.Tensor, float]:
-        """(C, g): kv_b C maps normalized latents to the plain ones; g = rms of the plain latent."""
+    def refit(self) -> torch.Tensor:
+        """C: kv_b C maps normalized latents to what kv_b makes of the plain ones."""
         ridge = NATIVE_RIDGE * self.nn.diagonal().mean().clamp_min(1e-30)
         eye = torch.eye(self.nn.shape[0], dtype=self.nn.dtype, device=self.nn.device)
-        c = torch.linalg.solve(self.nn + ridge * eye, self.cn.T).T
-        return c, math.sqrt(self.mean_sq / max(self.count, 1))
+        return torch.linalg.solve(self.nn + ridge * eye, self.cn.T).T
 
 
 def normalized_latent(c: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
@@ -203,22 +203,59 @@ def normalized_latent(c: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Te
     return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def native_alpha(kv_a: torch.Tensor, rank: int) -> float:
-    """Scale of the native latent rows: the rms of the rope rows beside them, so that one scale per
-    tensor (fp8) or per block fits both (the norm makes the choice free)."""
-    latent, rope_rows = kv_a[:rank].double(), kv_a[rank:].double()
-    return rope_rows.pow(2).mean().sqrt().item() / max(latent.pow(2).mean().sqrt().item(), 1e-30)
+def latent_metric(c: torch.Tensor, steps: int = NATIVE_METRIC_STEPS) -> torch.Tensor:
+    """A symmetric T (rank x rank) that makes ||T c|| as constant as it can over calibration latents c.
+
+    The norm's output n = T c / rms(T c) equals a fixed linear map of c exactly when rms(T c) is
+    constant; the plain latent's rms varies by 10-30% over real text, and an ellipsoidal metric
+    flattens it (L-BFGS on the relative variance of ||T c||^2). The eigenvalues of T are kept within
+    NATIVE_METRIC_CONDITION of each other, so that no latent row becomes too small to quantize."""
+    c = c.reshape(-1, c.shape[-1]).double()
+    if steps == 0:
+        return torch.eye(c.shape[1], dtype=c.dtype, device=c.device)
+    c = c / c.pow(2).mean().sqrt().clamp_min(1e-30)
+    root = torch.eye(c.shape[1], dtype=c.dtype, device=c.device, requires_grad=True)
+    opt = torch.optim.LBFGS([root], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def relative_variance() -> torch.Tensor:
+        opt.zero_grad()
+        q = (c @ root.T).pow(2).sum(-1)
+        loss = q.var() / q.mean().pow(2)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(relative_variance)
+    s, v = torch.linalg.eigh(root.detach().T @ root.detach())
+    s = s.clamp_min(0).sqrt()
+    s = s.clamp_min(s.max() / NATIVE_METRIC_CONDITION)
+    return (v * (s / s.max())) @ v.T
+
+
+def native_transform(kv_a: torch.Tensor, rank: int, sample: torch.Tensor,
+                     steps: int = NATIVE_METRIC_STEPS) -> torch.Tensor:
+    """alpha T: the metric of `latent_metric` fitted on a sample of plain latents, scaled so that the
+    native latent rows have the rms of the rope rows beside them (one scale per tensor or per block
+    then fits both; the norm makes the scale free)."""
+    t = latent_metric(sample, steps).to(kv_a.device)
+    latent = t @ kv_a[:rank].double()
+    rope_rms = kv_a[rank:].double().pow(2).mean().sqrt()
+    return t * (rope_rms / latent.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 def native_attention(w: MLAWeights, moments: LatentMoments) -> MLAWeights:
-    """Plain weights (kv_a_layernorm as identity) in the native latent format: latent rows at the
-    rope rows' scale, kv_a_layernorm = g (the plain latent's rms), kv_b_proj refitted to the
-    normalized latent (`LatentMoments`). Approximate: exact only when rms(c) is constant over inputs."""
+    """Plain weights (kv_a_layernorm as identity) in the native latent format: latent rows
+    transform @ L (`native_transform`), kv_b_proj = kv_b C / g (`LatentMoments`) and
+    kv_a_layernorm = g, with g the rms of C's entries times sqrt(rank), so that kv_b_proj keeps its
+    plain scale. Approximate: exact only when the transformed latent's rms is constant over inputs."""
     rank = w.kv_b.shape[1]
-    c, g = moments.refit()
-    kv_b = w.kv_b.double() @ c.to(w.kv_b.device) / g
-    kv_a = torch.cat([w.kv_a[:rank] * moments.alpha, w.kv_a[rank:]])
-    return MLAWeights(w.q, kv_a, torch.full((rank,), g, device=w.kv_b.device), kv_b.float(), w.o)
+    dev = w.kv_b.device
+    c = moments.refit().to(dev)
+    g = c.pow(2).mean().sqrt().item() * math.sqrt(rank)
+    kv_b = w.kv_b.double() @ c / g
+    latent = moments.transform.to(dev) @ w.kv_a[:rank].double()
+    return MLAWeights(w.q, torch.cat([latent.float(), w.kv_a[rank:]]), torch.full((rank,), g, device=dev),
+                      kv_b.float(), w.o)
 
 
 def latent_is_linear(kv_a_latent: torch.Tensor, input_gamma: torch.Tensor, hidden: int) -> bool:
