@@ -32,7 +32,6 @@ import argparse
 import math
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,40 +43,13 @@ from mlakit.convert.checkpoint import resolve_model
 from mlakit.convert.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
 from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.validate.quant import SCHEMES
 
 # Largest mean square of the calibrated variant's latent, as a fraction of eps.
 CALIBRATED_MARGIN = 1e-3
 CALIBRATED_SAFETY = 4.0
-Q8_BLOCK = 32
 # Native variants: with the fitted latent metric, and with the plain latent (identity metric).
 NATIVE = {"native": NATIVE_METRIC_STEPS, "native, no metric": 0}
-
-
-def f16(w: torch.Tensor) -> torch.Tensor:
-    return w.half().float()
-
-
-def q8_0(w: torch.Tensor) -> torch.Tensor:
-    """ggml's quantize_row_q8_0_ref: d = amax/127 in float32 for rounding, stored (and used) as f16."""
-    if w.shape[1] % Q8_BLOCK:
-        return f16(w)  # llama.cpp falls back to a non-block type for such rows
-    blocks = w.reshape(w.shape[0], -1, Q8_BLOCK)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    q = torch.where(d > 0, blocks / d, torch.zeros_like(blocks)).round()
-    return (q * d.half().float()).reshape_as(w)
-
-
-def fp8(w: torch.Tensor) -> torch.Tensor:
-    scale = w.abs().max().clamp_min(1e-30) / 448
-    return (w / scale).to(torch.float8_e4m3fn).float() * scale
-
-
-def int8(w: torch.Tensor) -> torch.Tensor:
-    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
-    return (w / scale).round().clamp(-127, 127) * scale
-
-
-SCHEMES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"f16": f16, "q8_0": q8_0, "fp8": fp8, "int8": int8}
 
 
 def load(folder: Path, scheme: str | None) -> torch.nn.Module:

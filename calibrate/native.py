@@ -101,3 +101,10 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
         return record
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def native_summary(record: dict) -> str:
+    """The line a user reads after a native conversion."""
+    errors = [row["attn_rel_error"] for row in record["latent"]["layers"]]
+    return (f"native latent: kv_b_proj refitted to the normalized latent; attention error against the exact "
+            f"format {sum(errors) / len(errors):.4f} mean, {max(errors):.4f} worst layer")

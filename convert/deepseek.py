@@ -33,6 +33,8 @@ NATIVE_METRIC_CONDITION = 30.0
 LINEAR_REGIME = 1e-2
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
 LATENT_TRICK_DTYPES = {"bfloat16", "float32"}
+# The native format keeps every weight at a normal scale: fp16 holds it too.
+NATIVE_DTYPES = {"bfloat16", "float16", "float32"}
 # Rope types vLLM and SGLang read as written; they turn every other scaling type into YaRN.
 ENGINE_ROPE_TYPES = {"default", "yarn"}
 # Triton MLA decodes any shape: it serves what the fast decode kernels refuse.
