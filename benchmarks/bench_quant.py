@@ -38,7 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from mlakit.calibrate.native import convert_native
+from mlakit.calibrate.native import refit_native
 from mlakit.convert.checkpoint import resolve_model
 from mlakit.convert.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
 from mlakit.convert.pipeline import ConvertOptions, convert
@@ -128,14 +128,14 @@ def main() -> None:
         folders = {"source": resolve_model(args.model), "exact": tmp / "exact"}
         tokenizer = AutoTokenizer.from_pretrained(tmp / "exact")
         windows = token_windows(tokenizer, text[cut:], args.eval_tokens, args.seq_len, what="evaluation")
+        calib_windows = token_windows(tokenizer, text[:cut], args.calib_tokens, args.seq_len)
         if "calibrated" in args.variants:
-            calib_windows = token_windows(tokenizer, text[:cut], args.calib_tokens, args.seq_len)
             calibrated(tmp / "exact", tmp / "calibrated", calib_windows)
             folders["calibrated"] = tmp / "calibrated"
         for name, steps in NATIVE.items():
-            if name in args.variants:
-                convert_native(args.model, tmp / name, lambda s, f: convert(s, f, opts, log=quiet), [calib],
-                               args.calib_tokens, args.seq_len, "cpu", force=False, metric_steps=steps)
+            if name in args.variants:  # what `convert --latent native` does after the exact conversion
+                (tmp / name).mkdir()
+                refit_native(tmp / "exact", tmp / name, calib_windows, "cpu", steps)
                 folders[name] = tmp / name
         print(f"model {args.model}, kv_lora_rank {args.kv_lora_rank}, rope dim {args.rope_dim}; calibration on the "
               f"first 90% of {args.text.name} ({args.calib_tokens} tokens), evaluation on the last 10% "

@@ -86,7 +86,8 @@ def formatted_state(state: dict[str, torch.Tensor], config, train: str) -> dict[
     for i in range(config.num_hidden_layers):
         names = attention_names(i)
         native = names["kv_a_layernorm"] in state
-        norm = state[names["kv_a_layernorm"]].float() if native else torch.ones(config.kv_lora_rank)
+        device = state[names["kv_a_proj_with_mqa"]].device
+        norm = state[names["kv_a_layernorm"]].float() if native else torch.ones(config.kv_lora_rank, device=device)
         w = MLAWeights(*(state[names[k]].float() for k in ("q_proj", "kv_a_proj_with_mqa")), norm,
                        *(state[names[k]].float() for k in ("kv_b_proj", "o_proj")))
         gamma = state[f"model.layers.{i}.input_layernorm.weight"].float()

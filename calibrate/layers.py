@@ -36,7 +36,7 @@ class _Ends:
         self.eps = eps
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.reader.get("model.embed_tokens.weight")[ids].float().to(self.device)
+        return self.reader.get("model.embed_tokens.weight")[ids.cpu()].float().to(self.device)
 
     @functools.cached_property
     def _head(self) -> tuple[torch.Tensor, torch.Tensor]:

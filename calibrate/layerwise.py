@@ -101,7 +101,8 @@ class _Fit:
             for start in range(0, rank, v):
                 m = min(v, rank - start)
                 copy = torch.zeros(heads, v, rank, device=w.kv_b.device)
-                copy[:, torch.arange(m), start + torch.arange(m)] = 1.0
+                diag = torch.arange(m, device=copy.device)
+                copy[:, diag, start + diag] = 1.0
                 probe = MLAWeights(w.q, w.kv_a, w.kv_norm, torch.cat([kv_b[:, :nope], copy], 1).reshape(-1, rank),
                                    torch.eye(heads * v, device=w.o.device))
                 out = self.attention(c, probe)
@@ -128,7 +129,7 @@ class _Fit:
         n = self.x.shape[0]
         scale = self.energy / self.target.numel()
         for _ in range(opts.steps):
-            rows = torch.randint(0, n, (min(opts.batch_rows, n),), generator=gen)
+            rows = torch.randint(0, n, (min(opts.batch_rows, n),), generator=gen).to(self.x.device)
             q, kv_a, kv_b, o = params
             out = self.attention(rows, MLAWeights(q, kv_a, w.kv_norm, kv_b, o))
             loss = (out - self.target[rows]).pow(2).mean() / scale

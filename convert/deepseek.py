@@ -159,9 +159,10 @@ def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: i
     Returns the scaled rows and the norm weight sqrt(eps) / alpha that undoes the scale.
     """
     rank = latent.shape[0]
-    bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double(), ord=2).item() * math.sqrt(hidden)
+    bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double().to(latent.device), ord=2).item()
+    bound *= math.sqrt(hidden)
     alpha = math.sqrt(LATENT_NORM_MARGIN * eps * rank) / max(bound, 1e-30)
-    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype)
+    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype, device=latent.device)
 
 
 def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
@@ -281,7 +282,7 @@ def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: i
     else:
         latent, scale = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
         kv_a = torch.cat([latent.float(), w.kv_a[rank:].float()])
-        norm = scale.float().to(w.kv_norm.device) * w.kv_norm.float()
+        norm = scale.float() * w.kv_norm.float().to(scale.device)
     return {
         names["q_proj"]: w.q,
         names["kv_a_proj_with_mqa"]: kv_a,
@@ -300,7 +301,7 @@ def plain_attention(get: Callable[[str], torch.Tensor], i: int, rank: int) -> ML
     return MLAWeights(
         q=get(names["q_proj"]).float(),
         kv_a=torch.cat([latent, kv_a[rank:]]),
-        kv_norm=torch.ones(rank),
+        kv_norm=torch.ones(rank, device=kv_a.device),
         kv_b=get(names["kv_b_proj"]).float(),
         o=get(names["o_proj"]).float(),
     )
