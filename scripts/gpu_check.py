@@ -206,9 +206,9 @@ def vllm_check(results: Results, folder: Path, exact: Path | None) -> None:
         return
     runs = [("native", folder, None), ("native", folder, "fp8")] + ([("exact", exact, "fp8")] if exact else [])
     for label, path, quantization in runs:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         name = f"vLLM {quantization or 'bf16'} prompt log-probs of the {label} format"
         with results.step(name):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             proc = subprocess.run([sys.executable, __file__, "--vllm-worker", str(path), quantization or ""],
                                   capture_output=True, text=True, timeout=600)
             if proc.returncode:
