@@ -1,7 +1,8 @@
 """The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM and SGLang load.
 
-Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, and the
-exact trick that makes the latent RMSNorm a fixed per-channel scale.
+Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, and the two
+latent formats: the exact one, whose trick makes the latent RMSNorm a fixed per-channel scale, and
+the native one, whose latent stays at a normal scale that quantization keeps (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = L
 class LatentMoments:
     """Calibration statistics of one layer's plain latent c, for `native_attention`'s refit.
 
-    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = N(T c), the norm of
-    the transformed latent T c (`latent_metric`), instead of c. Since every row of kv_b_proj is
+    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = RMSNorm(T c), with T
+    the latent's transform (`native_transform`), instead of c. Since every row of kv_b_proj is
     regressed on the same n, the least-squares kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is
     kv_b C for one rank x rank C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets;
     these sums are all it needs.
