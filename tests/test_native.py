@@ -95,12 +95,13 @@ def test_check_says_which_quantization_each_format_survives(pair) -> None:
         assert rules["latent format"].detail.startswith("native" if folder == native else "exact")
 
 
-def test_layerwise_calibration_keeps_the_native_format(pair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["layerwise", "distill"])
+def test_calibration_keeps_the_native_format(pair, tmp_path: Path, mode: str) -> None:
     src, _, native = pair
     out = tmp_path / "cal"
     result = CliRunner().invoke(main, ["calibrate", str(native), str(out), "--teacher", str(src), "--tokens", "1024",
                                        "--eval-tokens", "256", "--seq-len", "128", "--layer-steps", "5",
-                                       "--device", "cpu"])
+                                       "--batch-size", "4", "--mode", mode, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rules = {r.rule: r for r in check_folder(out).rules}
     assert rules["latent format"].detail.startswith("native") and rules["quantize q8_0"].status == "pass"
