@@ -57,7 +57,7 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
         latents = [linear(rms_norm(h[c], layer.input_norm, student.eps), w.kv_a[:rank]) for c in chunks]
         sample = torch.cat(latents).flatten(0, 1)
         sample = sample[torch.randperm(len(sample), generator=gen, device="cpu")[:METRIC_TOKENS].to(device)]
-        moments = LatentMoments(native_transform(w.kv_a, rank, sample, metric_steps))
+        moments = LatentMoments(*native_transform(w.kv_a, rank, sample, metric_steps))
         for c in latents:
             moments.update(c)
         del latents, sample

@@ -174,15 +174,15 @@ def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = L
 class LatentMoments:
     """Calibration statistics of one layer's plain latent c, for `native_attention`'s refit.
 
-    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = RMSNorm(T c), with T
-    the latent's transform (`native_transform`), instead of c. Since every row of kv_b_proj is
-    regressed on the same n, the least-squares kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is
-    kv_b C for one rank x rank C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets;
-    these sums are all it needs.
+    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = w * RMSNorm(T c),
+    with T the latent's transform and w the norm's weight (`native_transform`), instead of c. Since
+    every row of kv_b_proj is regressed on the same n, the least-squares
+    kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is kv_b C for one rank x rank
+    C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets; these sums are all it needs.
     """
 
-    def __init__(self, transform: torch.Tensor):
-        self.transform = transform.double()
+    def __init__(self, transform: torch.Tensor, weight: torch.Tensor):
+        self.transform, self.weight = transform.double(), weight.double().to(transform.device)
         rank, device = transform.shape[0], transform.device
         self.cn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
         self.nn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
@@ -190,7 +190,7 @@ class LatentMoments:
     def update(self, c: torch.Tensor) -> None:
         """Add plain latents c (..., rank)."""
         c = c.reshape(-1, c.shape[-1]).double()
-        n = normalized_latent(c @ self.transform.T)
+        n = normalized_latent(c @ self.transform.T) * self.weight
         self.cn += c.T @ n
         self.nn += n.T @ n
 
@@ -207,16 +207,20 @@ def normalized_latent(c: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Te
     return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def latent_metric(c: torch.Tensor, steps: int = NATIVE_METRIC_STEPS) -> torch.Tensor:
-    """A symmetric T (rank x rank) that makes ||T c|| as constant as it can over calibration latents c.
+def latent_metric(c: torch.Tensor, steps: int = NATIVE_METRIC_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, V): the metric M = V diag(s^2) V^T that makes ||diag(s) V^T c|| as constant as it can
+    over calibration latents c, s at most 1.
 
-    The norm's output n = T c / rms(T c) equals a fixed linear map of c exactly when rms(T c) is
+    The norm's output is a fixed linear map of c exactly when the rms of what it normalizes is
     constant; the plain latent's rms varies by 10-30% over real text, and an ellipsoidal metric
-    flattens it (L-BFGS on the relative variance of ||T c||^2). The eigenvalues of T are kept within
-    NATIVE_METRIC_CONDITION of each other, so that no latent row becomes too small to quantize."""
+    flattens it (L-BFGS on the relative variance of c^T M c). Returned in its eigenbasis so that
+    each latent row gets one scale s_k of its own (mixing scales inside a row or a kv_b_proj column
+    would let quantization noise of the large ones swamp the small ones); s is kept within
+    NATIVE_METRIC_CONDITION of its largest value."""
     c = c.reshape(-1, c.shape[-1]).double()
     if steps == 0:
-        return torch.eye(c.shape[1], dtype=c.dtype, device=c.device)
+        return (torch.ones(c.shape[1], dtype=c.dtype, device=c.device),
+                torch.eye(c.shape[1], dtype=c.dtype, device=c.device))
     c = c / c.pow(2).mean().sqrt().clamp_min(1e-30)
     root = torch.eye(c.shape[1], dtype=c.dtype, device=c.device, requires_grad=True)
     opt = torch.optim.LBFGS([root], max_iter=steps, line_search_fn="strong_wolfe")
@@ -233,24 +237,27 @@ def latent_metric(c: torch.Tensor, steps: int = NATIVE_METRIC_STEPS) -> torch.Te
     s, v = torch.linalg.eigh(root.detach().T @ root.detach())
     s = s.clamp_min(0).sqrt()
     s = s.clamp_min(s.max() / NATIVE_METRIC_CONDITION)
-    return (v * (s / s.max())) @ v.T
+    return s / s.max(), v
 
 
 def native_transform(kv_a: torch.Tensor, rank: int, sample: torch.Tensor,
-                     steps: int = NATIVE_METRIC_STEPS) -> torch.Tensor:
-    """alpha T: the metric of `latent_metric` fitted on a sample of plain latents, scaled so that the
-    native latent rows have the rms of the rope rows beside them (one scale per tensor or per block
-    then fits both; the norm makes the scale free)."""
-    t = latent_metric(sample, steps).to(kv_a.device)
+                     steps: int = NATIVE_METRIC_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha diag(s) V^T, 1 / s): the latent's transform from `latent_metric` fitted on a sample of
+    plain latents, scaled so that the native latent rows have the rms of the rope rows beside them
+    (one scale per tensor or per block then fits both; the norm makes the scale free), and the
+    kv_a_layernorm weight that gives each row its own scale back after the norm, where no
+    quantizer sees it."""
+    s, v = (t.to(kv_a.device) for t in latent_metric(sample, steps))
+    t = s[:, None] * v.T
     latent = t @ kv_a[:rank].double()
     rope_rms = kv_a[rank:].double().pow(2).mean().sqrt()
-    return t * (rope_rms / latent.pow(2).mean().sqrt().clamp_min(1e-30))
+    return t * (rope_rms / latent.pow(2).mean().sqrt().clamp_min(1e-30)), 1 / s
 
 
 def native_attention(w: MLAWeights, moments: LatentMoments) -> MLAWeights:
     """Plain weights (kv_a_layernorm as identity) in the native latent format: latent rows
-    transform @ L (`native_transform`), kv_b_proj = kv_b C / g (`LatentMoments`) and
-    kv_a_layernorm = g, with g the rms of C's entries times sqrt(rank), so that kv_b_proj keeps its
+    transform @ L and kv_a_layernorm = weight * g (`native_transform`), kv_b_proj = kv_b C / g
+    (`LatentMoments`), with g the rms of C's entries times sqrt(rank), so that kv_b_proj keeps its
     plain scale. Approximate: exact only when the transformed latent's rms is constant over inputs."""
     rank = w.kv_b.shape[1]
     dev = w.kv_b.device
@@ -258,7 +265,7 @@ def native_attention(w: MLAWeights, moments: LatentMoments) -> MLAWeights:
     g = c.pow(2).mean().sqrt().item() * math.sqrt(rank)
     kv_b = w.kv_b.double() @ c / g
     latent = moments.transform.to(dev) @ w.kv_a[:rank].double()
-    return MLAWeights(w.q, torch.cat([latent.float(), w.kv_a[rank:]]), torch.full((rank,), g, device=dev),
+    return MLAWeights(w.q, torch.cat([latent.float(), w.kv_a[rank:]]), (moments.weight.to(dev) * g).float(),
                       kv_b.float(), w.o)
 
 
