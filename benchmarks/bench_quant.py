@@ -143,9 +143,8 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s\n")
         print("| model | " + " | ".join(["unquantized", *args.schemes]) + " |")
         print("|---|" + "---:|" * (1 + len(args.schemes)))
-        for name, folder in folders.items():
-            if name != "source" and name not in args.variants:
-                continue
+        for name in ["source", *args.variants]:
+            folder = folders[name]
             base = perplexity(load(folder, None), windows)
             cells = [f"{base:.3f}"]
             for scheme in args.schemes:
