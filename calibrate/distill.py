@@ -30,7 +30,7 @@ from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_l
 from mlakit.calibrate.teacher import CACHE, CACHE_INFO, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
     cache_ready, logits
 from mlakit.convert.checkpoint import read_json, write_json
-from mlakit.convert.deepseek import attention_names, format_attention, plain_latent
+from mlakit.convert.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import MLAWeights
 from mlakit.convert.guard import atomic_folder
@@ -70,26 +70,32 @@ class DistillResult:
 
 
 def to_plain(model: DeepseekV3ForCausalLM) -> None:
-    """Fold every kv_a_layernorm into its latent rows and drop the norm (see export.py)."""
-    rank = model.config.kv_lora_rank
+    """Fold every exact-format kv_a_layernorm into its latent rows and drop the norm (see export.py);
+    native-format layers keep theirs."""
+    rank, hidden = model.config.kv_lora_rank, model.config.hidden_size
     for layer in model.model.layers:
         attn = layer.self_attn
+        w = attn.kv_a_proj_with_mqa.weight
+        if not latent_is_linear(w[:rank].detach(), layer.input_layernorm.weight.detach(), hidden):
+            continue
         with torch.no_grad():
-            w = attn.kv_a_proj_with_mqa.weight
             w[:rank] = plain_latent(w[:rank], attn.kv_a_layernorm.weight)
         attn.kv_a_layernorm = torch.nn.Identity()
 
 
 def formatted_state(state: dict[str, torch.Tensor], config, train: str) -> dict[str, torch.Tensor]:
-    """The trained tensors of a plain-parametrization state dict, in the output format."""
+    """The trained tensors of a state dict after `to_plain`, in the output format (a layer that kept
+    its kv_a_layernorm is native)."""
     out = {} if train == "attention" else {k: v for k, v in state.items() if ".self_attn." not in k}
     for i in range(config.num_hidden_layers):
         names = attention_names(i)
-        w = MLAWeights(*(state[names[k]].float() for k in ("q_proj", "kv_a_proj_with_mqa")),
-                       torch.ones(config.kv_lora_rank),
+        native = names["kv_a_layernorm"] in state
+        device = state[names["kv_a_proj_with_mqa"]].device
+        norm = state[names["kv_a_layernorm"]].float() if native else torch.ones(config.kv_lora_rank, device=device)
+        w = MLAWeights(*(state[names[k]].float() for k in ("q_proj", "kv_a_proj_with_mqa")), norm,
                        *(state[names[k]].float() for k in ("kv_b_proj", "o_proj")))
         gamma = state[f"model.layers.{i}.input_layernorm.weight"].float()
-        out.update(format_attention(i, w, gamma, config.hidden_size))
+        out.update(format_attention(i, w, gamma, config.hidden_size, native))
     return out
 
 

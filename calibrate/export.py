@@ -1,9 +1,11 @@
 """The student between the output format and the plain parametrization that training works in.
 
-In the format, kv_a_proj_with_mqa's latent rows are scaled down so far that kv_a_layernorm acts as
-a constant scale (DESIGN section 2). Optimizers cannot work on those rows (their size is set by
-the trick, not by the function), so training sees the plain rows (`plain_attention`, no latent
-norm) and `format_attention` re-applies the trick with the final input norm when writing OUT.
+In the exact format, kv_a_proj_with_mqa's latent rows are scaled down so far that kv_a_layernorm
+acts as a constant scale (DESIGN section 2). Optimizers cannot work on those rows (their size is set
+by the trick, not by the function), so training sees the plain rows (`plain_attention`, no latent
+norm) and `format_attention` re-applies the trick with the final input norm when writing OUT. In
+the native format (calibrate/native.py) the stored weights are already at a natural scale: training
+runs them as stored, through the norm, and they are written back as they are.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ def load_mla_config(folder: Path) -> DeepseekV3Config:
     return DeepseekV3Config.from_pretrained(folder)
 
 
-def as_stored(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int, dtype: torch.dtype) -> MLAWeights:
-    """The plain weights a loader of OUT will see: formatted, rounded to the output dtype, undone."""
-    stored = {name: t.to(dtype) for name, t in format_attention(i, w, input_gamma, hidden).items()}
+def as_stored(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int, dtype: torch.dtype,
+              native: bool = False) -> MLAWeights:
+    """The weights a loader of OUT will see, rounded to the output dtype: plain (trick undone) in the
+    exact format, as stored in the native one."""
+    stored = {name: t.to(dtype) for name, t in format_attention(i, w, input_gamma, hidden, native).items()}
+    if native:
+        return MLAWeights(*(t.float() for t in stored.values()))
     return plain_attention(stored.__getitem__, i, w.kv_b.shape[1])
 
 

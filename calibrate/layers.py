@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from mlakit.calibrate.data import per_document
 from mlakit.calibrate.export import load_mla_config
 from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import plain_attention
+from mlakit.convert.deepseek import LATENT_NORM_EPS, attention_names, latent_is_linear, plain_attention
 from mlakit.convert.families import SourceLayer, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
     MLAWeights, linear, mla_attention, mlp, rms_norm, rope_tables, source_attention,
@@ -36,7 +36,7 @@ class _Ends:
         self.eps = eps
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.reader.get("model.embed_tokens.weight")[ids].float().to(self.device)
+        return self.reader.get("model.embed_tokens.weight")[ids.cpu()].float().to(self.device)
 
     @functools.cached_property
     def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,8 @@ class Teacher(_Ends):
 
 @dataclass
 class StudentLayer:
-    """One converted decoder layer; `attn` in the plain parametrization."""
+    """One converted decoder layer. `attn` is in the plain parametrization (`norm_eps` None) when
+    stored in the exact format, and as stored, kv_a_layernorm active, in the native format."""
 
     attn: MLAWeights
     input_norm: torch.Tensor
@@ -83,6 +84,7 @@ class StudentLayer:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    norm_eps: float | None = None
 
 
 class Student(_Ends):
@@ -102,18 +104,27 @@ class Student(_Ends):
         def get(key: str) -> torch.Tensor:
             return self.reader.get(layer_name(i, key)).float().to(self.device)
 
-        attn = plain_attention(self.reader.get, i, self.config.kv_lora_rank)
+        rank, names, gamma = self.config.kv_lora_rank, attention_names(i), get("input_norm")
+        latent = self.reader.get(names["kv_a_proj_with_mqa"])[:rank].float().to(self.device)
+        if latent_is_linear(latent, gamma, self.config.hidden_size):
+            attn, norm_eps = plain_attention(self.reader.get, i, rank), None
+        else:
+            attn = MLAWeights(*(self.reader.get(names[k]).float() for k in
+                                ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")))
+            norm_eps = LATENT_NORM_EPS
         return StudentLayer(MLAWeights(*(t.to(self.device) for t in vars(attn).values())),
-                            get("input_norm"), get("post_norm"), get("gate"), get("up"), get("down"))
+                            gamma, get("post_norm"), get("gate"), get("up"), get("down"), norm_eps)
 
-    def attention(self, x: torch.Tensor, w: MLAWeights, pos: torch.Tensor) -> torch.Tensor:
-        """The plain MLA attention on normed inputs x."""
+    def attention(self, x: torch.Tensor, w: MLAWeights, pos: torch.Tensor,
+                  norm_eps: float | None = None) -> torch.Tensor:
+        """MLA attention on normed inputs x: plain (`norm_eps` None) or with kv_a_layernorm."""
         heads, nope, rope, v = self.dims
         return per_document(
-            lambda y: mla_attention(y, w, heads, nope, rope, v, self.cos, self.sin, norm_eps=None, scale=self.scale),
+            lambda y: mla_attention(y, w, heads, nope, rope, v, self.cos, self.sin, norm_eps=norm_eps,
+                                    scale=self.scale),
             x, pos,
         )
 
     def forward_layer(self, h: torch.Tensor, layer: StudentLayer, pos: torch.Tensor) -> torch.Tensor:
-        h = h + self.attention(rms_norm(h, layer.input_norm, self.eps), layer.attn, pos)
+        h = h + self.attention(rms_norm(h, layer.input_norm, self.eps), layer.attn, pos, layer.norm_eps)
         return h + mlp(rms_norm(h, layer.post_norm, self.eps), layer.gate, layer.up, layer.down)

@@ -55,16 +55,20 @@ class LayerwiseResult:
 class _Fit:
     """One layer's fitting problem: normed inputs x, target attention output, the student's attention."""
 
-    def __init__(self, student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor):
-        self.student, self.x, self.pos, self.target = student, x, pos, target
+    def __init__(self, student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor,
+                 norm_eps: float | None):
+        self.student, self.x, self.pos, self.target, self.norm_eps = student, x, pos, target, norm_eps
         self.chunks = row_chunks(x.shape[0], x.shape[1], student.dims[0] * max(x.shape[1], student.dims[3]))
         self.energy = sum(target[c].pow(2).sum().item() for c in self.chunks)
+
+    def attention(self, rows, w: MLAWeights) -> torch.Tensor:
+        """The student's attention on calibration rows, in its latent format."""
+        return self.student.attention(self.x[rows], w, self.pos[rows], self.norm_eps)
 
     def error(self, w: MLAWeights) -> float:
         """Relative squared error of the attention output over all calibration rows."""
         with torch.no_grad():
-            err = sum((self.student.attention(self.x[c], w, self.pos[c]) - self.target[c]).pow(2).sum().item()
-                      for c in self.chunks)
+            err = sum((self.attention(c, w) - self.target[c]).pow(2).sum().item() for c in self.chunks)
         return err / max(self.energy, 1e-30)
 
     def least_squares(self, features: Callable[[slice], torch.Tensor]) -> torch.Tensor:
@@ -82,7 +86,7 @@ class _Fit:
     def solve_output(self, w: MLAWeights) -> MLAWeights:
         """o_proj given everything else: the attention output before o_proj is probed with o = I."""
         probe = MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, torch.eye(w.o.shape[1], device=w.o.device))
-        o = self.least_squares(lambda c: self.student.attention(self.x[c], probe, self.pos[c])).T
+        o = self.least_squares(lambda c: self.attention(c, probe)).T
         return MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, o.contiguous())
 
     def solve_values(self, w: MLAWeights) -> MLAWeights:
@@ -97,10 +101,11 @@ class _Fit:
             for start in range(0, rank, v):
                 m = min(v, rank - start)
                 copy = torch.zeros(heads, v, rank, device=w.kv_b.device)
-                copy[:, torch.arange(m), start + torch.arange(m)] = 1.0
+                diag = torch.arange(m, device=copy.device)
+                copy[:, diag, start + diag] = 1.0
                 probe = MLAWeights(w.q, w.kv_a, w.kv_norm, torch.cat([kv_b[:, :nope], copy], 1).reshape(-1, rank),
                                    torch.eye(heads * v, device=w.o.device))
-                out = self.student.attention(self.x[c], probe, self.pos[c])
+                out = self.attention(c, probe)
                 parts.append(out.unflatten(-1, (heads, v))[..., :m])
             return torch.cat(parts, -1).flatten(-2)
 
@@ -124,9 +129,9 @@ class _Fit:
         n = self.x.shape[0]
         scale = self.energy / self.target.numel()
         for _ in range(opts.steps):
-            rows = torch.randint(0, n, (min(opts.batch_rows, n),), generator=gen)
+            rows = torch.randint(0, n, (min(opts.batch_rows, n),), generator=gen).to(self.x.device)
             q, kv_a, kv_b, o = params
-            out = self.student.attention(self.x[rows], MLAWeights(q, kv_a, w.kv_norm, kv_b, o), self.pos[rows])
+            out = self.attention(rows, MLAWeights(q, kv_a, w.kv_norm, kv_b, o))
             loss = (out - self.target[rows]).pow(2).mean() / scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,9 +143,11 @@ class _Fit:
 
 
 def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor, w: MLAWeights,
-              opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None]) -> tuple[MLAWeights, dict]:
-    """Fit one attention block; returns the best weights found and the error of each stage."""
-    fit = _Fit(student, x, pos, target)
+              opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None],
+              norm_eps: float | None = None) -> tuple[MLAWeights, dict]:
+    """Fit one attention block (plain, or through kv_a_layernorm with `norm_eps`); returns the best
+    weights found and the error of each stage."""
+    fit = _Fit(student, x, pos, target, norm_eps)
     stages = {"converted": w}
     stages["least_squares"] = fit.solve_values(w)
     if opts.steps:
@@ -179,10 +186,11 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
             rate = bar.n * tokens_per_step / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
 
-        fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick)
+        fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps)
         del x, target
-        export.add(format_attention(i, fitted, s_layer.input_norm, hidden))
-        stored = as_stored(i, fitted, s_layer.input_norm, hidden, export.dtype)
+        native = s_layer.norm_eps is not None
+        export.add(format_attention(i, fitted, s_layer.input_norm, hidden, native))
+        stored = as_stored(i, fitted, s_layer.input_norm, hidden, export.dtype, native)
         fitted_layer = replace(s_layer, attn=MLAWeights(*(t.to(dev) for t in vars(stored).values())))
         reports.append({"layer": i, **report})
         with torch.no_grad():

@@ -1,7 +1,9 @@
 """The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM, SGLang and llama.cpp load.
 
-Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, the exact
-trick that makes the latent RMSNorm a fixed per-channel scale, and how each engine reads the rope.
+Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, how each
+engine reads the rope, and the two latent formats: the exact one, whose trick makes the latent
+RMSNorm a fixed per-channel scale, and the native one, whose latent stays at a normal scale that
+quantization keeps (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ MAX_FAST_ROPE_DIM = 64
 LATENT_NORM_EPS = 1e-6
 # The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
 LATENT_NORM_MARGIN = 1e-6
+# Ridge of the native format's least-squares refit, relative to the mean of the Gram diagonal.
+NATIVE_RIDGE = 1e-6
+# L-BFGS iterations and eigenvalue spread of the native format's latent metric.
+NATIVE_METRIC_STEPS = 100
+NATIVE_METRIC_CONDITION = 30.0
+# Worst-case mean square of a latent, as a fraction of eps, below which the latent norm is taken as linear.
+LINEAR_REGIME = 1e-2
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
 LATENT_TRICK_DTYPES = {"bfloat16", "float32"}
 # llama.cpp's converter (convert_hf_to_gguf.py) merges this config block into the top level before it
@@ -44,6 +53,8 @@ LLAMACPP_YARN_BETAS = (32.0, 1.0)
 # when mscale_all_dim is 0 and cancels it otherwise; this is nonzero for that, and small enough that
 # every engine's 1 + 0.1 * mscale * ln(factor) is 1 in float32.
 YARN_MSCALE = 1e-8
+# The native format keeps every weight at a normal scale: fp16 holds it too.
+NATIVE_DTYPES = {"bfloat16", "float16", "float32"}
 # Triton MLA decodes any shape: it serves what the fast decode kernels refuse.
 FALLBACK_DECODE_KERNEL = "Triton MLA"
 # Weights of a dense decoder layer besides attention, and those outside the layers.
@@ -168,9 +179,10 @@ def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: i
     Returns the scaled rows and the norm weight sqrt(eps) / alpha that undoes the scale.
     """
     rank = latent.shape[0]
-    bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double(), ord=2).item() * math.sqrt(hidden)
+    bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double().to(latent.device), ord=2).item()
+    bound *= math.sqrt(hidden)
     alpha = math.sqrt(LATENT_NORM_MARGIN * eps * rank) / max(bound, 1e-30)
-    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype)
+    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype, device=latent.device)
 
 
 def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
@@ -178,15 +190,130 @@ def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = L
     return scaled * (norm_weight / math.sqrt(eps)).unsqueeze(1)
 
 
-def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
-    """Layer i's attention tensors in the output format, from plain weights (trick applied)."""
+class LatentMoments:
+    """Calibration statistics of one layer's plain latent c, for `native_attention`'s refit.
+
+    In the native format kv_a_layernorm really normalizes: kv_b_proj sees n = w * RMSNorm(T c),
+    with T the latent's transform and w the norm's weight (`native_transform`), instead of c. Since
+    every row of kv_b_proj is regressed on the same n, the least-squares
+    kv_b' = argmin sum_t ||kv_b' n_t - kv_b c_t||^2 is kv_b C for one rank x rank
+    C = (sum c n^T)(sum n n^T)^-1, whatever weight each output row gets; these sums are all it needs.
+    """
+
+    def __init__(self, transform: torch.Tensor, weight: torch.Tensor):
+        self.transform, self.weight = transform.double(), weight.double().to(transform.device)
+        rank, device = transform.shape[0], transform.device
+        self.cn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
+        self.nn = torch.zeros(rank, rank, dtype=torch.float64, device=device)
+
+    def update(self, c: torch.Tensor) -> None:
+        """Add plain latents c (..., rank)."""
+        c = c.reshape(-1, c.shape[-1]).double()
+        n = normalized_latent(c @ self.transform.T) * self.weight
+        self.cn += c.T @ n
+        self.nn += n.T @ n
+
+    def refit(self) -> torch.Tensor:
+        """C: kv_b C maps normalized latents to what kv_b makes of the plain ones."""
+        ridge = NATIVE_RIDGE * self.nn.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(self.nn.shape[0], dtype=self.nn.dtype, device=self.nn.device)
+        return torch.linalg.solve(self.nn + ridge * eye, self.cn.T).T
+
+
+def normalized_latent(c: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:
+    """kv_a_layernorm without its weight, in float64."""
+    c = c.double()
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def latent_metric(c: torch.Tensor, steps: int = NATIVE_METRIC_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, V): the metric M = V diag(s^2) V^T that makes ||diag(s) V^T c|| as constant as it can
+    over calibration latents c, s at most 1.
+
+    The norm's output is a fixed linear map of c exactly when the rms of what it normalizes is
+    constant; the plain latent's rms varies by 10-30% over real text, and an ellipsoidal metric
+    flattens it (L-BFGS on the relative variance of c^T M c). Returned in its eigenbasis so that
+    each latent row gets one scale s_k of its own (mixing scales inside a row or a kv_b_proj column
+    would let quantization noise of the large ones swamp the small ones); s is kept within
+    NATIVE_METRIC_CONDITION of its largest value."""
+    c = c.reshape(-1, c.shape[-1]).double()
+    if steps == 0:
+        return (torch.ones(c.shape[1], dtype=c.dtype, device=c.device),
+                torch.eye(c.shape[1], dtype=c.dtype, device=c.device))
+    c = c / c.pow(2).mean().sqrt().clamp_min(1e-30)
+    root = torch.eye(c.shape[1], dtype=c.dtype, device=c.device, requires_grad=True)
+    opt = torch.optim.LBFGS([root], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def relative_variance() -> torch.Tensor:
+        opt.zero_grad()
+        q = (c @ root.T).pow(2).sum(-1)
+        loss = q.var() / q.mean().pow(2)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(relative_variance)
+    s, v = torch.linalg.eigh(root.detach().T @ root.detach())
+    s = s.clamp_min(0).sqrt()
+    s = s.clamp_min(s.max() / NATIVE_METRIC_CONDITION)
+    return s / s.max(), v
+
+
+def native_transform(kv_a: torch.Tensor, rank: int, sample: torch.Tensor,
+                     steps: int = NATIVE_METRIC_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha diag(s) V^T, 1 / s): the latent's transform from `latent_metric` fitted on a sample of
+    plain latents, scaled so that the native latent rows have the rms of the rope rows beside them
+    (one scale per tensor or per block then fits both; the norm makes the scale free), and the
+    kv_a_layernorm weight that gives each row its own scale back after the norm, where no
+    quantizer sees it."""
+    s, v = (t.to(kv_a.device) for t in latent_metric(sample, steps))
+    t = s[:, None] * v.T
+    latent = t @ kv_a[:rank].double()
+    rope_rms = kv_a[rank:].double().pow(2).mean().sqrt()
+    return t * (rope_rms / latent.pow(2).mean().sqrt().clamp_min(1e-30)), 1 / s
+
+
+def native_attention(w: MLAWeights, moments: LatentMoments) -> MLAWeights:
+    """Plain weights (kv_a_layernorm as identity) in the native latent format: latent rows
+    transform @ L and kv_a_layernorm = weight * g (`native_transform`), kv_b_proj = kv_b C / g
+    (`LatentMoments`), with g the rms of C's entries times sqrt(rank), so that kv_b_proj keeps its
+    plain scale. Approximate: exact only when the transformed latent's rms is constant over inputs."""
     rank = w.kv_b.shape[1]
-    latent, norm = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
+    dev = w.kv_b.device
+    c = moments.refit().to(dev)
+    g = c.pow(2).mean().sqrt().item() * math.sqrt(rank)
+    kv_b = w.kv_b.double() @ c / g
+    latent = moments.transform.to(dev) @ w.kv_a[:rank].double()
+    return MLAWeights(w.q, torch.cat([latent.float(), w.kv_a[rank:]]), (moments.weight.to(dev) * g).float(),
+                      kv_b.float(), w.o)
+
+
+def latent_is_linear(kv_a_latent: torch.Tensor, input_gamma: torch.Tensor, hidden: int) -> bool:
+    """Whether stored latent rows are in `latent_norm_trick`'s linear regime (the exact format) rather
+    than the native one: the worst-case mean square stays far below eps. The two regimes are many
+    orders of magnitude apart, so a loose threshold separates them in any dtype."""
+    rank = kv_a_latent.shape[0]
+    bound = torch.linalg.matrix_norm(kv_a_latent.double() * input_gamma.double().to(kv_a_latent.device),
+                                     ord=2).item() * math.sqrt(hidden)
+    return bound**2 / rank <= LINEAR_REGIME * LATENT_NORM_EPS
+
+
+def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int,
+                     native: bool = False) -> dict[str, torch.Tensor]:
+    """Layer i's attention tensors in the output format. Exact format: from plain weights, trick
+    applied. Native format (`native`): `w` is already native (see `native_attention`), written as is."""
+    rank = w.kv_b.shape[1]
     names = attention_names(i)
+    if native:
+        kv_a, norm = w.kv_a.float(), w.kv_norm.float()
+    else:
+        latent, scale = latent_norm_trick(w.kv_a[:rank].double(), input_gamma.double(), hidden)
+        kv_a = torch.cat([latent.float(), w.kv_a[rank:].float()])
+        norm = scale.float() * w.kv_norm.float().to(scale.device)
     return {
         names["q_proj"]: w.q,
-        names["kv_a_proj_with_mqa"]: torch.cat([latent.float(), w.kv_a[rank:].float()]),
-        names["kv_a_layernorm"]: norm.float() * w.kv_norm.float(),
+        names["kv_a_proj_with_mqa"]: kv_a,
+        names["kv_a_layernorm"]: norm,
         names["kv_b_proj"]: w.kv_b,
         names["o_proj"]: w.o,
     }
@@ -201,7 +328,7 @@ def plain_attention(get: Callable[[str], torch.Tensor], i: int, rank: int) -> ML
     return MLAWeights(
         q=get(names["q_proj"]).float(),
         kv_a=torch.cat([latent, kv_a[rank:]]),
-        kv_norm=torch.ones(rank),
+        kv_norm=torch.ones(rank, device=kv_a.device),
         kv_b=get(names["kv_b_proj"]).float(),
         o=get(names["o_proj"]).float(),
     )

@@ -49,11 +49,12 @@ def ok(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A pico GQA source and its lossy MLA conversion (rope 8 of 16 dims, latent 16 of 64)."""
+    """A pico GQA source and its lossy MLA conversion (rope 8 of 16 dims, latent 16 of 64, exact format;
+    test_native.py calibrates the native one)."""
     root = tmp_path_factory.mktemp("pair")
     src = make_llama(root / "src", tied=False)
     (src / "calib.txt").write_text(DEFAULT_TEXT.read_text()[:60000])
-    ok("convert", src, root / "mla", *CONVERT, "--rope-dim", "8", "--kv-lora-rank", "16")
+    ok("convert", src, root / "mla", *CONVERT, "--rope-dim", "8", "--kv-lora-rank", "16", "--latent", "exact")
     return src, root / "mla"
 
 

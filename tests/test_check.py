@@ -91,13 +91,30 @@ def test_fast_kernels_are_named_when_the_shape_fits(tmp_path: Path) -> None:
     ({"hidden_act": "gelu"}, {"hidden_act"}),
     ({"rope_interleave": False}, {"rope_interleave"}),
     ({"rms_norm_eps": 1e-5}, {"rms_norm_eps"}),
-    ({"dtype": "float16"}, {"dtype"}),
     ({"tie_word_embeddings": True}, {"untied lm_head"}),
     ({"qk_nope_head_dim": 32}, {"vllm prefill head dims", "weight shapes"}),
     ({"initializer_range": "wide"}, {"config"}),
 ])
 def test_each_broken_config_rule_fails(good: Path, tmp_path: Path, config: dict, rules: set[str]) -> None:
     assert failing(broken_copy(good, tmp_path, config)) == rules
+
+
+def test_fp16_fails_the_exact_format_only(good: Path, tmp_path: Path) -> None:
+    """A random model's latent is at a natural scale (native); scaled by the exact trick, fp16 fails it."""
+    assert failing(broken_copy(good, tmp_path, {"dtype": "float16"})) == set()
+
+    def exact(tensors: dict[str, torch.Tensor]) -> None:
+        for i in range(2):
+            p = f"model.layers.{i}."
+            kv_a, gamma = tensors[p + "self_attn.kv_a_proj_with_mqa.weight"], tensors[p + "input_layernorm.weight"]
+            latent, norm = deepseek.latent_norm_trick(kv_a[:32], gamma, 64)
+            tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[32:]])
+            tensors[p + "self_attn.kv_a_layernorm.weight"] = norm
+
+    folder = broken_copy(good, tmp_path / "exact", {"dtype": "float16"}, weights=exact)
+    result = check_folder(folder)
+    assert {r.rule for r in result.failures} == {"dtype"}
+    assert {r.rule for r in result.rules if r.status == "warn"} >= {"quantize f16", "quantize q8_0", "quantize fp8"}
 
 
 def test_null_experts_fail_in_transformers_and_vllm(good: Path, tmp_path: Path) -> None:

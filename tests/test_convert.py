@@ -36,7 +36,7 @@ def load_pair(src: Path, out: Path) -> tuple[torch.nn.Module, DeepseekV3ForCausa
 def test_mqa_full_latent_is_exact_prefill_and_cached_decode(tmp_path: Path) -> None:
     """MQA with rope dim = head dim and a full latent: every step of the conversion is exact."""
     src = make_llama(tmp_path / "mqa", kv_heads=1, tied=False)
-    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16")
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--latent", "exact")
     source, converted = load_pair(src, tmp_path / "out")
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
@@ -117,7 +117,8 @@ def test_families_convert_and_load(tmp_path: Path, model_type: str) -> None:
 ])
 def test_rope_scaling_is_carried_exactly_in_transformers(tmp_path: Path, rope: dict) -> None:
     src = make_llama(tmp_path / "src", kv_heads=1, rope_parameters=rope, tied=False)
-    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--llama3-rope", "keep")
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--llama3-rope", "keep",
+                "--latent", "exact")
     source, converted = load_pair(src, tmp_path / "out")
     ids = torch.randint(0, 256, (1, 300))
     with torch.no_grad():

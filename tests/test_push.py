@@ -59,6 +59,11 @@ def test_card_front_matter_and_body(validated: tuple[dict, Path]) -> None:  # no
     assert f"vllm serve {REPO}" in card and f"--model-path {REPO}" in card
     assert "](report/memory.png)" in card and "](report/layer_error.png)" in card
     assert "## Validation of" in card and "### Per-layer attention error" in card
+    # the validated conversion is in the exact latent format (the default): the card says, per scheme,
+    # that f16, q8_0 and fp8 destroy it and int8 per channel does not
+    assert "- latent format: exact" in card and "- int8: survives it" in card
+    for scheme in ("f16", "q8_0", "fp8"):
+        assert f"- {scheme}: does NOT survive it" in card
 
 
 def test_base_model_only_for_hub_ids(tmp_path: Path) -> None:

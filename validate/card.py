@@ -43,6 +43,19 @@ def _source_id(report: dict) -> str:
     return ((report.get("conversion") or {}).get("source") or {}).get("id") or report["source"]["id"]
 
 
+def quantization_lines(report: dict) -> list[str]:
+    """What `mlakit check` found for the latent format and each weight quantization scheme."""
+    rows = [r for r in report["check"] if r["rule"] == "latent format" or r["rule"].startswith("quantize ")]
+    lines = []
+    for r in rows:
+        if r["rule"] == "latent format":
+            lines.append(f"- latent format: {r['detail']}")
+        else:
+            verdict = "survives it" if r["status"] == "pass" else "does NOT survive it"
+            lines.append(f"- {r['rule'].removeprefix('quantize ')}: {verdict} ({r['detail']})")
+    return lines
+
+
 def model_card(repo_id: str, report: dict) -> str:
     """README.md: YAML front matter, then the body a person reads."""
     kv, conversion = report["kv_cache"], report.get("conversion") or {}
@@ -50,6 +63,7 @@ def model_card(repo_id: str, report: dict) -> str:
     shape = conversion.get("shape", {})
     trained = "calibrated with `mlakit calibrate`" if conversion.get("calibrate") else "training-free (closed form)"
     verdicts = "\n".join(f"- {ENGINE_NAMES[engine]}: {verdict}" for engine, verdict in report["engines"].items())
+    quantization = "\n".join(quantization_lines(report)) or "- not checked"
     rope = (conversion.get("rope") or {}).get("strategy", "n/a")
     calibration = (conversion.get("calibration") or {}).get("text", "n/a")
     shape_line = (f"kv_lora_rank {shape['kv_lora_rank']}, qk_rope_head_dim {shape['qk_rope']}, qk_nope_head_dim "
@@ -86,6 +100,13 @@ python -m sglang.launch_server --model-path {repo_id}
 What `mlakit check` found for the engines:
 
 {verdicts}
+
+## Quantization
+
+Whether the latent rows of `kv_a_proj_with_mqa` survive each weight quantization scheme as well as
+the rope rows beside them (measured by `mlakit check` on the stored weights):
+
+{quantization}
 
 {render_markdown(report, images=f"{REPORT_DIR}/", level=2)}"""
     return f"---\n{card_data(repo_id, report).to_yaml()}\n---\n\n{body}"

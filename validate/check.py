@@ -17,6 +17,7 @@ from transformers import AutoConfig, DeepseekV3Config
 from mlakit.convert import deepseek
 from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
 from mlakit.convert.errors import MlakitError
+from mlakit.validate import quant
 
 ALL = ("transformers", "vllm", "sglang", "llamacpp")
 PYTHON = ("transformers", "vllm", "sglang")
@@ -26,6 +27,8 @@ ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLan
 # How close an engine's rope must come to transformers' (relative) to count as the same.
 ROPE_TOLERANCE = 1e-6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Layers whose kv_a_proj_with_mqa the quantization rules read.
+QUANT_CHECK_LAYERS = 8
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,6 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
         _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, NATIVE, f"{cfg['rms_norm_eps']:g}",
               f"must be {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses {deepseek.LATENT_NORM_EPS:g} in "
               "transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)"),
-        _rule("dtype", dtype in deepseek.LATENT_TRICK_DTYPES, PYTHON, f"{dtype}",
-              f"must be one of {', '.join(sorted(deepseek.LATENT_TRICK_DTYPES))} (fp16 flushes the scaled latent "
-              "into subnormals)"),
         _rule("untied lm_head", cfg["tie_word_embeddings"] is False, SERVING,
               f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM does not tie)"),
     ]
@@ -246,6 +246,37 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
     return rules
 
 
+def _latent_rules(folder: Path, cfg: dict, dtype: str | None) -> list[Rule]:
+    """The latent format (read from layer 0's weights), the dtypes it holds in, and for each weight
+    quantization scheme whether the latent rows survive it as well as the rope rows beside them
+    (on up to QUANT_CHECK_LAYERS layers spread over the depth)."""
+    reader = CheckpointReader(folder)
+    rank, layers, hidden = cfg["kv_lora_rank"], cfg["num_hidden_layers"], cfg["hidden_size"]
+    kv_a = {i: reader.get(deepseek.attention_names(i)["kv_a_proj_with_mqa"]).float()
+            for i in sorted({round(k * (layers - 1) / max(QUANT_CHECK_LAYERS - 1, 1))
+                             for k in range(min(layers, QUANT_CHECK_LAYERS))})}
+    gamma = reader.get("model.layers.0.input_layernorm.weight").float()
+    exact = deepseek.latent_is_linear(kv_a[0][:rank], gamma, hidden)
+    dtypes = deepseek.LATENT_TRICK_DTYPES if exact else deepseek.NATIVE_DTYPES
+    rules = [
+        Rule("latent format", "pass", ALL, "exact (kv_a_layernorm linear on every input)" if exact else
+             "native (kv_a_layernorm normalizing, kv_b_proj refitted)"),
+        _rule("dtype", dtype in dtypes, ALL, f"{dtype}",
+              f"must be one of {', '.join(sorted(dtypes))} (fp16 flushes the exact format's scaled latent into "
+              "subnormals)"),
+    ]
+    for scheme in quant.SCHEMES:
+        errors = [quant.latent_errors(w, rank, scheme) for w in kv_a.values()]
+        latent, rope = max(errors, key=lambda e: e[0] / max(e[1], 1e-30))
+        ok = latent <= quant.SURVIVAL_FACTOR * max(rope, 1e-30)
+        why = ("the exact format's latent rows are too small for it and the quantized model loses its attention; "
+               "reconvert with `mlakit convert --latent native`" if exact else
+               "the latent rows lose more than the other weights; quality will drop")
+        rules.append(_rule(f"quantize {scheme}", ok, ALL, f"{quant.SCHEME_NAMES[scheme]}: latent rows lose "
+                           f"{latent:.2%}, rope rows {rope:.2%}", why, warn=True))
+    return rules
+
+
 def check_folder(folder: Path) -> CheckResult:
     """Every rule for a local folder; one that is not DeepSeek-V3, or whose config transformers
     refuses, stops there."""
@@ -262,8 +293,10 @@ def check_folder(folder: Path) -> CheckResult:
         return CheckResult(folder, rules)
     cfg = effective_config(raw)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg))
-    rules += _weight_rules(folder, cfg)
+    weight_rules = _weight_rules(folder, cfg)
+    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg)) + weight_rules
+    if weight_rules[0].status == "pass":
+        rules += _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
     rules.append(_rule("tokenizer", has_tokenizer, NATIVE, "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
