@@ -127,7 +127,6 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
         loads, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     cfg = effective_config(raw)
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    dtype = raw.get("dtype") or raw.get("torch_dtype")
     experts = cfg["n_routed_experts"]
     return [
         _rule("config", loads, ALL, why),
