@@ -116,6 +116,10 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     )
 
 
+# Strength of the refit's pull towards the map it replaces, relative to the mean input energy.
+REFIT_RIDGE = 1e-2
+
+
 class LeastSquares:
     """Running normal equations of y ~ W a over calibration tokens, for the closed-form refit of a
     linear map (o_proj) once everything before it is fixed."""
@@ -132,11 +136,16 @@ class LeastSquares:
         self.ay += (a.T @ y).double()
         self.yy += y.double().pow(2).sum().item()
 
-    def solve(self) -> torch.Tensor:
-        """The W (n_out, n_in) of least squared error (a tiny ridge keeps unused inputs at zero)."""
-        ridge = 1e-9 * self.aa.diagonal().mean().clamp_min(1e-300)
+    def solve(self, prior: torch.Tensor) -> torch.Tensor:
+        """The W (n_out, n_in) of least squared error, shrunk towards `prior` (the map before the refit).
+
+        Head outputs are far from isotropic (attention-sink heads are nearly constant), so the plain
+        normal equations are ill-conditioned: their solution fits calibration noise along weakly
+        excited directions and blows up on other text. A ridge of REFIT_RIDGE times the mean
+        energy per input keeps those directions at the prior and barely moves the others."""
+        ridge = REFIT_RIDGE * self.aa.diagonal().mean().clamp_min(1e-300)
         eye = torch.eye(self.aa.shape[0], dtype=torch.float64, device=self.aa.device)
-        return torch.linalg.solve(self.aa + ridge * eye, self.ay).T
+        return torch.linalg.solve(self.aa + ridge * eye, self.ay + ridge * prior.double().T).T
 
     def error(self, w: torch.Tensor) -> float:
         """Summed squared error of W on the accumulated tokens, from the normal equations alone."""

@@ -329,9 +329,10 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
         for key, fit in fits.items():
             o = on_device[key].o
-            options[key + (False,)] = (fit.error(_real_columns(o, spec, shape)), o)
+            real = _real_columns(o, spec, shape)
+            options[key + (False,)] = (fit.error(real), o)
             if opts.refit_output:
-                options[key + (True,)] = (fit.error(refit := fit.solve()), _padded_columns(refit, spec, shape))
+                options[key + (True,)] = (fit.error(refit := fit.solve(real)), _padded_columns(refit, spec, shape))
         best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
                 for c in cands}
         for c in cands:
