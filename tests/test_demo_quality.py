@@ -57,6 +57,7 @@ def test_half_cache_one_shot_perplexity_is_bounded(tmp_path: Path, split) -> Non
 
 @pytest.mark.parametrize("rank", [32, 64, 128])
 def test_activation_aware_latent_beats_weight_svd(tmp_path: Path, split, rank: int) -> None:
-    aware = converted_ppl(tmp_path, split, rank)
-    weight_only = converted_ppl(tmp_path, split, rank, activation_aware=False, output_aware=False)
+    # without the o_proj refit, which partly makes up for a worse latent and would blur the comparison
+    aware = converted_ppl(tmp_path, split, rank, refit_output=False)
+    weight_only = converted_ppl(tmp_path, split, rank, activation_aware=False, output_aware=False, refit_output=False)
     assert aware < weight_only, (rank, aware, weight_only)
