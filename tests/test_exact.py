@@ -210,3 +210,19 @@ def test_freqfold_split_keeps_every_score_when_folded_frequencies_are_equal() ->
         nope = _scores(split.q_nope[h] @ xt.to(q.dtype), split.k_nope[h // 2] @ xs.to(k.dtype), freq, 9, 1)
         torch.testing.assert_close(rot + nope, ref, rtol=1e-10, atol=1e-10)
     assert rope.slot_groups(8, 4, "fold2") == [([0, 1, 2, 3], [0, 1]), ([4, 5, 6, 7], [2, 3])]
+
+
+def test_output_refit_normal_equations() -> None:
+    """The refit's error from the normal equations equals the direct sum; with consistent data the
+    prior that generated it is kept exactly; and the refit never does worse than the prior."""
+    from mlakit.convert.factorize import LeastSquares
+
+    torch.manual_seed(3)
+    a = torch.randn(500, 12) * torch.logspace(0, -4, 12)  # one weakly excited input, as sink heads give
+    w_true, w_old = torch.randn(5, 12), torch.randn(5, 12)
+    fit = LeastSquares(12, 5)
+    for chunk in a.split(128):
+        fit.update(chunk, chunk @ w_true.T)
+    torch.testing.assert_close(torch.tensor(fit.error(w_old)), ((a @ (w_old - w_true).T) ** 2).sum(), rtol=1e-8, atol=0)
+    torch.testing.assert_close(fit.solve(w_true), w_true, rtol=1e-10, atol=1e-10)
+    assert fit.error(fit.solve(w_old)) < fit.error(w_old)
