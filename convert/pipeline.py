@@ -319,24 +319,24 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         metrics = [opts.output_aware]
         built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
                  for c in cands for oa in metrics}
-        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(w).values())) for key, (w, _) in built.items()}
+        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(_unpadded(w, spec, shape)).values()))
+                     for key, (w, _) in built.items()}
         lap("rope and latent")
         fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
         for sl, ref in zip(chunks, refs):
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             for key, w in on_device.items():
-                fits[key].update(_real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape), ref)
+                heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key[0]],
+                                  norm_eps=None, scale=shape.qk_head**-0.5)
+                fits[key].update(heads, ref)
         options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
         for key, fit in fits.items():
             o = on_device[key].o
-            real = _real_columns(o, spec, shape)
-            options[key + (False,)] = (fit.error(real), o)
+            options[key + (False,)] = (fit.error(o), built[key][0].o)
             if opts.refit_output:
-                options[key + (True,)] = (fit.error(refit := fit.solve(real)), _padded_columns(refit, spec, shape))
+                options[key + (True,)] = (fit.error(refit := fit.solve(o)), _padded_columns(refit, spec, shape))
         best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
                 for c in cands}
-        for c in cands:
-            on_device[best[c.strategy][:2]].o = options[best[c.strategy]][1].float()
         for sl, ref in zip(chunks, refs):
             h = hidden[sl] + ref
             hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
@@ -350,18 +350,20 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
     return built[best[cands[0].strategy][:2]][0], layer.input_norm.cpu(), seconds
 
 
-def _mla_heads(x: torch.Tensor, w: MLAWeights, shape: deepseek.MLAShape, heads: int,
-               table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return mla_heads(x, w, heads, shape.qk_nope, shape.qk_rope, shape.v_head, *table, norm_eps=None)
-
-
-def _real_heads(a: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    """Head outputs without the zero padding of v (v_head > head_dim): the inputs o_proj really uses."""
-    return a.unflatten(-1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(-2)
-
-
-def _real_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    return o.unflatten(1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(1)
+def _unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:
+    """The weights without the zero padding of the nope key and of v (qk_nope, v_head >= head_dim),
+    o_proj keeping only the columns of real head outputs: the padding only multiplies zeros, so
+    the fit computes exactly the same attention on the source's head sizes, for less work."""
+    d, h, nope = spec.head_dim, spec.heads, shape.qk_nope
+    q = w.q.unflatten(0, (h, shape.qk_head))
+    kv_b = w.kv_b.unflatten(0, (h, nope + shape.v_head))
+    return MLAWeights(
+        q=torch.cat([q[:, :d], q[:, nope:]], dim=1).flatten(0, 1),
+        kv_a=w.kv_a,
+        kv_norm=w.kv_norm,
+        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + d]], dim=1).flatten(0, 1),
+        o=w.o.unflatten(1, (h, shape.v_head))[..., :d].flatten(1),
+    )
 
 
 def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
