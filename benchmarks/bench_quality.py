@@ -15,7 +15,13 @@ Methods (`--methods`, all by default):
 - TransMLA-style: TransMLA's published choices reimplemented: real PCA across kv heads with
   FreqFold 4 (4 neighbouring source frequencies share a PCA), lost rotations dropped, K balanced
   to V by norm, input-covariance PCA latent, no refit;
-- full latent: the largest kv_lora_rank, so that only the rope step loses anything.
+- full latent: the largest kv_lora_rank, so that only the rope step loses anything;
+- llama3 kept: llama3 rope scaling written as llama3 (exact in transformers, which the table
+  measures) instead of the YaRN that every engine reads (only differs for llama3 sources).
+
+`--llama3-scaling` evaluates a copy of the model whose config has Llama 3.1's rope scaling
+(factor 8, low/high frequency factors 1/4, original context = the model's own), weights shared:
+the source and both ways of writing its rope can then be compared at long context.
 
     python benchmarks/bench_quality.py                                   # bundled demo model
     python benchmarks/bench_quality.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
@@ -25,6 +31,7 @@ Methods (`--methods`, all by default):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -53,7 +60,22 @@ def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:
         "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": freqfold4,
                            "output_aware": False, "refit_output": False},
         "full latent": {"kv_lora_rank": 2 * spec.kv_heads * spec.head_dim - rope_dim},
+        "llama3 kept": {"llama3_rope": "keep"},
     }
+
+
+def with_llama3_scaling(folder: Path, into: Path) -> Path:
+    """A copy of `folder` (weights linked, not copied) whose config has Llama 3.1's rope scaling."""
+    into.mkdir()
+    for f in folder.iterdir():
+        (into / f.name).symlink_to(f.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": config["max_position_embeddings"]}
+    config["max_position_embeddings"] *= 8
+    (into / "config.json").unlink()
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    return into
 
 
 @torch.no_grad()
@@ -81,10 +103,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="evaluation window")
     ap.add_argument("--long-seq-len", type=int, default=0, help="also evaluate at this context (0: no)")
     ap.add_argument("--long-tokens", type=int, default=8192)
+    ap.add_argument("--llama3-scaling", action="store_true", help="give the model Llama 3.1's rope scaling")
     args = ap.parse_args()
     logging.set_verbosity_error()
-
+    scratch = tempfile.TemporaryDirectory()
     folder = resolve_model(args.model)
+    if args.llama3_scaling:
+        folder = with_llama3_scaling(folder, Path(scratch.name) / "llama3")
+        args.model = str(folder)
     spec = load_spec(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = {p.name: p.read_text(encoding="utf-8") for p in [args.text, *args.also_eval]}
