@@ -140,7 +140,8 @@ def _inputs(n: int, dim: int, seed: int) -> torch.Tensor:
     """Correlated inputs with a mean, as normed hidden states have, conditioned well enough (sigma's
     condition number about 40) that `absorb_bias`'s ridge of 1e-6 of the mean energy stays invisible."""
     gen = torch.Generator().manual_seed(seed)
-    mix = torch.eye(dim, dtype=torch.float64) + 0.3 * torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    noise = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    mix = torch.eye(dim, dtype=torch.float64) + 0.3 * noise / dim**0.5
     return torch.randn(n, dim, generator=gen, dtype=torch.float64) @ mix + 0.7
 
 

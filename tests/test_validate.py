@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mlakit.cli import main
 from mlakit.convert.checkpoint import CheckpointReader, read_json
 from mlakit.convert.families import load_spec
-from mlakit.validate import cache, metrics
+from mlakit.validate import cache, metrics, weights
 from mlakit.convert.errors import MlakitError
 from mlakit.validate.check import effective_config, mla_shape
 from mlakit.validate.report import layer_series
@@ -285,7 +285,7 @@ def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path,
     run = report["conversion"]["calibrate"][0]
     assert run["kept"] == "calibrated"  # 20 Adam steps per layer lower the held-out KL (0.058 -> 0.038)
     assert "`mlakit convert` (one-shot):" in text and "`mlakit calibrate`, run 1:" in text
-    assert f"- mode: layerwise, teacher `demo`" in text
+    assert "- mode: layerwise, teacher `demo`" in text
     assert f"{run['data']['held_out_tokens']} held-out tokens" in text and '"fit_tokens": 2048' in text
     assert f"perplexity {run['before']['student_ppl']:.4f} -> {run['after']['student_ppl']:.4f}" in text
     labels = "| layer | calibrated model, evaluation text (validate) | one-shot conversion before calibration, " \
@@ -330,6 +330,13 @@ def test_parameters_and_break_even_of_the_pico_pair(validated: tuple[dict, Path]
     assert kv["break_even_tokens"] == pytest.approx(extra / (kv["source_bytes_per_token"]
                                                              - kv["converted_bytes_per_token"]))
     assert "**Weights.**" in (folder / "report.md").read_text()
+
+
+def test_break_even_context() -> None:
+    assert weights.break_even_tokens({"source": 10, "converted": 20}, {"source": 3, "converted": 1}) == 5
+    assert weights.break_even_tokens({"source": 20, "converted": 10}, {"source": 3, "converted": 1}) == 0
+    assert weights.break_even_tokens({"source": 10, "converted": 20}, {"source": 3, "converted": 3}) is None
+    assert weights.break_even_tokens({"source": 20, "converted": 10}, {"source": 1, "converted": 3}) is None
 
 
 def test_placement_on_cuda_uses_a_device_map() -> None:

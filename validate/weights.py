@@ -57,8 +57,8 @@ def breakdown(spec: SourceSpec, cfg: dict, source_params: int, converted_params:
 
 def break_even_tokens(weights: dict[str, int], per_token: dict[str, float]) -> float | None:
     """Context length (tokens held in cache, batch 1) from which the converted model's weights plus
-    KV cache take fewer bytes than the source's: 0 when they never take more, None when they
-    always do."""
+    KV cache take fewer bytes than the source's: 0 when they never take more, None when long
+    contexts never bring them below."""
     extra = weights["converted"] - weights["source"]
     saved = per_token["source"] - per_token["converted"]
     if extra <= 0 and saved >= 0:
