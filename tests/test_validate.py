@@ -21,6 +21,7 @@ from mlakit.validate import cache, metrics, weights
 from mlakit.convert.errors import MlakitError
 from mlakit.validate.check import effective_config, mla_shape
 from mlakit.validate.report import layer_series
+from mlakit.validate import run as run_module
 from mlakit.validate.run import load_kwargs, parse_max_memory
 
 from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
@@ -353,6 +354,22 @@ def test_placement_on_cuda_uses_a_device_map() -> None:
     for bad in ("gpu0=1GiB", "0=lots", ",", "0=12"):
         with pytest.raises(MlakitError, match="give DEVICE=SIZE pairs"):
             parse_max_memory(bad)
+
+
+def test_a_device_map_placed_model_gives_the_same_report(pair: tuple[Path, Path], validated: tuple[dict, Path],
+                                                        prompts: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device_map path (accelerate places the model as it loads; here every layer lands on the CPU)
+    scores exactly as the plain load does."""
+    monkeypatch.setattr(run_module, "load_kwargs", lambda device, max_memory: {"dtype": "auto", "device_map": "auto"})
+    src, mla = pair
+    result = CliRunner().invoke(main, ["validate", str(src), str(mla), *SMALL, "--prompts", str(prompts),
+                                       "--report", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    report, plain = json.loads((tmp_path / "r" / "report.json").read_text()), validated[0]
+    for key in ("perplexity", "kl", "top1_agreement", "layers", "generation"):
+        assert report[key] == plain[key], key
+    assert report["kv_cache"]["measured"] == plain["kv_cache"]["measured"]
 
 
 def test_refuses_max_memory_without_cuda(pair: tuple[Path, Path], tmp_path: Path) -> None:
