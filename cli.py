@@ -219,7 +219,11 @@ def calibrate(converted: str, out: Path, **kw) -> None:
               help="Context lengths at which to measure the real KV cache (clipped to max_position_embeddings).")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Report folder. Default: CONVERTED/report for a local folder, NAME-report here for a hub id.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda (each model spread over every visible GPU by accelerate) or cuda:N (on GPU N).")
+@click.option("--max-memory", default=None,
+              help="With --device cuda: the most each GPU and the CPU may hold of a model, e.g. "
+                   "0=70GiB,1=70GiB,cpu=200GiB. Default: what accelerate finds free.")
 @friendly_errors
 def validate(source: str, converted: str, **kw) -> None:
     """Compare CONVERTED with SOURCE on the same tokens and write a report.
@@ -231,11 +235,12 @@ def validate(source: str, converted: str, **kw) -> None:
         local_model(name)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.report import summary
-    from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run
+    from mlakit.validate.run import ValidateOptions, parse_contexts, parse_max_memory, validate as run
 
     opts = ValidateOptions(
         texts=list(kw["text"]) or None, tokens=kw["tokens"], seq_len=kw["seq_len"], prompts=kw["prompts"],
         contexts=parse_contexts(kw["contexts"]), report=kw["report"], device=kw["device"],
+        max_memory=parse_max_memory(kw["max_memory"]) if kw["max_memory"] else None,
     )
     click.echo(summary(run(source, converted, opts, log=lambda m: click.echo(m, err=True))))
 
