@@ -26,8 +26,8 @@ from mlakit.convert.text import load_corpus
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 HUB = "hub:"  # `--data hub:NAME...` is a Hugging Face dataset even where a local path has that name
-TOKENIZE_DOCUMENTS = 256  # documents tokenized in one call
-POSITION_BLOCK = 2**22  # tokens whose position ids are computed at a time
+TOKENIZE_DOCUMENTS = 1024  # documents tokenized in one call
+POSITION_BLOCK = 2**20  # tokens whose position ids are computed at a time
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def load_documents(specs: Sequence[str], text_field: str = "text") -> Documents:
     texts = _Texts(sources)
     digest, count = hashlib.sha256(), 0
     for text in texts:  # the digest of the documents joined by NUL, without joining them
-        digest.update(("\0" if count else "").encode() + text.encode())
+        digest.update(b"\0" if count else b"")
+        digest.update(text.encode())
         count += 1
     if not count:
         raise MlakitError(f"--data {', '.join(specs)}: no text in it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -93,6 +94,7 @@ def test_documents_from_text_jsonl_and_datasets(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets())
     docs = load_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
     assert list(docs.texts) == ["one document\n\nstill the same one", "first", "second"]
+    assert docs.sha256 == hashlib.sha256("\0".join(docs.texts).encode()).hexdigest()  # as when read whole
     assert list(load_documents(["owner/set:cfg@train[:5%]"], "body").texts) == ["owner/set|cfg|train[:5%]"]
     assert list(load_documents([]).texts) == [DEFAULT_TEXT.read_text()]
 
