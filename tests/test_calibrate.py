@@ -284,6 +284,15 @@ def test_layerwise_resumes_after_the_last_saved_layer(pair, tmp_path: Path, monk
     assert not (tmp_path / "resumed.ckpt").exists()
 
 
+def test_layerwise_removes_only_its_own_files_from_a_checkpoint_dir(pair, tmp_path: Path) -> None:
+    src, mla = pair
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    ok("calibrate", mla, tmp_path / "out", *small(src), "--layer-steps", "2", "--checkpoint-dir", mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 def test_both_resume_skips_a_finished_layerwise_stage(pair, tmp_path: Path, monkeypatch) -> None:
     """`--mode both` interrupted during distillation: the resume distills on from the layer-wise stage
     it kept, without redoing it, and ends with the uninterrupted run's weights."""
