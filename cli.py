@@ -138,8 +138,9 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--teacher", default=None,
               help="The source model (folder, hub id or `demo`). Default: the source named in CONVERTED/mlakit.json.")
 @click.option("--data", multiple=True,
-              help="Text file, jsonl file (one document per line) or Hugging Face dataset NAME[:CONFIG][@SPLIT] "
-                   "(repeatable). Default: the bundled docstrings.")
+              help="Text file, jsonl file (one document per line) or Hugging Face dataset [hub:]NAME[:CONFIG][@SPLIT] "
+                   "(repeatable; hub: when a local path has the same name). Default: the bundled docstrings, the demo "
+                   "model's own text.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of jsonl records and datasets.")
 @click.option("--mode", type=click.Choice(["layerwise", "distill", "both"]), default="layerwise", show_default=True,
               help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "
@@ -164,9 +165,10 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Weight of the next-token (LM) loss added to the KL.")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT. When OUT is complete only "
-                   "mlakit's own files are removed from it.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
+              help="Where the resumable state goes (saved layers, distillation checkpoints, teacher cache). Default: "
+                   "OUT.ckpt beside OUT. When OUT is complete only mlakit's own files are removed from it.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: after its last saved layer, from its last distillation checkpoint.")
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
                    "checkpoint folder and train without it in memory (for when teacher and student do not fit "
@@ -180,8 +182,8 @@ def calibrate(converted: str, out: Path, **kw) -> None:
     """Recover quality of CONVERTED (an `mlakit convert` output) into OUT.
 
     \b
-    mlakit calibrate ./demo-mla ./demo-cal                       layer-wise, on the CPU
-    accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
+    mlakit calibrate ./demo-mla ./demo-cal --seq-len 256 --tokens 8192        layer-wise, on the CPU
+    accelerate launch -m mlakit calibrate ./llama-mla ./llama-cal --mode distill --data train.jsonl
     """
     teacher = kw["teacher"]
     check_output(out, kw["force"], protect=[local_model(converted), local_model(teacher) if teacher else None])
