@@ -175,7 +175,8 @@ def convert(source: str, out: Path, **kw) -> None:
                    "together); the KL is then over those K tokens plus one bucket for the rest. 0: run the teacher "
                    "alongside.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the order in which training rows are read: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, help="Replace OUT (and stale checkpoints) if present.")
 @friendly_errors
 def calibrate(converted: str, out: Path, **kw) -> None:
