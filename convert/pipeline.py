@@ -194,7 +194,7 @@ def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
 
 def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
                       dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
-    """DESIGN section 3 for one layer: RoRoPE, joint latent, per-head up-projections, q scaling.
+    """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
     Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
     H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
     sigma, mean = stats.sigma, stats.mean
