@@ -3,10 +3,10 @@
 In the exact format, kv_a_proj_with_mqa's latent rows are scaled down so far that kv_a_layernorm
 acts as a constant scale (the latent-norm trick, README "How the conversion works"). Optimizers
 cannot work on those rows (their size is set by the trick, not by the function), so training sees
-the plain rows (`plain_attention`, no latent
-norm) and `format_attention` re-applies the trick with the final input norm when writing OUT. In
-the native format (calibrate/native.py) the stored weights are already at a natural scale: training
-runs them as stored, through the norm, and they are written back as they are.
+the plain rows (`plain_attention`, no latent norm) and `format_attention` re-applies the trick with
+the final input norm when writing OUT. In the native format (calibrate/native.py) the stored
+weights are already at a natural scale: training runs them as stored, through the norm, and they
+are written back as they are.
 """
 
 from __future__ import annotations
