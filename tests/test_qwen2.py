@@ -98,7 +98,9 @@ def test_k_bias_on_dims_without_rotation_drops_out_exactly(tmp_path: Path) -> No
 
     record = convert(str(src), tmp_path / "out", ConvertOptions(kv_lora_rank=2 * HEAD_DIM - 4, rope_dim=4,
                                                                  rope_strategy="high", **CALIB), log=lambda _: None)
-    assert all(row["attn_rel_error"] < 1e-4 for row in record["layers"]), record["layers"]
+    # attn_rel_error comes from float32 normal equations (yy - 2<W, AY> + <W, W AA>): it cannot
+    # resolve errors below about sqrt(float32 eps) = 3e-4; the logits below are the exactness check
+    assert all(row["attn_rel_error"] < 1e-3 for row in record["layers"]), record["layers"]
     torch.testing.assert_close(logits(load_converted(tmp_path / "out"), ids), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -123,7 +125,8 @@ def test_biases_become_their_least_squares_absorption(tmp_path: Path) -> None:
     opts = ConvertOptions(kv_lora_rank=HEAD_DIM, rope_dim=HEAD_DIM, refit_output=False, **CALIB)
     convert(str(src), tmp_path / "out", opts, log=lambda _: None)
 
-    windows = token_windows(byte_tokenizer(), load_corpus(None).text, opts.calib_tokens, opts.calib_seq_len)
+    windows = token_windows(byte_tokenizer(), load_corpus(None).text, opts.calib_tokens, opts.calib_seq_len,
+                            spread=True)  # the windows convert reads
     absorbed = copy.deepcopy(model)
     with torch.no_grad():
         for layer, s in zip(absorbed.model.layers, layer_inputs(model, windows)):
