@@ -27,16 +27,18 @@ F32, F64 = 4, 8
 # Resident before the text is tokenized (interpreter, torch, transformers), and from then on besides
 # the model's tensors (the tokenizer, allocator pools).
 IMPORT_BYTES = int(0.4 * 2**30)
-RUNTIME_BYTES = int(0.7 * 2**30)
+RUNTIME_BYTES = int(0.6 * 2**30)
 # Peak resident bytes per byte of calibration text while it is tokenized whole (a byte-level tokenizer).
 TOKENIZE_BYTES_PER_TEXT_BYTE = 300
 # Float64 temporaries alive at once: of the rope step and latent, in (heads * head_dim, hidden)
 # matrices (the query weights and their complex and padded copies), and of the o_proj refit, in
 # (heads * head_dim)^2 matrices (the regularized system, its factorization, the solution).
-ATTENTION_TEMPORARIES = 13
+ATTENTION_TEMPORARIES = 14
 REFIT_TEMPORARIES = 7
-# Share of the measured matmul throughput that the layer work reaches (attention, norms, eigh).
-EFFICIENCY = 0.8
+# Shares of the measured matmul throughput that the passes over calibration tokens (attention,
+# norms) and the per-layer float64 linear algebra (eigh, solves) reach.
+PASS_EFFICIENCY = 0.8
+ALGEBRA_EFFICIENCY = 0.7
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class _Step:
 
 
 def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
-    """The steps of `_convert_layer` on `rows` calibration windows with k rope candidates."""
+    """The steps of `_convert_layer` on `rows` calibration windows with k rope candidates: reading the
+    layer, the statistics pass, the rope step and latent, the o_proj fit and refit, the MLP pass."""
     s, m = w.spec, w.shape
     D, I, L, hd, kv = s.hidden, s.intermediate, w.seq_len, s.heads * s.head_dim, s.kv_heads * s.head_dim
     n = rows * L
@@ -99,20 +102,19 @@ def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
     normal = F64 * (hd * hd + hd * D)
     refitted = 2 * F64 * D * m.heads * m.v_head  # the refitted o_proj, plain and padded, until the layer ends
     held = carried + source + stats
-    tile = min(ACTIVATION_BYTES, F32 * chunk * s.heads * L)  # one attention-distance score tile
-    statistics = F32 * chunk * (D + 4 * hd + 4 * kv) + 3 * tile
+    tile = min(ACTIVATION_BYTES, F32 * chunk * s.heads * L)  # attention-distance scores, and their softmax
+    statistics = F32 * chunk * (D + 4 * hd + 4 * kv) + 2 * tile
     fit = F32 * chunk * (D + 3 * m.heads * m.qk_head + 2 * m.heads * (m.qk_nope + 2 * m.v_head))
     refit = REFIT_TEMPORARIES * F64 * hd * hd
     mlp = F32 * chunk * (3 * I + 4 * D)
     attention = ATTENTION_TEMPORARIES * F64 * hd * D
-    if w.device.startswith("cuda"):  # the rope step and latent run on the host, from host copies
-        host_attention = attention + F32 * (2 * D * hd + 2 * D * kv) + k * converted
-        return [_Step(carried // 2 + source, source), _Step(held + statistics), _Step(held, host_attention),
-                _Step(held + k * (converted + normal) + max(fit, refit), k * converted),
-                _Step(held + k * (converted + normal + refitted) + mlp, k * converted)]
-    return [_Step(held + statistics), _Step(held + (k - 1) * converted + attention),
-            _Step(held + k * (converted + normal) + max(fit, refit)),
-            _Step(held + k * (converted + normal + refitted) + mlp)]
+    cuda = w.device.startswith("cuda")  # then the layer is read, and the rope step and latent run, on the host
+    copies = F32 * (2 * D * hd + 2 * D * kv) if cuda else 0  # host copies of the projections
+    built = k * converted if cuda else 0  # the converted attentions, on the host and on the device
+    return [_Step(carried // 2 + source, source if cuda else 0), _Step(held + statistics),
+            _Step(held, copies + (k - 1) * converted + attention),
+            _Step(held + k * (converted + normal) + max(fit, refit), built),
+            _Step(held + k * (converted + normal + refitted) + mlp, built)]
 
 
 def _model_steps(w: Work) -> list[_Step]:
@@ -123,8 +125,6 @@ def _model_steps(w: Work) -> list[_Step]:
         return info.nbytes + (math.prod(info.shape) * w.out_dtype.itemsize if info.dtype != w.out_dtype else 0)
 
     embed = _Step(F32 * n * D, written(w.embed) + n * D * w.embed.dtype.itemsize)
-    if not w.device.startswith("cuda"):
-        embed = _Step(embed.device + embed.host)
     tokenize = _Step(0, IMPORT_BYTES - RUNTIME_BYTES + TOKENIZE_BYTES_PER_TEXT_BYTE * w.text_bytes)
     return [tokenize, embed, _Step(0, written(w.head))]
 
@@ -180,8 +180,8 @@ def seconds(w: Work) -> tuple[float, float]:
     total = 0.0
     for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else []):
         passes, algebra = layer_flops(w, rows * w.seq_len, k)
-        total += passes / (device * 1e9) + algebra / (host / 2 * 1e9)
-    return w.spec.layers * total / EFFICIENCY, device
+        total += passes / (PASS_EFFICIENCY * device * 1e9) + algebra / (ALGEBRA_EFFICIENCY * host / 2 * 1e9)
+    return w.spec.layers * total, device
 
 
 def estimate(w: Work) -> Cost:
