@@ -98,6 +98,10 @@ def main() -> None:
                    "those quantizations, approximate: +3.7% perplexity on SmolLM2-135M). See docs/quantization.md.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never when it is, holds or lies in SOURCE).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (every weight's shape checked against config.json, the cache, estimated peak "
+                   "memory, output size and time) and exit: reads only config.json and the shard headers, writes "
+                   "nothing.")
 @friendly_errors
 def convert(source: str, out: Path, **kw) -> None:
     """Convert SOURCE (local folder, hub id, or `demo`) into a DeepSeek-V3 MLA checkpoint at OUT.
@@ -108,7 +112,7 @@ def convert(source: str, out: Path, **kw) -> None:
     check_output(out, kw["force"], protect=[local_model(source)])
     positive("--kv-lora-rank", kw["kv_lora_rank"], "the rank")
     _start(out)
-    from mlakit.convert.pipeline import ConvertOptions, convert as run, summary
+    from mlakit.convert.plan import ConvertOptions, make_plan
 
     opts = ConvertOptions(
         kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
@@ -118,6 +122,13 @@ def convert(source: str, out: Path, **kw) -> None:
         output_aware=not kw["weight_svd"],
         revision=kw["revision"],
     )
+    if kw["dry_run"]:
+        click.echo(make_plan(record_id(source), opts).describe())
+        if kw["latent"] == "native":
+            click.echo("  --latent native adds one more pass over the calibration text, not in the estimates")
+        return
+    from mlakit.convert.pipeline import convert as run, summary
+
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if kw["latent"] == "native":
         from mlakit.calibrate.native import convert_native, native_summary

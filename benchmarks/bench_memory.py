@@ -2,9 +2,11 @@
 
 Builds random-weight checkpoints with the shapes of Llama-3.1-8B (and optionally Llama-3.1-70B)
 at several depths, or takes a real model (`--model`), converts each in a fresh process for each
-`--calib-tokens`, and prints a table: wall time, seconds per layer and its parts (reading the
-layer, statistics and attention-distance histogram, rope step and latent, the error pass with the
-o_proj refit and the next layer's inputs, writing), and peak memory. Memory must stay flat as
+`--calib-tokens`, and prints a table: wall time, CPU time (an idle machine's wall time with one
+torch thread), seconds per layer and its parts (reading the layer, statistics and
+attention-distance histogram, rope step and latent, the error pass with the o_proj refit and the
+next layer's inputs, writing), and peak memory, with the plan's estimates of time and peak memory
+beside them (the memory estimate should be within 25%). Memory must stay flat as
 layers grow: one layer, the embeddings and the calibration activations, never the whole model.
 
     python benchmarks/bench_memory.py --shape 8b --layers 2 4 8 --calib-tokens 8192
@@ -82,18 +84,24 @@ def build(folder: Path, shape: str, layers: int) -> None:
 
 
 # Peak resident memory is the child's VmHWM: ru_maxrss would also count what the parent (which
-# built the checkpoint) had resident when it forked the child.
+# built the checkpoint) had resident when it forked the child. The estimates are the plan's, made
+# in the child before it converts.
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from mlakit.convert.pipeline import ConvertOptions, convert
-t = time.time()
-convert(sys.argv[1], Path(sys.argv[2]), ConvertOptions(calib_tokens=int(sys.argv[3]), calib_seq_len=512,
-        rope_strategy=sys.argv[4], kv_lora_rank=int(sys.argv[5]) or None), log=lambda m: None)
+from mlakit.convert.pipeline import convert
+from mlakit.convert.plan import ConvertOptions, make_plan
+opts = ConvertOptions(calib_tokens=int(sys.argv[3]), calib_seq_len=512, rope_strategy=sys.argv[4],
+                      kv_lora_rank=int(sys.argv[5]) or None)
+cost = make_plan(sys.argv[1], opts).cost
+t, cpu = time.time(), time.process_time()
+convert(sys.argv[1], Path(sys.argv[2]), opts, log=lambda m: None)
+cpu = time.process_time() - cpu
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 layers = json.loads((Path(sys.argv[2]) / "mlakit.json").read_text())["layers"]
 parts = {k: sum(l["seconds"][k] for l in layers) / len(layers) for k in layers[0]["seconds"]}
-print(json.dumps({"seconds": time.time() - t, "rss": int(hwm.split()[1]) / 2**20, "parts": parts}))
+print(json.dumps({"seconds": time.time() - t, "cpu": cpu, "rss": int(hwm.split()[1]) / 2**20, "parts": parts,
+                  "est_seconds": cost.seconds, "est_rss": cost.ram_bytes / 2**30}))
 """
 PARTS = ("read", "statistics", "rope and latent", "error pass", "write")
 
@@ -110,9 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     what = args.model or f"shape {args.shape} ({SHAPES[args.shape]})"
     print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
-    print("| layers | calib tokens | checkpoint GB | convert s | s per layer | "
-          + " | ".join(PARTS) + " | peak RSS GiB |")
-    print("|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|")
+    print("| layers | calib tokens | checkpoint GB | convert s | CPU s | est. s | s per layer | "
+          + " | ".join(PARTS) + " | peak RSS GiB | est. RSS GiB | est. / peak |")
+    print("|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in [None] if args.model else args.layers:
             src, out = (Path(args.model).expanduser(), Path(tmp) / "out") if args.model else \
@@ -129,8 +137,10 @@ def main() -> None:
                     sys.exit(res.stderr)
                 got = json.loads(res.stdout.splitlines()[-1])
                 parts = " | ".join(f"{got['parts'].get(p, 0.0):.2f}" for p in PARTS)
-                print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['seconds'] / n:.1f} | {parts} | "
-                      f"{got['rss']:.2f} |", flush=True)
+                print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['cpu']:.0f} | "
+                      f"{got['est_seconds']:.0f} | {got['seconds'] / n:.1f} | {parts} | {got['rss']:.2f} | "
+                      f"{got['est_rss']:.2f} | "
+                      f"{got['est_rss'] / got['rss']:.2f} |", flush=True)
                 shutil.rmtree(out)
             if not args.model:
                 shutil.rmtree(src)

@@ -8,9 +8,12 @@ goes to a temporary folder beside the destination and is renamed into place only
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,8 +60,9 @@ def read_json(path: Path) -> dict:
         raise MlakitError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Refuse a truncated or corrupt shard before any work starts."""
+def _read_header(path: Path) -> dict[str, dict]:
+    """A shard's header (dtype, shape and offsets of every tensor), refusing a truncated or corrupt
+    shard before any work starts."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -68,19 +72,52 @@ def _check_safetensors_file(path: Path) -> None:
             header = json.loads(fh.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise MlakitError(f"{path}: corrupt safetensors file ({exc}); download it again") from exc
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + header_len + end != size:
         raise MlakitError(
             f"{path}: truncated or corrupt ({size} bytes, header says {8 + header_len + end}); download it again"
         )
+    return header
+
+
+# safetensors dtype names (format knowledge of the file layout lives here with the writer)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+# what a header may name; 8-bit floats are read (checkpoints ship them) but never written
+HEADER_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()} | {
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Dtype and shape of a stored tensor, known without reading it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _tensor_info(shard: Path, name: str, entry: dict) -> TensorInfo:
+    if entry["dtype"] not in HEADER_DTYPES:
+        raise MlakitError(f"{shard}: tensor {name} is stored as {entry['dtype']}, which mlakit does not read")
+    return TensorInfo(HEADER_DTYPES[entry["dtype"]], tuple(entry["shape"]))
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of a model folder (safetensors shards or a single .bin file)."""
+    """Lazy access to the tensors of a model folder (safetensors shards or a single .bin file).
+
+    Dtype and shape of every tensor come from the shard headers, so that checks and plans read no
+    weight."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self._where: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
         self._bin: dict[str, torch.Tensor] | None = None
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
@@ -88,57 +125,60 @@ class CheckpointReader:
             for name, shard in read_json(index)["weight_map"].items():
                 self._where[name] = folder / shard
         elif single.is_file():
-            self._where = {name: single for name in self._keys(single)}
+            self._where = {name: single for name in _read_header(single)}
         elif (folder / "pytorch_model.bin").is_file():
             self._load_bin(folder / "pytorch_model.bin")
         else:
             raise MlakitError(f"{folder}: no model.safetensors, shard index or pytorch_model.bin found")
+        headers = {}
         for shard in sorted(set(self._where.values())):
             if not shard.is_file():
                 raise MlakitError(f"{shard}: listed in the shard index but missing")
-            _check_safetensors_file(shard)
-
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        _check_safetensors_file(path)
-        with safe_open(path, "pt") as fh:
-            return list(fh.keys())
+            headers[shard] = _read_header(shard)
+        for name, shard in self._where.items():
+            if name in headers[shard]:  # else reported missing by whoever needs it
+                self._info[name] = _tensor_info(shard, name, headers[shard][name])
 
     def _load_bin(self, path: Path) -> None:
         try:
             self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # pickle errors come in many types
             raise MlakitError(f"{path}: cannot be read safely ({exc}); convert it to safetensors") from exc
+        self._info = {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in self._bin.items()}
 
     @property
     def names(self) -> list[str]:
-        return list(self._bin) if self._bin is not None else list(self._where)
+        return list(self._info)
 
     def __contains__(self, name: str) -> bool:
-        return name in (self._bin if self._bin is not None else self._where)
+        return name in self._info
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype and shape of a tensor, from its shard's header."""
+        if name not in self._info:
+            raise MlakitError(f"{self.folder}: weight {name} is missing from the checkpoint")
+        return self._info[name]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, memory-mapped from its shard.
 
         The handle is closed at once, so the mapping lives exactly as long as the tensor: pages of
         tensors already dropped leave resident memory, which a handle kept open would hold."""
+        self.info(name)
         if self._bin is not None:
             return self._bin[name].clone()
-        if name not in self._where:
-            raise MlakitError(f"{self.folder}: weight {name} is missing from the checkpoint")
         with safe_open(self._where[name], "pt") as fh:
             return fh.get_tensor(name)
 
     def dtype(self) -> torch.dtype:
-        """The dtype most of the weights are stored in."""
-        name = next(n for n in self.names if n.endswith("weight"))
-        return self.get(name).dtype
-
-
-# safetensors dtype names (format knowledge of the file layout lives here with the writer)
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+        """The dtype most weight elements are stored in, from the headers."""
+        elements: Counter[torch.dtype] = Counter()
+        for name, info in self._info.items():
+            if name.endswith("weight"):
+                elements[info.dtype] += math.prod(info.shape)
+        if not elements:
+            raise MlakitError(f"{self.folder}: the checkpoint holds no weights")
+        return elements.most_common(1)[0][0]
 
 
 class ShardWriter:

@@ -133,22 +133,41 @@ def layer_name(i: int, key: str, kind: str = "weight") -> str:
     return f"model.layers.{i}.{LAYER_WEIGHTS[key]}.{kind}"
 
 
-def check_weights(spec: SourceSpec, reader: CheckpointReader) -> None:
-    """Every expected weight is present and no unknown weight would be silently dropped."""
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not spec.tied or "lm_head.weight" in reader:
-        expected.add("lm_head.weight")
+def expected_weights(spec: SourceSpec, head: bool) -> dict[str, tuple[int, ...]]:
+    """Every weight the conversion reads, with the shape the config implies; `head`: an lm_head
+    is stored (untied models always have one, tied ones may)."""
+    D, I, V = spec.hidden, spec.intermediate, spec.vocab
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    layer = {"q": (q, D), "k": (kv, D), "v": (kv, D), "o": (D, q), "gate": (I, D), "up": (I, D), "down": (D, I),
+             "input_norm": (D,), "post_norm": (D,)}
+    biases = {"q": (q,), "k": (kv,), "v": (kv,)} if spec.qkv_bias else {}
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if head:
+        shapes["lm_head.weight"] = (V, D)
     for i in range(spec.layers):
-        expected |= {layer_name(i, key) for key in LAYER_WEIGHTS}
-        if spec.qkv_bias:
-            expected |= {layer_name(i, key, "bias") for key in ("q", "k", "v")}
+        shapes |= {layer_name(i, key): shape for key, shape in layer.items()}
+        shapes |= {layer_name(i, key, "bias"): shape for key, shape in biases.items()}
+    return shapes
+
+
+def check_weights(spec: SourceSpec, reader: CheckpointReader) -> None:
+    """Every expected weight is present with the shape the config implies, and no unknown weight
+    would be silently dropped; from the shard headers alone, so that a bad checkpoint fails before
+    the first layer."""
+    expected = expected_weights(spec, head=not spec.tied or "lm_head.weight" in reader)
     names = set(reader.names)
-    missing = sorted(expected - names)
+    missing = sorted(expected.keys() - names)
     if missing:
         raise MlakitError(f"{reader.folder}: {len(missing)} weights missing, first {missing[0]}")
-    unknown = sorted(n for n in names - expected if not n.endswith("rotary_emb.inv_freq"))
+    unknown = sorted(n for n in names - expected.keys() if not n.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise MlakitError(f"{reader.folder}: unknown weight {unknown[0]} ({len(unknown)} in all); not converted")
+    wrong = [(name, reader.info(name).shape, shape) for name, shape in expected.items()
+             if reader.info(name).shape != shape]
+    if wrong:
+        name, got, want = wrong[0]
+        raise MlakitError(f"{reader.folder}: {name} has shape {list(got)}, but config.json implies {list(want)}"
+                          + (f" ({len(wrong)} weights mismatch)" if len(wrong) > 1 else ""))
 
 
 @dataclass

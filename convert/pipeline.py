@@ -1,4 +1,4 @@
-"""Plan a conversion (shapes, ranks, cache sizes, refusals), then stream it one layer at a time.
+"""Stream a planned conversion (`plan.py`) one layer at a time.
 
 Calibration hidden states are carried through the source layers (as GPTQ does): each layer is
 read, measured on its inputs, converted, written, and run to produce the next layer's inputs, so
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,133 +23,22 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import mlakit
 from mlakit.convert import deepseek, rope
 from mlakit.convert.checkpoint import (
-    DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_folder, check_output, copy_side_files,
-    resolve_model, write_json,
+    CheckpointReader, ShardWriter, atomic_folder, check_output, copy_side_files, write_json,
 )
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.factorize import LeastSquares, SecondMoment, absorb_bias, joint_latent
-from mlakit.convert.families import SourceLayer, SourceSpec, check_weights, layer_name, load_spec, read_layer
+from mlakit.convert.families import SourceLayer, SourceSpec, layer_name, read_layer
 from mlakit.convert.forward import (
     MLAWeights, attend, attention_distance_histogram, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
     source_qkv,
 )
-from mlakit.convert.guard import local_model, positive, record_id
+from mlakit.convert.guard import local_model, record_id
+from mlakit.convert.plan import ConvertOptions, Plan, make_plan
 from mlakit.convert.text import load_corpus, token_windows
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # The attention-distance histogram is a per-head distribution over distances: the first windows
 # estimate it as well as all of them, and it costs half of the statistics pass.
 HISTOGRAM_TOKENS = 16384
-
-
-@dataclass
-class ConvertOptions:
-    """Every knob of a conversion; the CLI fills it from flags."""
-
-    kv_lora_rank: int | None = None
-    rope_dim: int = 64
-    calib_text: list[Path] | None = None
-    calib_tokens: int = 65536
-    calib_seq_len: int = 512
-    dtype: str = "bf16"
-    device: str = "cpu"
-    rope_strategy: str = "auto"
-    complex_pca: bool = True
-    expected_rotation: bool = True
-    activation_aware: bool = True
-    output_aware: bool = True
-    balance: bool = True
-    llama3_rope: str = "yarn"
-    strategy_tokens: int = 16384
-    refit_output: bool = True
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    revision: str | None = None
-
-
-@dataclass
-class Plan:
-    """What a conversion will do, known before any weight is read."""
-
-    source: str
-    folder: Path
-    spec: SourceSpec
-    shape: deepseek.MLAShape
-    strategies: list[str]
-    dtype: torch.dtype
-    notes: list[str] = field(default_factory=list)
-
-    def cache_summary(self) -> dict:
-        nbytes = torch.finfo(self.dtype).bits // 8
-        src = self.spec.kv_elements_per_token_layer()
-        new = self.shape.kv_elements_per_token_layer()
-        return {
-            "source_elements_per_token_layer": src,
-            "converted_elements_per_token_layer": new,
-            "source_bytes_per_token": src * nbytes * self.spec.layers,
-            "converted_bytes_per_token": new * nbytes * self.spec.layers,
-            "reduction_percent": round(100 * (1 - new / src), 2),
-        }
-
-
-def default_rank(spec: SourceSpec, rope_dim: int) -> int:
-    """512 (the fast kernels' size) when the source can fill it, else the largest power of two
-    that halves the source's cache."""
-    most = 2 * spec.kv_heads * spec.head_dim - rope_dim
-    if most >= 512:
-        return 512
-    half = spec.kv_elements_per_token_layer() // 2 - rope_dim
-    return 2 ** int(math.log2(max(half, 1)))
-
-
-def make_plan(source: str, opts: ConvertOptions) -> Plan:
-    """Check everything that can be checked without reading weights; raise MlakitError if not."""
-    if opts.dtype not in DTYPES:
-        raise MlakitError(
-            f"--dtype {opts.dtype} refused: the exact latent-norm trick puts latent values into fp16 subnormals; "
-            "use bf16 or fp32"
-        )
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MlakitError("--device cuda: no CUDA device is available; use --device cpu")
-    if opts.calib_seq_len < 16 or opts.calib_tokens < opts.calib_seq_len:
-        raise MlakitError("--calib-tokens must be at least --calib-seq-len, which must be at least 16")
-    folder = resolve_model(source, opts.revision)
-    spec = load_spec(folder)
-    d, r = spec.head_dim, opts.rope_dim
-    if r > d:
-        raise MlakitError(f"--rope-dim {r} is larger than the source's head_dim {d}; use at most {d}")
-    if r < 2 or r % 2 or (d // 2) % (r // 2):
-        raise MlakitError(
-            f"--rope-dim {r}: must be even and its half must divide the {d // 2} source frequencies (e.g. {d // 2})"
-        )
-    most = 2 * spec.kv_heads * d - r
-    positive("--kv-lora-rank", opts.kv_lora_rank, "the rank")
-    rank = opts.kv_lora_rank or default_rank(spec, r)
-    if rank > most:
-        raise MlakitError(
-            f"--kv-lora-rank {rank}: this source can fill at most {most} (2 * {spec.kv_heads} kv heads * {d} - "
-            f"rope dim {r}); choose a smaller rank"
-        )
-    qk_nope, v_head = deepseek.head_dims(d)
-    shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, r, v_head, rank)
-    if opts.rope_strategy == "auto":
-        strategies = list(rope.STRATEGIES) if r < d else ["fold"]
-    elif rope.valid_strategy(opts.rope_strategy, r // 2):
-        strategies = [opts.rope_strategy]
-    else:
-        raise MlakitError(f"--rope-strategy {opts.rope_strategy}: choose auto, {', '.join(rope.STRATEGIES)} or foldN "
-                          f"with N dividing the {r // 2} rotary slots")
-    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype])
-    if not opts.kv_lora_rank:
-        plan.notes.append(f"kv_lora_rank defaults to {rank} for this source")
-    if shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
-        plan.notes.append("warning: the MLA cache is not smaller than the source's; lower --kv-lora-rank")
-    plan.notes += [f"warning: {rule} not met: {detail}" for rule, ok, detail in deepseek.kernel_notes(shape) if not ok]
-    rope_type = spec.rope.get("rope_type", "default")
-    if rope_type == "linear" or (rope_type == "llama3" and opts.llama3_rope == "keep"):
-        plan.notes.append(f"warning: {rope_type} rope scaling is exact in transformers; vLLM and SGLang apply YaRN")
-    if opts.llama3_rope not in ("yarn", "keep"):
-        raise MlakitError(f"--llama3-rope {opts.llama3_rope}: choose yarn or keep")
-    return plan
 
 
 @dataclass
@@ -399,10 +288,8 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     check_output(out, force, protect=[local_model(source)])
     source = record_id(source)
     plan = make_plan(source, opts)
-    for note in plan.notes:
-        log(note)
-    reader = CheckpointReader(plan.folder)
-    check_weights(plan.spec, reader)
+    log(plan.describe())
+    reader = plan.reader
     try:
         tokenizer = AutoTokenizer.from_pretrained(plan.folder)
     except Exception as exc:  # tokenizer loading raises many types

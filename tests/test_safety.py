@@ -152,7 +152,7 @@ def test_non_positive_rank_is_refused(pico: Path, tmp_path: Path, rank: str) -> 
 
 def test_rank_check_in_make_plan(pico: Path) -> None:
     from mlakit.convert.errors import MlakitError
-    from mlakit.convert.pipeline import ConvertOptions, make_plan
+    from mlakit.convert.plan import ConvertOptions, make_plan
 
     with pytest.raises(MlakitError, match="the rank must be positive"):
         make_plan(str(pico), ConvertOptions(kv_lora_rank=0, rope_dim=8))

@@ -1,0 +1,190 @@
+"""What a conversion will cost, from shapes alone: bytes on disk, peak memory and time.
+
+The memory model names what `pipeline._convert_layer` holds at each of its steps (the carried
+calibration activations, one source layer in float32, the layer's statistics, each candidate's
+converted attention and normal equations, and the largest temporary of the step) and what the
+stream holds between layers (one whole embedding matrix as read); the peak is the largest step.
+Its few constants are fitted to measured peaks, and benchmarks/bench_memory.py prints estimate
+and measurement side by side. The time is a FLOP count of the layer work over the matmul
+throughput measured on this machine at planning time: rough, within a factor of two.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mlakit.convert import deepseek
+from mlakit.convert.checkpoint import TensorInfo
+from mlakit.convert.families import SourceSpec
+from mlakit.convert.forward import ACTIVATION_BYTES, row_chunks
+
+F32, F64 = 4, 8
+# Resident before the text is tokenized (interpreter, torch, transformers), and from then on besides
+# the model's tensors (the tokenizer, allocator pools).
+IMPORT_BYTES = int(0.4 * 2**30)
+RUNTIME_BYTES = int(0.6 * 2**30)
+# Peak resident bytes per byte of calibration text while it is tokenized whole (a byte-level tokenizer).
+TOKENIZE_BYTES_PER_TEXT_BYTE = 300
+# Float64 temporaries alive at once: of the rope step and latent, in (heads * head_dim, hidden)
+# matrices (the query weights and their complex and padded copies), and of the o_proj refit, in
+# (heads * head_dim)^2 matrices (the regularized system, its factorization, the solution).
+ATTENTION_TEMPORARIES = 14
+REFIT_TEMPORARIES = 7
+# Shares of the measured matmul throughput that the passes over calibration tokens (attention,
+# norms) and the per-layer float64 linear algebra (eigh, solves) reach.
+PASS_EFFICIENCY = 0.8
+ALGEBRA_EFFICIENCY = 0.7
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a conversion will do, in the terms the cost model needs."""
+
+    spec: SourceSpec
+    shape: deepseek.MLAShape
+    out_dtype: torch.dtype
+    embed: TensorInfo
+    head: TensorInfo
+    layer_dtype: torch.dtype
+    rows: int
+    seq_len: int
+    candidates: int
+    probe_rows: int
+    device: str
+    text_bytes: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Estimated peak resident memory, peak GPU memory (torch's allocations; None on the CPU),
+    output bytes on disk (the tensors' bytes, exact) and seconds of compute."""
+
+    ram_bytes: int
+    gpu_bytes: int | None
+    disk_bytes: int
+    seconds: float
+    gflops: float
+
+
+def disk_bytes(spec: SourceSpec, shape: deepseek.MLAShape, dtype: torch.dtype) -> int:
+    """Bytes of the output's tensors: every weight `mlakit check` expects of it, in the output dtype."""
+    from mlakit.validate.check import expected_shapes
+
+    config = deepseek.build_config(spec, shape, spec.rope, dtype)
+    return sum(math.prod(s) for s in expected_shapes(config).values()) * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Bytes at the peak of one step: on the conversion device, and in host memory besides."""
+
+    device: int
+    host: int = 0
+
+
+def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
+    """The steps of `_convert_layer` on `rows` calibration windows with k rope candidates: reading the
+    layer, the statistics pass, the rope step and latent, the o_proj fit and refit, the MLP pass."""
+    s, m = w.spec, w.shape
+    D, I, L, hd, kv = s.hidden, s.intermediate, w.seq_len, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    n = rows * L
+    chunk = min(rows, row_chunks(rows, L, max(I, D))[0].stop) * L
+    carried = 2 * F32 * n * D  # hidden states and the source attention's output
+    source = F32 * (2 * D * hd + 2 * D * kv + 3 * D * I + 2 * D + (hd + 2 * kv if s.qkv_bias else 0))
+    stats = F64 * D * D
+    converted = F32 * (m.heads * m.qk_head * D + (m.kv_lora_rank + m.qk_rope) * D
+                       + m.heads * (m.qk_nope + m.v_head) * m.kv_lora_rank + D * m.heads * m.v_head)
+    normal = F64 * (hd * hd + hd * D)
+    refitted = 2 * F64 * D * m.heads * m.v_head  # the refitted o_proj, plain and padded, until the layer ends
+    held = carried + source + stats
+    tile = min(ACTIVATION_BYTES, F32 * chunk * s.heads * L)  # attention-distance scores, and their softmax
+    statistics = F32 * chunk * (D + 4 * hd + 4 * kv) + 2 * tile
+    fit = F32 * chunk * (D + 3 * m.heads * m.qk_head + 2 * m.heads * (m.qk_nope + 2 * m.v_head))
+    refit = REFIT_TEMPORARIES * F64 * hd * hd
+    mlp = F32 * chunk * (3 * I + 4 * D)
+    attention = ATTENTION_TEMPORARIES * F64 * hd * D
+    cuda = w.device.startswith("cuda")  # then the layer is read, and the rope step and latent run, on the host
+    copies = F32 * (2 * D * hd + 2 * D * kv) if cuda else 0  # host copies of the projections
+    built = k * converted if cuda else 0  # the converted attentions, on the host and on the device
+    return [_Step(carried // 2 + source, source if cuda else 0), _Step(held + statistics),
+            _Step(held, copies + (k - 1) * converted + attention),
+            _Step(held + k * (converted + normal) + max(fit, refit), built),
+            _Step(held + k * (converted + normal + refitted) + mlp, built)]
+
+
+def _model_steps(w: Work) -> list[_Step]:
+    """Tokenizing the calibration text, and the embeddings and lm_head, each read whole to be written."""
+    D, n = w.spec.hidden, w.rows * w.seq_len
+
+    def written(info: TensorInfo) -> int:
+        return info.nbytes + (math.prod(info.shape) * w.out_dtype.itemsize if info.dtype != w.out_dtype else 0)
+
+    embed = _Step(F32 * n * D, written(w.embed) + n * D * w.embed.dtype.itemsize)
+    tokenize = _Step(0, IMPORT_BYTES - RUNTIME_BYTES + TOKENIZE_BYTES_PER_TEXT_BYTE * w.text_bytes)
+    return [tokenize, embed, _Step(0, written(w.head))]
+
+
+def peak_memory(w: Work) -> tuple[int, int | None]:
+    """(peak resident bytes, peak GPU bytes or None on the CPU)."""
+    steps = _model_steps(w) + _layer_steps(w, w.rows, 1)
+    if w.probe_rows:
+        steps += _layer_steps(w, w.probe_rows, w.candidates)
+    if w.device.startswith("cuda"):
+        return RUNTIME_BYTES + max(s.host for s in steps), max(s.device for s in steps)
+    return RUNTIME_BYTES + max(s.device + s.host for s in steps), None
+
+
+def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float]:
+    """(FLOPs of the passes over calibration tokens, FLOPs of the per-layer linear algebra) of one
+    layer with k rope candidates; only the terms that grow with the model's dimensions."""
+    s, m = w.spec, w.shape
+    D, I, L, hd, kv = s.hidden, s.intermediate, w.seq_len, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    statistics = 2 * D * (hd + 2 * kv) + 3 * L * hd + 2 * hd * D + 2 * D * D
+    fit = (2 * D * m.heads * m.qk_head + 2 * D * (m.kv_lora_rank + m.qk_rope)
+           + 2 * m.kv_lora_rank * m.heads * (m.qk_nope + m.v_head) + L * m.heads * (m.qk_head + m.v_head)
+           + 2 * hd * hd + 2 * hd * D)
+    mlp = 6 * D * I
+    passes = tokens * (statistics + k * fit + mlp)
+    # rope step (query energies, key covariance), query metric, latent (products and eigh), o_proj refit
+    latent = 4 * hd * D * D + 2 * kv * D * D + 12 * (2 * kv) * D * D + 10 * (2 * kv) ** 3
+    refit = 2 / 3 * hd**3 + 4 * D * hd * hd
+    return passes, k * (latent + refit)
+
+
+@functools.cache
+def matmul_gflops(device: str) -> float:
+    """Float32 matmul GFLOP/s on `device` when it has the machine to itself, the best of three: the
+    unit of the time estimate. On the CPU the process's own CPU time over its threads, so that other
+    load does not count."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    threads = 1 if device.startswith("cuda") else torch.get_num_threads()
+    best = math.inf
+    for _ in range(3):
+        start = clock()
+        (a @ a).sum().item()
+        best = min(best, (clock() - start) / threads)
+    return 2 * n**3 / best / 1e9
+
+
+def seconds(w: Work) -> tuple[float, float]:
+    """(estimated seconds, the GFLOP/s it assumes): the passes on the conversion device, the
+    per-layer linear algebra on the host (float64, at half the float32 rate)."""
+    device, host = matmul_gflops(w.device), matmul_gflops("cpu")
+    total = 0.0
+    for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else []):
+        passes, algebra = layer_flops(w, rows * w.seq_len, k)
+        total += passes / (PASS_EFFICIENCY * device * 1e9) + algebra / (ALGEBRA_EFFICIENCY * host / 2 * 1e9)
+    return w.spec.layers * total, device
+
+
+def estimate(w: Work) -> Cost:
+    ram, gpu = peak_memory(w)
+    secs, rate = seconds(w)
+    return Cost(ram, gpu, disk_bytes(w.spec, w.shape, w.out_dtype), secs, rate)

@@ -1,0 +1,101 @@
+"""The plan before work: headers instead of tensors, shapes checked before the first layer, --dry-run,
+and estimates that hold (the memory estimate is checked by benchmarks/bench_memory.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from mlakit.cli import main
+from mlakit.convert.checkpoint import CheckpointReader
+from mlakit.convert.plan import ConvertOptions, make_plan
+
+from conftest import DEMO_AVAILABLE, make_llama
+
+FAST = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--rope-dim", "8", "--kv-lora-rank", "16"]
+
+
+def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reading any tensor from a shard fail: what passes after this read headers only."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr("mlakit.convert.checkpoint.safe_open", refuse)
+
+
+def test_dtype_and_shapes_come_from_the_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_llama(tmp_path / "src", tied=False, shards=True)
+    tensors = {}
+    for shard in src.glob("model-*.safetensors"):
+        tensors |= load_file(shard)
+    no_tensor_reads(monkeypatch)
+    reader = CheckpointReader(src)
+    assert reader.dtype() == torch.float32
+    assert sorted(reader.names) == sorted(tensors)
+    for name, t in tensors.items():
+        assert reader.info(name).dtype == t.dtype and reader.info(name).shape == tuple(t.shape)
+
+
+def test_the_dtype_is_that_of_most_weight_elements(tmp_path: Path) -> None:
+    tensors = {"a.weight": torch.ones(4), "b.weight": torch.ones(64, 64, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert CheckpointReader(tmp_path).dtype() == torch.bfloat16
+
+
+@pytest.mark.parametrize("model_type,name,shape", [
+    ("llama", "model.layers.1.self_attn.k_proj.weight", (48, 64)),
+    ("qwen2", "model.layers.0.self_attn.v_proj.bias", (16,)),
+    ("llama", "lm_head.weight", (255, 64)),
+])
+def test_a_wrong_shape_is_refused_before_any_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   model_type: str, name: str, shape: tuple[int, ...]) -> None:
+    src = make_llama(tmp_path / "src", model_type=model_type, tied=False)
+    tensors = load_file(src / "model.safetensors")
+    expected = list(tensors[name].shape)
+    tensors[name] = torch.zeros(shape)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+    def never(*args, **kwargs):
+        raise AssertionError("conversion started")
+
+    monkeypatch.setattr("mlakit.convert.pipeline._stream", never)
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), *FAST])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = result.output.rstrip().splitlines()[-1]
+    assert line.startswith("error: ") and f"{name} has shape {list(shape)}" in line and str(expected) in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_reads_no_tensor_and_writes_nothing(pico: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    no_tensor_reads(monkeypatch)
+    result = CliRunner().invoke(main, ["convert", str(pico), str(tmp_path / "out"), *FAST, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == [pico]
+    out = result.output
+    assert "every weight's shape matches config.json" in out
+    assert "kv_lora_rank 16, rope dim 8" in out
+    assert "KV cache per token: 64 -> 24 elements per layer, 256 -> 96 bytes over all layers" in out and "-62.5%" in out
+    for figure in ("peak RAM", "GiB", "GB on disk", "time", "rough"):
+        assert figure in out, out
+
+
+@pytest.mark.skipif(not DEMO_AVAILABLE, reason="bundled demo model not present")
+def test_the_plan_comes_first_and_its_disk_estimate_is_exact(tmp_path: Path) -> None:
+    out = tmp_path / "demo-mla"
+    args = ["--calib-tokens", "1024", "--calib-seq-len", "256", "--kv-lora-rank", "32"]
+    result = CliRunner().invoke(main, ["convert", "demo", str(out), *args])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("plan: demo") and any("estimated: peak RAM" in line for line in lines[:6])
+    plan = make_plan("demo", ConvertOptions(calib_tokens=1024, calib_seq_len=256, kv_lora_rank=32))
+    reader = CheckpointReader(out)
+    assert plan.cost.disk_bytes == sum(reader.info(name).nbytes for name in reader.names)
+    shards = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert 0 < shards - plan.cost.disk_bytes < 64 * 1024  # the headers
+    assert json.loads((out / "mlakit.json").read_text())["kv_cache"] == plan.cache_summary()
