@@ -1,4 +1,5 @@
-"""Stream a planned conversion (`plan.py`) one layer at a time.
+"""Stream a planned conversion (`plan.py`) one layer at a time, each layer's attention written as
+MLA by `attention.py` for the rope candidates of `candidates.py`.
 
 Calibration hidden states are carried through the source layers (as GPTQ does): each layer is
 read, measured on its inputs, converted, written, and run to produce the next layer's inputs, so
@@ -10,24 +11,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer, DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers import AutoTokenizer
 
 import mlakit
-from mlakit.convert import deepseek, rope
+from mlakit.convert import deepseek
+from mlakit.convert.attention import convert_attention, padded_columns, unpadded
+from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.checkpoint import (
     CheckpointReader, ShardWriter, atomic_folder, check_output, copy_side_files, write_json,
 )
 from mlakit.convert.errors import MlakitError
-from mlakit.convert.factorize import LeastSquares, SecondMoment, absorb_bias, joint_latent
-from mlakit.convert.families import SourceLayer, SourceSpec, layer_name, read_layer
+from mlakit.convert.factorize import LeastSquares, SecondMoment
+from mlakit.convert.families import layer_name, read_layer
 from mlakit.convert.forward import (
     MLAWeights, attend, attention_distance_histogram, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
     source_qkv,
@@ -39,98 +39,6 @@ from mlakit.convert.text import load_corpus, token_windows
 # The attention-distance histogram is a per-head distribution over distances: the first windows
 # estimate it as well as all of them, and it costs half of the statistics pass.
 HISTOGRAM_TOKENS = 16384
-
-
-@dataclass
-class Candidate:
-    """One rope strategy: source and output frequencies, and the output config."""
-
-    strategy: str
-    src_freq: torch.Tensor
-    src_scaling: float
-    tgt_freq: torch.Tensor
-    config: dict
-    freq_error: float
-
-
-def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
-    """Output rope for a strategy: the source's scaling with theta moved to the kept frequencies.
-
-    YaRN gets an attention factor of 1 (the source's is folded into q_proj) and mscales every
-    engine reads as no rescaling; llama3 is kept, or written as the best-fitting YaRN within what
-    every engine reads (llama.cpp's fixed ramp boundaries) so that all compute the same frequencies."""
-    src = LlamaRotaryEmbedding(plan.spec.hf_config)
-    params = dict(plan.spec.rope)
-    params["rope_theta"] = rope.target_theta(params["rope_theta"], plan.spec.head_dim, plan.shape.qk_rope, strategy)
-    if params.get("rope_type") == "yarn":
-        params.update(attention_factor=1.0, mscale=deepseek.YARN_MSCALE, mscale_all_dim=deepseek.YARN_MSCALE)
-
-    def target(p: dict) -> tuple[torch.Tensor, dict]:
-        config = deepseek.build_config(plan.spec, plan.shape, p, plan.dtype)
-        emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**config))
-        if abs(emb.attention_scaling - 1.0) > 1e-12:
-            raise AssertionError("output rope must not rescale attention")
-        return emb.inv_freq.double(), config
-
-    kept = src.inv_freq.double()[rope.kept_frequencies(plan.spec.head_dim // 2, plan.shape.qk_rope // 2, strategy)]
-    if params.get("rope_type") == "llama3" and llama3_rope == "yarn":
-        params, _ = rope.llama3_as_yarn(params, kept, lambda p: target(p)[0], deepseek.LLAMACPP_YARN_BETAS,
-                                        deepseek.YARN_MSCALE)
-    tgt, config = target(params)
-    err = ((tgt - kept).abs() / kept).max().item()
-    return Candidate(strategy, src.inv_freq.double(), float(src.attention_scaling), tgt, config, err)
-
-
-def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
-                      dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
-    """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
-    Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
-    H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
-    sigma, mean = stats.sigma, stats.mean
-    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), sigma, mean), H)
-    k = rope.to_complex(layer.k.cpu(), G)
-    k_rot_rows = None
-    if layer.k_bias is not None:
-        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), sigma, mean), G)
-    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), sigma, mean)
-    split = rope.rorope(
-        k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
-        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
-    )
-    k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
-    group_of = torch.arange(H) // (H // G)
-    k_metric = v_metric = None
-    if opts.output_aware:
-        q_nope_real = rope.to_real(split.q_nope)  # (H, d, D)
-        # E[q q^T] per head: H d^2 D^2 multiply-adds (68 G at 8B shapes), a weighting, so float32 suffices
-        q32 = q_nope_real.float()
-        per_head_q = (q32 @ sigma.float() @ q32.transpose(1, 2)).double()
-        o_heads = layer.o.cpu().double().view(D, H, d).permute(1, 2, 0)  # (H, d, D)
-        per_head_o = o_heads @ o_heads.transpose(1, 2)
-        k_metric = torch.block_diag(*[per_head_q[group_of == g].sum(0) for g in range(G)])
-        v_metric = torch.block_diag(*[per_head_o[group_of == g].sum(0) for g in range(G)])
-    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
-                          balance=opts.balance, k_metric=k_metric, v_metric=v_metric)
-    q_scale = math.sqrt(shape.qk_head / d) * cand.src_scaling**2
-    q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
-    q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
-    k_up = F.pad(latent.k_up.view(G, d, -1)[group_of], (0, 0, 0, shape.qk_nope - d))
-    v_up = F.pad(latent.v_up.view(G, d, -1)[group_of], (0, 0, 0, shape.v_head - d))
-    o = F.pad(layer.o.cpu().double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
-    weights = MLAWeights(
-        q=q_rows.float(),
-        kv_a=torch.cat([latent.down, rope.to_interleaved(split.k_rot)]).float(),
-        kv_norm=torch.ones(shape.kv_lora_rank),
-        kv_b=torch.cat([k_up, v_up], dim=1).reshape(-1, shape.kv_lora_rank).float(),
-        o=o.float(),
-    )
-    info = {"k_error": latent.k_error, "v_error": latent.v_error, "latent_error": latent.error,
-            "latent_optimum": latent.optimum, "rope_energy_kept": split.energy_kept}
-    return weights, info
-
-
-def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.cpu()
 
 
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
@@ -214,7 +122,7 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         metrics = [opts.output_aware]
         built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
                  for c in cands for oa in metrics}
-        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(_unpadded(w, spec, shape)).values()))
+        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape)).values()))
                      for key, (w, _) in built.items()}
         # The MLP only makes the next layer's inputs: it runs at the precision the source stores
         # (and serves) it in, which on a CPU makes bf16 sources' largest matmuls three times faster.
@@ -232,7 +140,7 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
             o = on_device[key].o
             options[key + (False,)] = (fit.error(o), built[key][0].o)
             if opts.refit_output:
-                options[key + (True,)] = (fit.error(refit := fit.solve(o)), _padded_columns(refit, spec, shape))
+                options[key + (True,)] = (fit.error(refit := fit.solve(o)), padded_columns(refit, spec, shape))
         best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
                 for c in cands}
         for sl, ref in zip(chunks, refs):
@@ -246,26 +154,6 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": key[1], "output_refit": key[2],
                                     **built[key[:2]][1]})
     return built[best[cands[0].strategy][:2]][0], layer.input_norm.cpu(), seconds
-
-
-def _unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:
-    """The weights without the zero padding of the nope key and of v (qk_nope, v_head >= head_dim),
-    o_proj keeping only the columns of real head outputs: the padding only multiplies zeros, so
-    the fit computes exactly the same attention on the source's head sizes, for less work."""
-    d, h, nope = spec.head_dim, spec.heads, shape.qk_nope
-    q = w.q.unflatten(0, (h, shape.qk_head))
-    kv_b = w.kv_b.unflatten(0, (h, nope + shape.v_head))
-    return MLAWeights(
-        q=torch.cat([q[:, :d], q[:, nope:]], dim=1).flatten(0, 1),
-        kv_a=w.kv_a,
-        kv_norm=w.kv_norm,
-        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + d]], dim=1).flatten(0, 1),
-        o=w.o.unflatten(1, (h, shape.v_head))[..., :d].flatten(1),
-    )
-
-
-def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,

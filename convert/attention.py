@@ -1,0 +1,88 @@
+"""One layer's attention written as MLA: the weights from the source layer, its calibration
+statistics and a rope candidate, and the padding between the source's head sizes and the format's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mlakit.convert import deepseek, rope
+from mlakit.convert.candidates import Candidate
+from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
+from mlakit.convert.families import SourceLayer, SourceSpec
+from mlakit.convert.forward import MLAWeights
+from mlakit.convert.plan import ConvertOptions
+
+
+def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
+                      dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
+    """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
+    Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
+    H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
+    sigma, mean = stats.sigma, stats.mean
+    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), sigma, mean), H)
+    k = rope.to_complex(layer.k.cpu(), G)
+    k_rot_rows = None
+    if layer.k_bias is not None:
+        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), sigma, mean), G)
+    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), sigma, mean)
+    split = rope.rorope(
+        k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
+        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
+    )
+    k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
+    group_of = torch.arange(H) // (H // G)
+    k_metric = v_metric = None
+    if opts.output_aware:
+        q_nope_real = rope.to_real(split.q_nope)  # (H, d, D)
+        # E[q q^T] per head: H d^2 D^2 multiply-adds (68 G at 8B shapes), a weighting, so float32 suffices
+        q32 = q_nope_real.float()
+        per_head_q = (q32 @ sigma.float() @ q32.transpose(1, 2)).double()
+        o_heads = layer.o.cpu().double().view(D, H, d).permute(1, 2, 0)  # (H, d, D)
+        per_head_o = o_heads @ o_heads.transpose(1, 2)
+        k_metric = torch.block_diag(*[per_head_q[group_of == g].sum(0) for g in range(G)])
+        v_metric = torch.block_diag(*[per_head_o[group_of == g].sum(0) for g in range(G)])
+    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
+                          balance=opts.balance, k_metric=k_metric, v_metric=v_metric)
+    q_scale = math.sqrt(shape.qk_head / d) * cand.src_scaling**2
+    q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
+    q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
+    k_up = F.pad(latent.k_up.view(G, d, -1)[group_of], (0, 0, 0, shape.qk_nope - d))
+    v_up = F.pad(latent.v_up.view(G, d, -1)[group_of], (0, 0, 0, shape.v_head - d))
+    o = F.pad(layer.o.cpu().double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
+    weights = MLAWeights(
+        q=q_rows.float(),
+        kv_a=torch.cat([latent.down, rope.to_interleaved(split.k_rot)]).float(),
+        kv_norm=torch.ones(shape.kv_lora_rank),
+        kv_b=torch.cat([k_up, v_up], dim=1).reshape(-1, shape.kv_lora_rank).float(),
+        o=o.float(),
+    )
+    info = {"k_error": latent.k_error, "v_error": latent.v_error, "latent_error": latent.error,
+            "latent_optimum": latent.optimum, "rope_energy_kept": split.energy_kept}
+    return weights, info
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:
+    """The weights without the zero padding of the nope key and of v (qk_nope, v_head >= head_dim),
+    o_proj keeping only the columns of real head outputs: the padding only multiplies zeros, so
+    the fit computes exactly the same attention on the source's head sizes, for less work."""
+    d, h, nope = spec.head_dim, spec.heads, shape.qk_nope
+    q = w.q.unflatten(0, (h, shape.qk_head))
+    kv_b = w.kv_b.unflatten(0, (h, nope + shape.v_head))
+    return MLAWeights(
+        q=torch.cat([q[:, :d], q[:, nope:]], dim=1).flatten(0, 1),
+        kv_a=w.kv_a,
+        kv_norm=w.kv_norm,
+        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + d]], dim=1).flatten(0, 1),
+        o=w.o.unflatten(1, (h, shape.v_head))[..., :d].flatten(1),
+    )
+
+
+def padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
+    return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
