@@ -149,8 +149,9 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--teacher", default=None,
               help="The source model (folder, hub id or `demo`). Default: the source named in CONVERTED/mlakit.json.")
 @click.option("--data", multiple=True,
-              help="Text file, jsonl file (one document per line) or Hugging Face dataset NAME[:CONFIG][@SPLIT] "
-                   "(repeatable). Default: the bundled docstrings.")
+              help="Text file, jsonl file (one document per line) or Hugging Face dataset [hub:]NAME[:CONFIG][@SPLIT] "
+                   "(repeatable; hub: when a local path has the same name). Default: the bundled docstrings, the demo "
+                   "model's own text.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of jsonl records and datasets.")
 @click.option("--mode", type=click.Choice(["layerwise", "distill", "both"]), default="layerwise", show_default=True,
               help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "
@@ -175,24 +176,26 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Weight of the next-token (LM) loss added to the KL.")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-              help="Where distillation checkpoints go. Default: OUT.ckpt beside OUT. When OUT is complete only "
-                   "mlakit's own files are removed from it.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint.")
+              help="Where the resumable state goes (saved layers, distillation checkpoints, teacher cache). Default: "
+                   "OUT.ckpt beside OUT. When OUT is complete only mlakit's own files are removed from it.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run: after its last saved layer, from its last distillation checkpoint.")
 @click.option("--teacher-topk", type=int, default=0, show_default=True,
               help="Distillation: run the teacher once, keep its top-K next-token log-probabilities in the "
                    "checkpoint folder and train without it in memory (for when teacher and student do not fit "
                    "together); the KL is then over those K tokens plus one bucket for the rest. 0: run the teacher "
                    "alongside.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the order in which training rows are read: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, help="Replace OUT (and stale checkpoints) if present.")
 @friendly_errors
 def calibrate(converted: str, out: Path, **kw) -> None:
     """Recover quality of CONVERTED (an `mlakit convert` output) into OUT.
 
     \b
-    mlakit calibrate ./demo-mla ./demo-cal                       layer-wise, on the CPU
-    accelerate launch -m mlakit calibrate ./mla ./cal --mode distill --data train.jsonl
+    mlakit calibrate ./demo-mla ./demo-cal --seq-len 256 --tokens 8192        layer-wise, on the CPU
+    accelerate launch -m mlakit calibrate ./llama-mla ./llama-cal --mode distill --data train.jsonl
     """
     teacher = kw["teacher"]
     check_output(out, kw["force"], protect=[local_model(converted), local_model(teacher) if teacher else None])
@@ -230,7 +233,11 @@ def calibrate(converted: str, out: Path, **kw) -> None:
               help="Context lengths at which to measure the real KV cache (clipped to max_position_embeddings).")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Report folder. Default: CONVERTED/report for a local folder, NAME-report here for a hub id.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda (each model spread over every visible GPU by accelerate) or cuda:N (on GPU N).")
+@click.option("--max-memory", default=None,
+              help="With --device cuda: the most each GPU and the CPU may hold of a model, e.g. "
+                   "0=70GiB,1=70GiB,cpu=200GiB. Default: what accelerate finds free.")
 @friendly_errors
 def validate(source: str, converted: str, **kw) -> None:
     """Compare CONVERTED with SOURCE on the same tokens and write a report.
@@ -242,11 +249,12 @@ def validate(source: str, converted: str, **kw) -> None:
         local_model(name)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.report import summary
-    from mlakit.validate.run import ValidateOptions, parse_contexts, validate as run
+    from mlakit.validate.run import ValidateOptions, parse_contexts, parse_max_memory, validate as run
 
     opts = ValidateOptions(
         texts=list(kw["text"]) or None, tokens=kw["tokens"], seq_len=kw["seq_len"], prompts=kw["prompts"],
         contexts=parse_contexts(kw["contexts"]), report=kw["report"], device=kw["device"],
+        max_memory=parse_max_memory(kw["max_memory"]) if kw["max_memory"] else None,
     )
     click.echo(summary(run(source, converted, opts, log=lambda m: click.echo(m, err=True))))
 

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--layerwise-tokens", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--distill-tokens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=ConvertOptions.calib_tokens, help="the conversion's")
     ap.add_argument("--layer-steps", type=int, default=LayerwiseOptions.steps)
     ap.add_argument("--inputs", default=LayerwiseOptions.inputs)
     ap.add_argument("--lr", type=float, default=DistillOptions.lr)
@@ -56,6 +57,7 @@ def main() -> None:
             mla = tmp_path / f"mla-{rank}"
             record = convert(args.model, mla, ConvertOptions(kv_lora_rank=rank, rope_dim=args.rope_dim,
                                                              calib_text=[first90], calib_seq_len=args.seq_len,
+                                                             calib_tokens=args.calib_tokens,
                                                              dtype="fp32"),
                              log=lambda _: None)
             cache = record["kv_cache"]

@@ -9,7 +9,7 @@ scored) and llama-simple's greedy continuation of a prompt taken from the same t
 override is passed: a model that llama.cpp does not load shows the loader's error.
 
     python benchmarks/bench_engines.py --source ~/.cache/mlakit/SmolLM2-135M-Instruct \\
-        --converted ./smol-mla --text ../shared/data/shakespeare.txt
+        --converted ./smol-mla --text shakespeare.txt
     python benchmarks/bench_engines.py --converted ./demo-mla --sdist llama_cpp_python-0.3.36.tar.gz
 """
 

@@ -1,7 +1,8 @@
 """One-shot quality against KV-cache budget: perplexity of the source and of its conversions.
 
 Protocol: conversions calibrate on the first 90% of `--text` and never see the evaluation text:
-the last 10% of `--text` and of each `--also-eval` file, `--eval-tokens` of each cut into windows
+the last 10% of `--text` and of each `--also-eval` file (with `--mixed`, calibration also takes the
+first 90% of each `--also-eval` file), `--eval-tokens` of each cut into windows
 of `--seq-len` tokens (and, with `--long-seq-len`, `--long-tokens` in windows of that length).
 Perplexity is measured in fp32 by transformers itself (the source as LlamaForCausalLM, the
 conversion as DeepseekV3ForCausalLM); conversions are written in fp32 so that the table shows
@@ -15,7 +16,13 @@ Methods (`--methods`, all by default):
 - TransMLA-style: TransMLA's published choices reimplemented: real PCA across kv heads with
   FreqFold 4 (4 neighbouring source frequencies share a PCA), lost rotations dropped, K balanced
   to V by norm, input-covariance PCA latent, no refit;
-- full latent: the largest kv_lora_rank, so that only the rope step loses anything.
+- full latent: the largest kv_lora_rank, so that only the rope step loses anything;
+- llama3 kept: llama3 rope scaling written as llama3 (exact in transformers, which the table
+  measures) instead of the YaRN that every engine reads (only differs for llama3 sources).
+
+`--llama3-scaling` evaluates a copy of the model whose config has Llama 3.1's rope scaling
+(factor 8, low/high frequency factors 1/4, original context = the model's own), weights shared:
+the source and both ways of writing its rope can then be compared at long context.
 
     python benchmarks/bench_quality.py                                   # bundled demo model
     python benchmarks/bench_quality.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
@@ -25,6 +32,7 @@ Methods (`--methods`, all by default):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 import time
@@ -53,7 +61,22 @@ def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:
         "TransMLA-style": {"complex_pca": False, "expected_rotation": False, "rope_strategy": freqfold4,
                            "output_aware": False, "refit_output": False},
         "full latent": {"kv_lora_rank": 2 * spec.kv_heads * spec.head_dim - rope_dim},
+        "llama3 kept": {"llama3_rope": "keep"},
     }
+
+
+def with_llama3_scaling(folder: Path, into: Path) -> Path:
+    """A copy of `folder` (weights linked, not copied) whose config has Llama 3.1's rope scaling."""
+    into.mkdir()
+    for f in folder.iterdir():
+        (into / f.name).symlink_to(f.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": config["max_position_embeddings"]}
+    config["max_position_embeddings"] *= 8
+    (into / "config.json").unlink()
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    return into
 
 
 @torch.no_grad()
@@ -72,6 +95,8 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="calibration (first 90%%) and held-out text")
     ap.add_argument("--also-eval", type=Path, nargs="*", default=[], help="more held-out text (last 10%% of each)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="calibrate on the first 90%% of every text, --also-eval ones included")
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--rope-dims", type=int, nargs="+", default=[64])
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the methods, by name")
@@ -81,10 +106,14 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256, help="evaluation window")
     ap.add_argument("--long-seq-len", type=int, default=0, help="also evaluate at this context (0: no)")
     ap.add_argument("--long-tokens", type=int, default=8192)
+    ap.add_argument("--llama3-scaling", action="store_true", help="give the model Llama 3.1's rope scaling")
     args = ap.parse_args()
     logging.set_verbosity_error()
-
+    scratch = tempfile.TemporaryDirectory()
     folder = resolve_model(args.model)
+    if args.llama3_scaling:
+        folder = with_llama3_scaling(folder, Path(scratch.name) / "llama3")
+        args.model = str(folder)
     spec = load_spec(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = {p.name: p.read_text(encoding="utf-8") for p in [args.text, *args.also_eval]}
@@ -96,9 +125,10 @@ def main() -> None:
         sets[f"{args.text.name} @{args.long_seq_len}"] = token_windows(
             tokenizer, t, args.long_tokens, args.long_seq_len, what="evaluation")
     base = perplexity(folder, list(sets.values()))
+    calib_names = list(texts) if args.mixed else [args.text.name]
     src_cache = spec.kv_elements_per_token_layer()
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
-          f"calibration: {args.calib_tokens} tokens of the first 90% of {args.text.name} in windows of "
+          f"calibration: {args.calib_tokens} tokens of the first 90% of {' and '.join(calib_names)} in windows of "
           f"{args.calib_seq_len}; held-out: " + ", ".join(f"{k} ({v.shape[0]} windows)" for k, v in sets.items()))
     print("source perplexity: " + ", ".join(f"{k} {p:.3f}" for k, p in zip(sets, base))
           + f"; source KV cache {src_cache} elements per token per layer\n")
@@ -106,8 +136,10 @@ def main() -> None:
           + " | ".join(f"ppl {k} | vs source" for k in sets) + " |")
     print("|---:|---:|---:|---|---:|" + "---:|---:|" * len(sets))
     with tempfile.TemporaryDirectory() as tmp:
-        calib = Path(tmp) / "calib.txt"
-        calib.write_text(texts[args.text.name][: int(0.9 * len(texts[args.text.name]))], encoding="utf-8")
+        calib = []
+        for name in calib_names:
+            calib.append(Path(tmp) / f"calib-{name}")
+            calib[-1].write_text(texts[name][: int(0.9 * len(texts[name]))], encoding="utf-8")
         for rope_dim in args.rope_dims:
             table = methods(spec, rope_dim)
             if rope_dim < spec.head_dim:
@@ -117,7 +149,7 @@ def main() -> None:
                 for name, kw in chosen.items():
                     if name == "full latent" and rank != args.ranks[0]:
                         continue
-                    opts = ConvertOptions(**{"kv_lora_rank": rank, "rope_dim": rope_dim, "calib_text": [calib],
+                    opts = ConvertOptions(**{"kv_lora_rank": rank, "rope_dim": rope_dim, "calib_text": calib,
                                              "dtype": "fp32", "calib_tokens": args.calib_tokens,
                                              "calib_seq_len": args.calib_seq_len, **kw})
                     if opts.kv_lora_rank > 2 * spec.kv_heads * spec.head_dim - rope_dim:

@@ -128,7 +128,7 @@ def main() -> None:
         folders = {"source": resolve_model(args.model), "exact": tmp / "exact"}
         tokenizer = AutoTokenizer.from_pretrained(tmp / "exact")
         windows = token_windows(tokenizer, text[cut:], args.eval_tokens, args.seq_len, what="evaluation")
-        calib_windows = token_windows(tokenizer, text[:cut], args.calib_tokens, args.seq_len)
+        calib_windows = token_windows(tokenizer, text[:cut], args.calib_tokens, args.seq_len, spread=True)
         if "calibrated" in args.variants:
             calibrated(tmp / "exact", tmp / "calibrated", calib_windows)
             folders["calibrated"] = tmp / "calibrated"

@@ -4,13 +4,18 @@ Rows are filled with consecutive documents; `position_ids` restart at 0 at every
 (and at every row start), and that restart is what keeps attention inside a document: transformers
 builds a block-diagonal causal mask from restarting position ids, and `per_document` does the same
 for the functional layers. The last rows are held out for the before/after summary.
+
+Documents are streamed: files and datasets are read one document at a time, on each pass, and
+tokenized a batch of documents at a time into int32 rows, so that neither the text nor a Python
+list of every token is ever held whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,61 +25,83 @@ from mlakit.convert.errors import MlakitError
 from mlakit.convert.text import load_corpus
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+HUB = "hub:"  # `--data hub:NAME...` is a Hugging Face dataset even where a local path has that name
+TOKENIZE_DOCUMENTS = 1024  # documents tokenized in one call
+POSITION_BLOCK = 2**20  # tokens whose position ids are computed at a time
 
 
 @dataclass(frozen=True)
 class Documents:
-    """Texts plus what a report and a resume check need to name them."""
+    """Texts (any iterable that can be read more than once) plus what a report and a resume check need
+    to name them."""
 
-    texts: list[str]
+    texts: Iterable[str]
     name: str
     sha256: str
 
 
+class _Texts:
+    """The non-empty documents of every source, read again at each pass."""
+
+    def __init__(self, sources: list[Callable[[], Iterator[str]]]):
+        self.sources = sources
+
+    def __iter__(self) -> Iterator[str]:
+        for source in self.sources:
+            yield from (text for text in source() if text.strip())
+
+
 def load_documents(specs: Sequence[str], text_field: str = "text") -> Documents:
     """Read every `--data` value: a text file (one document), a jsonl file (one document per line,
-    its `text_field`), or a Hugging Face dataset `NAME[:CONFIG][@SPLIT]`. No value: the bundled text."""
-    texts: list[str] = []
+    its `text_field`), or a Hugging Face dataset `[hub:]NAME[:CONFIG][@SPLIT]`. No value: the bundled
+    text. One pass here checks every document and hashes them all."""
+    sources: list[Callable[[], Iterator[str]]] = []
     if not specs:
-        texts.append(load_corpus().text)
+        sources.append(lambda: iter([load_corpus().text]))
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_file() and path.suffix in JSONL_SUFFIXES:
-            texts += _jsonl(path, text_field)
+        if spec.startswith(HUB):
+            sources.append(_dataset(spec[len(HUB):], text_field))
+        elif path.is_file() and path.suffix in JSONL_SUFFIXES:
+            sources.append(lambda path=path: _jsonl(path, text_field))
         elif path.is_file():
-            texts.append(load_corpus([path]).text)
+            sources.append(lambda path=path: iter([load_corpus([path]).text]))
         elif path.exists() or spec.startswith((".", "/", "~")) or path.suffix in (".txt", *JSONL_SUFFIXES):
-            raise MlakitError(f"--data {spec}: no such text or jsonl file")
+            raise MlakitError(f"--data {spec}: no such text or jsonl file (a dataset id that is also a local "
+                              f"path: {HUB}{spec})")
         else:
-            texts += _dataset(spec, text_field)
-    texts = [t for t in texts if t.strip()]
-    if not texts:
+            sources.append(_dataset(spec, text_field))
+    texts = _Texts(sources)
+    digest, count = hashlib.sha256(), 0
+    for text in texts:  # the digest of the documents joined by NUL, without joining them
+        digest.update(b"\0" if count else b"")
+        digest.update(text.encode())
+        count += 1
+    if not count:
         raise MlakitError(f"--data {', '.join(specs)}: no text in it")
-    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
-    return Documents(texts, ", ".join(specs) or "bundled docstrings", digest)
+    return Documents(texts, ", ".join(specs) or "bundled docstrings", digest.hexdigest())
 
 
-def _jsonl(path: Path, field: str) -> list[str]:
-    texts = []
+def _jsonl(path: Path, field: str) -> Iterator[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise MlakitError(f"{path}:{n}: not valid JSON ({exc})") from exc
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise MlakitError(f"{path}:{n}: no string field {field!r}; name the field with --text-field")
+                yield record[field]
     except (OSError, UnicodeDecodeError) as exc:
         raise MlakitError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MlakitError(f"{path}:{n}: not valid JSON ({exc})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise MlakitError(f"{path}:{n}: no string field {field!r}; name the field with --text-field")
-        texts.append(record[field])
-    return texts
 
 
-def _dataset(spec: str, field: str) -> list[str]:
-    """`NAME[:CONFIG][@SPLIT]`, e.g. `wikitext:wikitext-2-raw-v1@train[:20%]` (split slicing included)."""
+def _dataset(spec: str, field: str) -> Callable[[], Iterator[str]]:
+    """`NAME[:CONFIG][@SPLIT]`, e.g. `wikitext:wikitext-2-raw-v1@train[:20%]` (split slicing included):
+    loaded once (datasets keeps it on disk, memory-mapped), read in batches of rows at each pass."""
     try:
         import datasets
     except ImportError as exc:
@@ -90,47 +117,68 @@ def _dataset(spec: str, field: str) -> list[str]:
         raise MlakitError(f"--data {spec}: could not load the dataset ({type(exc).__name__}: {exc})") from exc
     if field not in rows.column_names:
         raise MlakitError(f"--data {spec}: no column {field!r} (has {', '.join(rows.column_names)}); use --text-field")
-    return list(rows[field])
+    return lambda: (text for batch in rows.iter(batch_size=1024) for text in batch[field])
 
 
 @dataclass(frozen=True)
 class Packed:
-    """Rows of `seq_len` tokens; `position_ids` restart at each document start and each row start."""
+    """Rows of `seq_len` tokens; `position_ids` restart at each document start and each row start.
 
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
+    Stored as int32, half the memory of the int64 that models take: `input_ids` and `position_ids`
+    convert, so take the rows you need first (`packed[rows].input_ids`)."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.ids.shape[0]
 
     def __getitem__(self, rows) -> Packed:
-        return Packed(self.input_ids[rows], self.position_ids[rows])
+        return Packed(self.ids[rows], self.pos[rows])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.ids.long()
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.pos.long()
 
     @property
     def tokens(self) -> int:
-        return self.input_ids.numel()
+        return self.ids.numel()
 
 
 def pack(tokenizer, docs: Documents, seq_len: int) -> Packed:
-    """Tokenize every document and fill rows back to back; a trailing partial row is dropped."""
-    ids = tokenizer(docs.texts, add_special_tokens=False)["input_ids"]
-    flat = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    """Tokenize the documents a batch at a time and fill rows back to back; a trailing partial row is
+    dropped."""
+    ids, starts = [], []
+    texts = iter(docs.texts)
+    while batch := list(itertools.islice(texts, TOKENIZE_DOCUMENTS)):
+        tokens = [doc for doc in tokenizer(batch, add_special_tokens=False)["input_ids"] if doc]
+        if tokens:
+            ids.append(torch.tensor([t for doc in tokens for t in doc], dtype=torch.int32))
+            starts.append(torch.zeros(len(ids[-1]), dtype=torch.bool))
+            starts[-1][torch.tensor([0] + [len(doc) for doc in tokens[:-1]]).cumsum(0)] = True
+    flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32)
     n_rows = flat.numel() // seq_len
     if n_rows == 0:
         raise MlakitError(f"--data has {flat.numel()} tokens, fewer than one row of --seq-len {seq_len}")
-    lengths = torch.tensor([len(doc) for doc in ids if doc], dtype=torch.long)
-    starts = torch.zeros(flat.numel(), dtype=torch.bool)
-    starts[torch.cumsum(lengths, 0)[:-1]] = True
-    starts[::seq_len] = True
-    index = torch.arange(flat.numel())
-    last_start = torch.cummax(torch.where(starts, index, 0), 0).values
-    n = n_rows * seq_len
-    return Packed(flat[:n].view(n_rows, seq_len), (index - last_start)[:n].view(n_rows, seq_len))
+    first = torch.cat(starts)[: n_rows * seq_len].view(n_rows, seq_len)
+    del ids, starts
+    first[:, 0] = True
+    pos = torch.empty(n_rows, seq_len, dtype=torch.int32)
+    index = torch.arange(seq_len)
+    step = max(1, POSITION_BLOCK // seq_len)
+    for r in range(0, n_rows, step):  # a row start is a piece start: rows are independent
+        block = first[r : r + step]
+        pos[r : r + step] = index - torch.cummax(torch.where(block, index, 0), 1).values
+    return Packed(flat[: n_rows * seq_len].view(n_rows, seq_len), pos)
 
 
 def hold_out(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:
     """(rows to calibrate on, held-out rows): the last `eval_tokens` worth of rows, at most a tenth."""
-    n, seq_len = packed.input_ids.shape
+    n, seq_len = packed.ids.shape
     if n < 2:
         raise MlakitError(
             f"--data gives {n} row of {seq_len} tokens; calibration needs at least 2 (one to fit, one held out): "

@@ -10,25 +10,24 @@ weights of 2N steps in one run.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
+from transformers import DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
 
+from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, keep_better
 from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_labels
-from mlakit.calibrate.teacher import CACHE, CACHE_INFO, CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, \
-    cache_ready, logits
+from mlakit.calibrate.teacher import CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, load_teacher, logits
 from mlakit.convert.checkpoint import read_json, write_json
 from mlakit.convert.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
 from mlakit.convert.errors import MlakitError
@@ -37,8 +36,8 @@ from mlakit.convert.guard import atomic_folder
 
 TRAIN = ("attention", "all")
 STATE = "mlakit_state.json"
-CREATED = ".mlakit-created"  # marks a checkpoint folder mlakit made, which it may then remove
 WARMUP_FRACTION = 0.05
+PROGRESS_LINES = 20  # lines per run that report training progress when stderr is not a terminal
 
 
 @dataclass
@@ -99,6 +98,11 @@ def formatted_state(state: dict[str, torch.Tensor], config, train: str) -> dict[
     return out
 
 
+def epoch_order(epoch: int, n_rows: int, seed: int) -> torch.Tensor:
+    """The seeded permutation of the fit rows that an epoch reads."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def step_rows(step: int, batch: int, n_rows: int, seed: int) -> torch.Tensor:
     """Rows of global step `step`: consecutive slices of one seeded permutation per epoch."""
     first = step * batch
@@ -106,10 +110,15 @@ def step_rows(step: int, batch: int, n_rows: int, seed: int) -> torch.Tensor:
     epochs = index // n_rows
     rows = torch.empty(batch, dtype=torch.long)
     for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         mask = epochs == epoch
-        rows[mask] = perm[index[mask] % n_rows]
+        rows[mask] = epoch_order(epoch, n_rows, seed)[index[mask] % n_rows]
     return rows
+
+
+def used_rows(steps: int, batch: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Every fit row that `steps` steps read, each once, in the order first read: the first epoch's
+    order, cut where training stops (later epochs read the same rows again)."""
+    return epoch_order(0, n_rows, seed)[: min(steps * batch, n_rows)]
 
 
 class Checkpoints:
@@ -123,47 +132,14 @@ class Checkpoints:
         done = sorted(p for p in self.folder.glob("step-*") if (p / STATE).is_file()) if self.folder.is_dir() else []
         return done[-1] if done else None
 
-    def check(self, resume: bool, force: bool) -> Path | None:
-        """The checkpoint to resume from, if any; refuse to mix runs. Reads only, so it can run early."""
+    def saved(self) -> tuple[Path, dict, dict] | None:
+        """The latest checkpoint, the fingerprint it was saved with and this run's (see check_resume)."""
         last = self.latest()
-        if resume:
-            if last is None:
-                raise MlakitError(f"--resume: no complete checkpoint in {self.folder}; start without --resume")
-            saved = read_json(last / STATE).get("fingerprint", {})
-            for key, value in self.fingerprint.items():
-                if saved.get(key) != value:
-                    raise MlakitError(
-                        f"--resume: {last} was saved by a run with {key} {saved.get(key)!r}, not {value!r}; "
-                        "resume with the same options, or pass --force without --resume to start over"
-                    )
-            return last
-        if last is not None and not force:
-            raise MlakitError(
-                f"{self.folder} holds checkpoints of an unfinished run: pass --resume to continue it, "
-                "or --force to start over"
-            )
-        return None
-
-    def create(self) -> None:
-        """Make the folder if it is missing, marked as mlakit's."""
-        if not self.folder.exists():
-            self.folder.mkdir(parents=True)
-            (self.folder / CREATED).touch()
-
-    def remove(self) -> None:
-        """After a finished run: delete what mlakit wrote (checkpoints, teacher cache), and the folder
-        only if mlakit made it and nothing else is left in it; a folder the user named may hold more."""
-        self.clear()
-        for name in (CACHE, CACHE_INFO):
-            (self.folder / name).unlink(missing_ok=True)
-        if (self.folder / CREATED).is_file():
-            (self.folder / CREATED).unlink()
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()
+        return None if last is None else (last, read_json(last / STATE).get("fingerprint", {}), self.fingerprint)
 
     def clear(self) -> None:
         """Remove the checkpoints of an earlier run; a teacher cache stays, it checks its own fingerprint."""
-        for old in [*self.folder.glob("step-*"), *self.folder.glob(".step-*.tmp")]:
+        for old in (path for pattern in STEPS for path in self.folder.glob(pattern)):
             shutil.rmtree(old)
 
     def save(self, accelerator, step: int) -> None:
@@ -183,12 +159,12 @@ def evaluate(teacher: LiveTeacher | CachedTeacher, student, rows: Packed, device
              batch: int) -> Quality:
     """Held-out quality of a stock-loaded student."""
     meter = QualityMeter()
-    labels = next_token_labels(rows.input_ids, rows.position_ids)
     with torch.no_grad():
         for start in range(0, len(rows), batch):
             index = torch.arange(start, min(start + batch, len(rows)))
-            ids, pos = rows.input_ids[index].to(device), rows.position_ids[index].to(device)
-            teacher.measure(meter, "held_out", index, ids, pos, logits(student, ids, pos), labels[index].to(device))
+            part = rows[index]
+            ids, pos = part.input_ids.to(device), part.position_ids.to(device)
+            teacher.measure(meter, "held_out", index, ids, pos, logits(student, ids, pos), next_token_labels(ids, pos))
     return meter.result(teacher.top_k)
 
 
@@ -197,8 +173,13 @@ def _load_student(folder: Path, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
 
 
 def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, held_out: Packed,
-            opts: DistillOptions, fingerprint: dict, run: dict, force: bool) -> DistillResult:
-    """Train, then write OUT from the main process; `before`/`after` are None on the other processes."""
+            opts: DistillOptions, fingerprint: dict, run: dict, force: bool,
+            log: Callable[[str], None] | None = None) -> DistillResult:
+    """Train, then write OUT from the main process; `before`/`after` are None on the other processes.
+
+    `opts.resume` continues from the latest checkpoint if there is one, which the caller has checked
+    (`check_resume`); a run that does not resume clears earlier checkpoints. When stderr is not a
+    terminal, progress goes to `log` as lines."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers.utils import logging
@@ -207,19 +188,21 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     cuda = opts.device.startswith("cuda")
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", step_scheduler_with_optimizer=False)
     set_seed(opts.seed)
-    seq_len = fit_rows.input_ids.shape[1]
+    seq_len = fit_rows.ids.shape[1]
     if opts.batch_size % acc.num_processes:
         raise MlakitError(f"--batch-size {opts.batch_size} must be a multiple of the {acc.num_processes} processes")
     steps = max(1, math.ceil(opts.tokens / (opts.batch_size * seq_len)))
     ckpt = Checkpoints(opts.checkpoint_dir, fingerprint)
-    last = ckpt.check(opts.resume, force)
-    if acc.is_main_process:
-        ckpt.create()
+    last = ckpt.latest() if opts.resume else None
+    main = acc.is_main_process
+    say = log if main and log and not sys.stderr.isatty() else None
+    if main:
+        create(ckpt.folder)
         if last is None:
             ckpt.clear()
     acc.wait_for_everyone()
     dtype = torch.bfloat16 if cuda else torch.float32
-    teacher = _teacher(teacher_dir, fit_rows, held_out, opts, ckpt.folder, dtype, acc)
+    teacher = _teacher(teacher_dir, fit_rows, held_out, opts, steps, dtype, acc, say)
     student, optimizer, scheduler = acc.prepare(*_trainable_student(converted, opts, steps, cuda))
     start_step = 0
     if last is not None:
@@ -228,16 +211,19 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
         except Exception as exc:  # torch and safetensors raise many types for a damaged folder
             raise MlakitError(f"--resume: cannot load {last} ({type(exc).__name__}: {exc})") from exc
         start_step = read_json(last / STATE)["step"]
-    main = acc.is_main_process
     before = evaluate(teacher, _load_student(converted, dtype).to(acc.device), held_out, acc.device,
                       opts.batch_size) if main else None
+    if say:
+        say(f"distill: held-out KL to the teacher {before.kl:.5f} before training")
 
     bar = tqdm(total=steps, initial=start_step, desc="distill", unit="step", disable=not main or None)
     t0, loss_avg, done_tokens = time.perf_counter(), 0.0, 0
+    every = -(-steps // PROGRESS_LINES)
     try:
         for step in range(start_step, steps):
             rows = step_rows(step, opts.batch_size, len(fit_rows), opts.seed)[acc.process_index :: acc.num_processes]
-            ids, pos = fit_rows.input_ids[rows].to(acc.device), fit_rows.position_ids[rows].to(acc.device)
+            batch = fit_rows[rows]
+            ids, pos = batch.input_ids.to(acc.device), batch.position_ids.to(acc.device)
             loss = _loss(teacher, student, rows, ids, pos, opts.lm_weight)
             acc.backward(loss)
             optimizer.step()
@@ -245,8 +231,11 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
             optimizer.zero_grad(set_to_none=True)
             loss_avg = loss.item() if step == start_step else 0.9 * loss_avg + 0.1 * loss.item()
             done_tokens += opts.batch_size * seq_len
+            rate = done_tokens / (time.perf_counter() - t0)
             bar.update()
-            bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{done_tokens / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{rate:.0f}")
+            if say and ((step + 1) % every == 0 or step + 1 == steps):
+                say(f"distill: step {step + 1}/{steps}, loss {loss_avg:.4f}, {rate:.0f} tokens/s")
             if (step + 1) % opts.save_every == 0 and step + 1 < steps:
                 ckpt.save(acc, step + 1)
     except KeyboardInterrupt:
@@ -272,34 +261,30 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
                                     opts.batch_size)
             result.kept = keep_better(converted, tmp, before, result.after)
             export.record({**run, **_as_record(result)})
-        ckpt.remove()
+        if say:
+            say(f"distill: held-out KL to the teacher {result.after.kl:.5f} after {steps} steps")
+        remove(ckpt.folder)
     acc.wait_for_everyone()
     return result
 
 
-def _teacher(teacher_dir: Path, fit_rows: Packed, held_out: Packed, opts: DistillOptions, folder: Path,
-             dtype: torch.dtype, acc) -> LiveTeacher | CachedTeacher:
-    """The source model, or with --teacher-topk its cached top-k log-probabilities (computed once by the
-    main process, then the model is freed before the student is built)."""
-
-    def load():
-        model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).to(acc.device).eval()
-        return model.requires_grad_(False)
-
+def _teacher(teacher_dir: Path, fit_rows: Packed, held_out: Packed, opts: DistillOptions, steps: int,
+             dtype: torch.dtype, acc, log: Callable[[str], None] | None) -> LiveTeacher | CachedTeacher:
+    """The source model, or with --teacher-topk its cached top-k log-probabilities over the rows that
+    `steps` steps read and the held-out rows (computed once by the main process, the model spread
+    over the GPUs and freed before the student is built)."""
     if not opts.teacher_topk:
-        return LiveTeacher(load())
-    parts = {"fit": fit_rows, "held_out": held_out}
-    fingerprint = cache_fingerprint(teacher_dir, parts, opts.teacher_topk)
-    cache = folder / CACHE
-    if acc.is_main_process and not cache_ready(cache, fingerprint):
-        model = load()
-        build_cache(model, parts, opts.teacher_topk, opts.batch_size, acc.device, cache, fingerprint)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        return LiveTeacher(load_teacher(teacher_dir, dtype, acc.device))
+    fit_order = used_rows(steps, opts.batch_size, len(fit_rows), opts.seed)
+    parts = {"fit": (fit_rows, fit_order), "held_out": (held_out, torch.arange(len(held_out)))}
+    folder = opts.checkpoint_dir / CACHE
+    if acc.is_main_process:
+        build_cache(lambda: load_teacher(teacher_dir, dtype, acc.device, spread=True), parts, opts.teacher_topk,
+                    opts.batch_size, folder, cache_fingerprint(teacher_dir, parts, opts.teacher_topk), log)
     acc.wait_for_everyone()
-    return CachedTeacher(cache)
+    slots = torch.full((len(fit_rows),), -1, dtype=torch.long)
+    slots[fit_order] = torch.arange(len(fit_order))
+    return CachedTeacher(folder, {"fit": slots, "held_out": parts["held_out"][1]})
 
 
 def _trainable_student(converted: Path, opts: DistillOptions, steps: int, cuda: bool):

@@ -1,15 +1,17 @@
 """The student between the output format and the plain parametrization that training works in.
 
 In the exact format, kv_a_proj_with_mqa's latent rows are scaled down so far that kv_a_layernorm
-acts as a constant scale (DESIGN section 2). Optimizers cannot work on those rows (their size is set
-by the trick, not by the function), so training sees the plain rows (`plain_attention`, no latent
-norm) and `format_attention` re-applies the trick with the final input norm when writing OUT. In
-the native format (calibrate/native.py) the stored weights are already at a natural scale: training
-runs them as stored, through the norm, and they are written back as they are.
+acts as a constant scale (the latent-norm trick, README "How the conversion works"). Optimizers
+cannot work on those rows (their size is set by the trick, not by the function), so training sees
+the plain rows (`plain_attention`, no latent norm) and `format_attention` re-applies the trick with
+the final input norm when writing OUT. In the native format (calibrate/native.py) the stored
+weights are already at a natural scale: training runs them as stored, through the norm, and they
+are written back as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from transformers import DeepseekV3Config
 
 from mlakit.calibrate.metrics import Quality
 from mlakit.convert.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
-from mlakit.convert.deepseek import format_attention, plain_attention
+from mlakit.convert.deepseek import attention_names, format_attention, plain_attention
 from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import MLAWeights
 
@@ -40,14 +42,21 @@ def load_mla_config(folder: Path) -> DeepseekV3Config:
     return DeepseekV3Config.from_pretrained(folder)
 
 
+def stored_attention(get: Callable[[str], torch.Tensor], i: int, rank: int, native: bool) -> MLAWeights:
+    """Layer i's attention as a loader computes it from the stored tensors (`get` reads one by name),
+    float32: plain (trick undone) in the exact format, as stored in the native one."""
+    if not native:
+        return plain_attention(get, i, rank)
+    names = attention_names(i)
+    return MLAWeights(*(get(names[k]).float() for k in ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                                                        "kv_b_proj", "o_proj")))
+
+
 def as_stored(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int, dtype: torch.dtype,
               native: bool = False) -> MLAWeights:
-    """The weights a loader of OUT will see, rounded to the output dtype: plain (trick undone) in the
-    exact format, as stored in the native one."""
+    """The weights a loader of OUT will see, rounded to the output dtype."""
     stored = {name: t.to(dtype) for name, t in format_attention(i, w, input_gamma, hidden, native).items()}
-    if native:
-        return MLAWeights(*(t.float() for t in stored.values()))
-    return plain_attention(stored.__getitem__, i, w.kv_b.shape[1])
+    return stored_attention(stored.__getitem__, i, w.kv_b.shape[1], native)
 
 
 class Export:

@@ -16,9 +16,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Rotar
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mlakit.calibrate.data import per_document
-from mlakit.calibrate.export import load_mla_config
+from mlakit.calibrate.export import load_mla_config, stored_attention
 from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import LATENT_NORM_EPS, attention_names, latent_is_linear, plain_attention
+from mlakit.convert.deepseek import LATENT_NORM_EPS, attention_names, latent_is_linear
 from mlakit.convert.families import SourceLayer, check_weights, layer_name, load_spec, read_layer
 from mlakit.convert.forward import (
     MLAWeights, linear, mla_attention, mlp, rms_norm, rope_tables, source_attention,
@@ -104,16 +104,13 @@ class Student(_Ends):
         def get(key: str) -> torch.Tensor:
             return self.reader.get(layer_name(i, key)).float().to(self.device)
 
-        rank, names, gamma = self.config.kv_lora_rank, attention_names(i), get("input_norm")
-        latent = self.reader.get(names["kv_a_proj_with_mqa"])[:rank].float().to(self.device)
-        if latent_is_linear(latent, gamma, self.config.hidden_size):
-            attn, norm_eps = plain_attention(self.reader.get, i, rank), None
-        else:
-            attn = MLAWeights(*(self.reader.get(names[k]).float() for k in
-                                ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")))
-            norm_eps = LATENT_NORM_EPS
+        rank, gamma = self.config.kv_lora_rank, get("input_norm")
+        latent = self.reader.get(attention_names(i)["kv_a_proj_with_mqa"])[:rank].float().to(self.device)
+        native = not latent_is_linear(latent, gamma, self.config.hidden_size)
+        attn = stored_attention(self.reader.get, i, rank, native)
         return StudentLayer(MLAWeights(*(t.to(self.device) for t in vars(attn).values())),
-                            gamma, get("post_norm"), get("gate"), get("up"), get("down"), norm_eps)
+                            gamma, get("post_norm"), get("gate"), get("up"), get("down"),
+                            LATENT_NORM_EPS if native else None)
 
     def attention(self, x: torch.Tensor, w: MLAWeights, pos: torch.Tensor,
                   norm_eps: float | None = None) -> torch.Tensor:

@@ -11,27 +11,42 @@ For each decoder layer in turn, on the calibration hidden states:
 The source's hidden states feed each layer by default (teacher-forced; measured best, see
 docs/calibrate.md); `inputs="student"` feeds the student's own, from its already calibrated
 layers. Memory holds one layer of each model.
+
+Each finished layer is saved (`LayerProgress`), so that an interrupted stage resumes after the last
+one: the saved layers are replayed (forward passes only) and fitting continues with the random
+state it had, which gives the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from mlakit.calibrate.checkpoint import LAYERS
 from mlakit.calibrate.data import Packed
-from mlakit.calibrate.export import Export, as_stored
+from mlakit.calibrate.export import Export, stored_attention
 from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.metrics import Quality, QualityMeter, next_token_labels
+from mlakit.convert.checkpoint import disk_error, read_json, write_json
 from mlakit.convert.deepseek import format_attention
+from mlakit.convert.errors import MlakitError
 from mlakit.convert.forward import MLAWeights, rms_norm, row_chunks
 
 INPUTS = ("student", "teacher")
 RIDGE = 1e-6
+RUN = "run.json"  # the fingerprint of the run whose layers LayerProgress holds
+RNG = "rng_state"  # the layer files' entry for the random state after the layer
 
 
 @dataclass
@@ -50,6 +65,7 @@ class LayerwiseResult:
     after: Quality
     layers: list[dict]
     seconds: float
+    resumed_layers: int = 0
 
 
 class _Fit:
@@ -157,12 +173,74 @@ def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torc
     return stages[kept], {"errors": errors, "kept": kept}
 
 
+class LayerProgress:
+    """The finished layers of a layer-wise stage in the checkpoint folder: per layer a safetensors file
+    with its tensors as written to OUT, the random state after it and its report, and beside them the
+    fingerprint of the run (written with the first layer)."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.path = folder / LAYERS
+        self.fingerprint = fingerprint
+
+    def _file(self, i: int) -> Path:
+        return self.path / f"layer-{i:05d}.safetensors"
+
+    def done(self) -> int:
+        """How many layers, from the first, are saved."""
+        n = 0
+        while self._file(n).is_file():
+            n += 1
+        return n
+
+    def saved(self) -> tuple[Path, dict, dict] | None:
+        """Where, the fingerprint they were saved with and this run's (see check_resume); None if none."""
+        info = self.path / RUN
+        return (self.path, read_json(info), self.fingerprint) if info.is_file() else None
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor], rng: torch.Tensor, report: dict) -> None:
+        """Layer i, written under a temporary name and renamed, so that a file present is complete."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / RUN).is_file():
+            write_json(self.path / RUN, self.fingerprint)
+        tmp = self._file(i).with_suffix(".tmp")
+        try:
+            save_file({**{k: t.contiguous() for k, t in tensors.items()}, RNG: rng}, str(tmp),
+                      metadata={"report": json.dumps(report)})
+        except OSError as exc:
+            raise disk_error(exc, tmp) from exc
+        os.replace(tmp, self._file(i))
+
+    def load(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+        """Layer i's tensors, the random state after it and its report."""
+        try:
+            with safe_open(self._file(i), "pt") as fh:
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                report = json.loads(fh.metadata()["report"])
+        except Exception as exc:  # safetensors and json raise many types for a damaged file
+            raise MlakitError(f"--resume: cannot load {self._file(i)} ({type(exc).__name__}: {exc})") from exc
+        return tensors, tensors.pop(RNG), report
+
+    def clear(self) -> None:
+        """Forget the saved layers of an earlier run."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def release(self) -> None:
+        """Delete the layer files once the stage's output holds them; the fingerprint stays, naming it."""
+        for path in self.path.glob("layer-*.safetensors"):
+            path.unlink()
+
+
 def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, held_out: Packed, export: Export,
-                        opts: LayerwiseOptions) -> LayerwiseResult:
-    """Fit every layer in turn, write it to `export`, and score held-out text before and after."""
-    dev, seq_len = opts.device, fit_rows.input_ids.shape[1]
+                        opts: LayerwiseOptions, progress: LayerProgress | None = None,
+                        log: Callable[[str], None] | None = None) -> LayerwiseResult:
+    """Fit every layer in turn, write it to `export`, and score held-out text before and after.
+
+    With `progress`, every finished layer is saved there and the layers it already holds are
+    replayed instead of fitted. `log` gets one line per layer when stderr is not a terminal."""
+    dev, seq_len = opts.device, fit_rows.ids.shape[1]
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(opts.seed)
+    resumed = progress.done() if progress else 0
     hidden = student.config.hidden_size
     width = max(teacher.spec.heads, student.dims[0]) * seq_len + teacher.spec.intermediate
     fit, held = _Rows(fit_rows, dev, width), _Rows(held_out, dev, width)
@@ -173,26 +251,42 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
         e_before, e_after = e_teacher.clone(), e_teacher.clone()
     reports = []
     tokens_per_step = min(opts.batch_rows, len(fit_rows)) * seq_len
-    bar = tqdm(total=teacher.layers * opts.steps, desc="layer-wise", unit="step", disable=None, leave=False)
+    bar = tqdm(total=teacher.layers * opts.steps, initial=resumed * opts.steps, desc="layer-wise", unit="step",
+               disable=None, leave=False)
     for i in range(teacher.layers):
         t_layer, s_layer = teacher.layer(i), student.layer(i)
-        with torch.no_grad():
-            target = fit.map(lambda h, pos: teacher.attention(h, t_layer, pos), h_teacher)
-            h_in = h_teacher if h_student is None else h_student
-            x = rms_norm(h_in, s_layer.input_norm, student.eps)
-
-        def tick(loss: float, i: int = i) -> None:
-            bar.update()
-            rate = bar.n * tokens_per_step / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
-
-        fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps)
-        del x, target
+        layer_start = time.perf_counter()
         native = s_layer.norm_eps is not None
-        export.add(format_attention(i, fitted, s_layer.input_norm, hidden, native))
-        stored = as_stored(i, fitted, s_layer.input_norm, hidden, export.dtype, native)
+        if i < resumed:
+            tensors, rng, report = progress.load(i)
+            if i == resumed - 1:
+                gen.set_state(rng)
+        else:
+            with torch.no_grad():
+                target = fit.map(lambda h, pos: teacher.attention(h, t_layer, pos), h_teacher)
+                h_in = h_teacher if h_student is None else h_student
+                x = rms_norm(h_in, s_layer.input_norm, student.eps)
+
+            def tick(loss: float, i: int = i) -> None:
+                bar.update()
+                rate = (bar.n - resumed * opts.steps) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+
+            fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps)
+            del x, target
+            tensors = {k: t.to(export.dtype).cpu()
+                       for k, t in format_attention(i, fitted, s_layer.input_norm, hidden, native).items()}
+            if progress:
+                progress.save(i, tensors, gen.get_state(), report)
+        export.add(tensors)
+        stored = stored_attention(tensors.__getitem__, i, student.config.kv_lora_rank, native)
         fitted_layer = replace(s_layer, attn=MLAWeights(*(t.to(dev) for t in vars(stored).values())))
         reports.append({"layer": i, **report})
+        if log and bar.disable:
+            errors = report["errors"]
+            log(f"layer-wise: layer {i + 1}/{teacher.layers} "
+                + ("saved by the interrupted run" if i < resumed else f"in {time.perf_counter() - layer_start:.1f} s")
+                + f", attention error {errors['converted']:.4f} -> {errors[report['kept']]:.4f} ({report['kept']})")
         with torch.no_grad():
             h_teacher = fit.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), h_teacher)
             if h_student is not None:
@@ -208,7 +302,7 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
             t_logits = teacher.logits(e_teacher[c])
             before.add(t_logits, student.logits(e_before[c]), labels[c])
             after.add(t_logits, student.logits(e_after[c]), labels[c])
-    return LayerwiseResult(before.result(), after.result(), reports, time.perf_counter() - start)
+    return LayerwiseResult(before.result(), after.result(), reports, time.perf_counter() - start, resumed)
 
 
 class _Rows:
@@ -216,7 +310,7 @@ class _Rows:
 
     def __init__(self, rows: Packed, device: str, width: int):
         self.ids, self.pos = rows.input_ids.to(device), rows.position_ids.to(device)
-        self.chunks = row_chunks(len(rows), rows.input_ids.shape[1], width)
+        self.chunks = row_chunks(len(rows), rows.ids.shape[1], width)
 
     def map(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.cat([fn(x[c], self.pos[c]) for c in self.chunks])

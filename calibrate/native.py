@@ -92,7 +92,7 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
         exact = stage / "exact"
         convert(source, exact)
         tokenizer = AutoTokenizer.from_pretrained(exact)
-        windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len)
+        windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len, spread=True)
         with atomic_folder(out, force) as tmp:
             layers = refit_native(exact, tmp, windows, device, metric_steps)
             record = read_json(exact / RECORD)

@@ -4,8 +4,6 @@ or both, and write OUT only when complete."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -14,17 +12,20 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import mlakit
+from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove
 from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import RECORD, Export, keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student, Teacher
-from mlakit.calibrate.layerwise import INPUTS, LayerwiseOptions, calibrate_layerwise
+from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
 from mlakit.calibrate.metrics import Quality
 from mlakit.convert.checkpoint import read_json, resolve_model
 from mlakit.convert.errors import MlakitError
-from mlakit.convert.guard import atomic_folder, check_output, check_protected, record_id
+from mlakit.convert.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id
 
 MODES = ("layerwise", "distill", "both")
+DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on the bundled docstrings (the demo model's own text); "
+                        "pass --data with text like what the model will serve")
 
 
 @dataclass
@@ -134,42 +135,65 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     tokenizer = _tokenizer(teacher, converted)
     if opts.distill.teacher_topk > len(tokenizer):
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
+    if not opts.data and teacher.resolve() != DEMO_DIR.resolve():
+        log(DEFAULT_DATA_WARNING)
     docs = load_documents(opts.data, opts.text_field)
     pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
     run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
            "teacher": record_id(teacher_id),
            "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
                     "held_out_tokens": held_out.tokens}}
+    folder = opts.distill.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
+    check_protected(folder, [converted, teacher, out], "--checkpoint-dir")
+    progress = LayerProgress(folder, _layerwise_fingerprint(teacher, converted, docs, opts)) \
+        if opts.mode != "distill" else None
+    plan = _distill_plan(replace(opts, device=device), folder, teacher, docs, run) if opts.mode != "layerwise" else None
+    saved = [progress and progress.saved(), plan and Checkpoints(folder, plan[1]).saved()]
+    check_resume(folder, [s for s in saved if s], opts.distill.resume, force)
     qualities, notes = [], []
     if opts.mode == "layerwise":
+        create(folder)
         with atomic_folder(out, force) as tmp:
-            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, notes, log)
+            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes, log)
+        remove(folder)
         return Outcome(docs.name, held_out.tokens, qualities, notes)
-    plan = _distill_plan(replace(opts, device=device), out, teacher, docs, run)
-    check_protected(plan[0].checkpoint_dir, [converted, teacher, out], "--checkpoint-dir")
-    Checkpoints(plan[0].checkpoint_dir, plan[1]).check(opts.distill.resume, force)
-    if opts.mode == "distill":
-        qualities += _distill(teacher, converted, out, pool, held_out, plan, run, force, notes, log)
-    else:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.layerwise-", dir=out.resolve().parent))
-        try:
-            qualities += _layerwise(teacher, converted, stage, pool, held_out, opts, device, run, notes, log)
-            qualities += _distill(teacher, stage, out, pool, held_out, plan, run, force, notes, log)[1:]
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+    start = converted
+    if opts.mode == "both":
+        start = folder / STAGE
+        if opts.distill.resume and (start / RECORD).is_file():
+            qualities += _finished_stage(start, notes)
+        else:
+            create(folder)
+            with atomic_folder(start, force=True) as tmp:
+                qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes,
+                                        log)
+            progress.release()
+    distilled = _distill(teacher, start, out, pool, held_out, plan, run, force, notes, log)
+    qualities += distilled[1:] if qualities else distilled
     return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
 
 
+def _layerwise_fingerprint(teacher: Path, converted: Path, docs: Documents, opts: CalibrateOptions) -> dict:
+    """What the layers of a layer-wise stage depend on: a resume must match every entry."""
+    lw = opts.layerwise
+    return {"teacher": str(teacher.resolve()), "converted": str(converted.resolve()), "data": docs.sha256,
+            "seq_len": opts.seq_len, "tokens": opts.tokens, "eval_tokens": opts.eval_tokens, "seed": opts.seed,
+            "layer_steps": lw.steps, "layer_lr": lw.lr, "layer_batch": lw.batch_rows, "inputs": lw.inputs}
+
+
 def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, held_out: Packed,
-               opts: CalibrateOptions, device: str, run: dict, notes: list[str],
+               opts: CalibrateOptions, device: str, run: dict, progress: LayerProgress, notes: list[str],
                log: Callable[[str], None]) -> list[tuple[str, Quality]]:
+    """The layer-wise stage into `folder`; finished layers are kept in `progress` until it is complete."""
     teacher = Teacher(teacher_dir, opts.seq_len, device)
     student = Student(converted, opts.seq_len, device)
     _check_layerwise_pair(teacher, student)
     fit_rows = pool[: max(1, opts.tokens // opts.seq_len)]
     lw = LayerwiseOptions(**{**asdict(opts.layerwise), "seed": opts.seed, "device": device})
+    if not opts.distill.resume:
+        progress.clear()
     export = Export(converted, folder)
-    result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw)
+    result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw, progress, log)
     export.close()
     kept = keep_better(converted, folder, result.before, result.after)
     if kept == "input":
@@ -177,18 +201,27 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
     export.record({**run, "mode": "layerwise", "fit_tokens": fit_rows.tokens, "kept": kept,
                   "options": {k: lw.__dict__[k] for k in ("steps", "lr", "batch_rows", "inputs", "seed")},
                   "before": result.before.as_dict(), "after": result.after.as_dict(), "layers": result.layers,
-                  "seconds": round(result.seconds, 1)})
+                  "seconds": round(result.seconds, 1), "resumed_layers": result.resumed_layers})
     worse = [r["layer"] for r in result.layers if r["kept"] == "converted"]
-    notes.append(f"layer-wise: {len(result.layers)} layers on {fit_rows.tokens} tokens in {result.seconds:.0f} s"
+    resumed = f" ({result.resumed_layers} saved by the interrupted run)" if result.resumed_layers else ""
+    notes.append(f"layer-wise: {len(result.layers)} layers{resumed} on {fit_rows.tokens} tokens in "
+                 f"{result.seconds:.0f} s"
                  + (f"; layers {worse} kept their converted attention (fitting did not lower the error)" if worse
                     else ""))
     return [("converted", result.before), ("layer-wise", result.after)]
 
 
-def _distill_plan(opts: CalibrateOptions, out: Path, teacher: Path, docs: Documents, run: dict) -> tuple:
+def _finished_stage(stage: Path, notes: list[str]) -> list[tuple[str, Quality]]:
+    """The layer-wise stage that an interrupted `--mode both` run completed, as its record tells."""
+    record = read_json(stage / RECORD)["calibrate"][-1]
+    notes.append(f"layer-wise: {len(record['layers'])} layers on {record['fit_tokens']} tokens, done by the "
+                 "interrupted run")
+    return [("converted", Quality(**record["before"])), ("layer-wise", Quality(**record["after"]))]
+
+
+def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, docs: Documents, run: dict) -> tuple:
     """Distillation options, the run fingerprint that a resume must match, and the options recorded."""
     d = opts.distill
-    folder = d.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
     dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
                               "device": opts.device, "checkpoint_dir": folder})
     options = {"tokens": opts.tokens, "seq_len": opts.seq_len, "batch_size": opts.batch_size, "lr": d.lr,
@@ -204,7 +237,7 @@ def _distill(teacher_dir: Path, converted: Path, out: Path, pool: Packed, held_o
              run: dict, force: bool, notes: list[str], log: Callable[[str], None]) -> list[tuple[str, Quality]]:
     dopts, fingerprint, options = plan
     result = distill(teacher_dir, converted, out, pool, held_out, dopts, fingerprint,
-                     {**run, "mode": "distill", "options": options}, force)
+                     {**run, "mode": "distill", "options": options}, force, log)
     if result.before is None:
         return []
     if result.kept == "input":

@@ -95,7 +95,7 @@ def head_dims(source_head_dim: int) -> tuple[int, int]:
 
 
 def kernel_notes(shape: MLAShape) -> list[tuple[str, bool, str]]:
-    """(rule, ok, detail) for each serving kernel constraint of DESIGN section 2."""
+    """(rule, ok, detail) for each serving kernel constraint on the head dims and the rank."""
     dims = (shape.qk_nope, shape.qk_rope, shape.v_head)
     return [
         ("vllm prefill head dims", dims in VLLM_PREFILL_HEAD_DIMS,

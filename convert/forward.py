@@ -148,5 +148,10 @@ def mla_heads(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope:
     k_rot = interleaved_rope(k_rot[:, None], c, s).expand(b, heads, n, qk_rope)
     q = torch.cat([q_nope, q_rot], dim=-1)
     k = torch.cat([k_nope, k_rot], dim=-1)
+    # SDPA's fused CPU kernel takes one head size for q, k and v; with two it falls back to the
+    # math path, which holds the whole (B, H, L, L) score tensor and is twice as slow. Zeros
+    # appended to the smaller heads change neither the scores nor the output's first v_head dims.
+    width = max(qk_head, v_head)
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale or qk_head**-0.5)
-    return out.transpose(1, 2).flatten(2)
+    return out[..., :v_head].transpose(1, 2).flatten(2)

@@ -36,6 +36,10 @@ from mlakit.convert.guard import local_model, record_id
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan
 from mlakit.convert.text import load_corpus, token_windows
 
+# The attention-distance histogram is a per-head distribution over distances: the first windows
+# estimate it as well as all of them, and it costs half of the statistics pass.
+HISTOGRAM_TOKENS = 16384
+
 
 @dataclass
 class Candidate:
@@ -79,7 +83,7 @@ def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
 
 def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
                       dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
-    """DESIGN section 3 for one layer: RoRoPE, joint latent, per-head up-projections, q scaling.
+    """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
     Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
     H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
     sigma, mean = stats.sigma, stats.mean
@@ -150,9 +154,11 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
               **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
     chunks = row_chunks(windows.shape[0], seq_len, max(spec.intermediate, spec.hidden))
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
+    mlp_dtype = reader.dtype()
     bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
     for i in bar:
-        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts, reports)
+        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts,
+                                                       mlp_dtype, reports)
         if writer:
             start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
@@ -168,7 +174,7 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
 
 def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: list[slice],
                    tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
-                   opts: ConvertOptions,
+                   opts: ConvertOptions, mlp_dtype: torch.dtype,
                    reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
     """Convert layer i for every candidate (rope step and latent, then o_proj refitted by least
     squares to the source attention's output), append their reports, advance `hidden` through the
@@ -199,35 +205,39 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             stats.update(x)
             q, k, v = source_qkv(x, layer, spec, cos, sin)
-            if dist is not None:
-                dist += attention_distance_histogram(q, k, spec)
+            rows = min(sl.stop, max(1, HISTOGRAM_TOKENS // seq_len)) - sl.start
+            if dist is not None and rows > 0:
+                dist += attention_distance_histogram(q[:rows], k[:rows], spec)
             refs.append(attend(q, k, v, layer, spec))
         del q, k, v
         lap("statistics")
         metrics = [opts.output_aware]
         built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
                  for c in cands for oa in metrics}
-        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(w).values())) for key, (w, _) in built.items()}
+        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(_unpadded(w, spec, shape)).values()))
+                     for key, (w, _) in built.items()}
+        # The MLP only makes the next layer's inputs: it runs at the precision the source stores
+        # (and serves) it in, which on a CPU makes bf16 sources' largest matmuls three times faster.
+        mlp_weights = [w.to(mlp_dtype) for w in (layer.gate, layer.up, layer.down)]
         lap("rope and latent")
         fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
         for sl, ref in zip(chunks, refs):
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             for key, w in on_device.items():
-                fits[key].update(_real_heads(_mla_heads(x, w, shape, spec.heads, tables[key[0]]), spec, shape), ref)
+                heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key[0]],
+                                  norm_eps=None, scale=shape.qk_head**-0.5)
+                fits[key].update(heads, ref)
         options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
         for key, fit in fits.items():
             o = on_device[key].o
-            real = _real_columns(o, spec, shape)
-            options[key + (False,)] = (fit.error(real), o)
+            options[key + (False,)] = (fit.error(o), built[key][0].o)
             if opts.refit_output:
-                options[key + (True,)] = (fit.error(refit := fit.solve(real)), _padded_columns(refit, spec, shape))
+                options[key + (True,)] = (fit.error(refit := fit.solve(o)), _padded_columns(refit, spec, shape))
         best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
                 for c in cands}
-        for c in cands:
-            on_device[best[c.strategy][:2]].o = options[best[c.strategy]][1].float()
         for sl, ref in zip(chunks, refs):
             h = hidden[sl] + ref
-            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps), layer.gate, layer.up, layer.down)
+            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps).to(mlp_dtype), *mlp_weights).float()
         lap("error pass")
     for c in cands:
         key = best[c.strategy]
@@ -238,18 +248,20 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
     return built[best[cands[0].strategy][:2]][0], layer.input_norm.cpu(), seconds
 
 
-def _mla_heads(x: torch.Tensor, w: MLAWeights, shape: deepseek.MLAShape, heads: int,
-               table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return mla_heads(x, w, heads, shape.qk_nope, shape.qk_rope, shape.v_head, *table, norm_eps=None)
-
-
-def _real_heads(a: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    """Head outputs without the zero padding of v (v_head > head_dim): the inputs o_proj really uses."""
-    return a.unflatten(-1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(-2)
-
-
-def _real_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    return o.unflatten(1, (spec.heads, shape.v_head))[..., : spec.head_dim].flatten(1)
+def _unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:
+    """The weights without the zero padding of the nope key and of v (qk_nope, v_head >= head_dim),
+    o_proj keeping only the columns of real head outputs: the padding only multiplies zeros, so
+    the fit computes exactly the same attention on the source's head sizes, for less work."""
+    d, h, nope = spec.head_dim, spec.heads, shape.qk_nope
+    q = w.q.unflatten(0, (h, shape.qk_head))
+    kv_b = w.kv_b.unflatten(0, (h, nope + shape.v_head))
+    return MLAWeights(
+        q=torch.cat([q[:, :d], q[:, nope:]], dim=1).flatten(0, 1),
+        kv_a=w.kv_a,
+        kv_norm=w.kv_norm,
+        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + d]], dim=1).flatten(0, 1),
+        o=w.o.unflatten(1, (h, shape.v_head))[..., :d].flatten(1),
+    )
 
 
 def _padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
@@ -283,7 +295,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     except Exception as exc:  # tokenizer loading raises many types
         raise MlakitError(f"{plan.folder}: cannot load the tokenizer ({exc})") from exc
     corpus = load_corpus(opts.calib_text)
-    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len)
+    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len, spread=True)
     cands = {s: candidate(plan, s, opts.llama3_rope) for s in plan.strategies}
     choice = {}
     if len(cands) > 1:

@@ -41,8 +41,11 @@ def load_corpus(paths: list[Path] | None = None) -> Corpus:
     return Corpus(text, name, hashlib.sha256(text.encode()).hexdigest())
 
 
-def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, *, what: str = "calibration") -> torch.Tensor:
-    """Non-overlapping windows of `seq_len` tokens, as many as fit in `n_tokens` (at least one)."""
+def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, *, what: str = "calibration",
+                  spread: bool = False) -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens, as many as fit in `n_tokens` (at least one):
+    the first ones, or with `spread` evenly spaced over the whole text, so that calibration samples
+    every part of it (every file of a concatenation) rather than its beginning."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n_seq = min(len(ids) // seq_len, max(1, n_tokens // seq_len))
     if n_seq < 1:
@@ -50,4 +53,6 @@ def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, *, what: st
             f"the {what} text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a "
             "shorter sequence length"
         )
-    return torch.tensor(ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+    ids = torch.tensor(ids, dtype=torch.long)
+    stride = len(ids) // n_seq if spread else seq_len
+    return torch.stack([ids[i * stride: i * stride + seq_len] for i in range(n_seq)])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import sys
 import types
@@ -14,20 +16,24 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
-from mlakit.calibrate import distill as distill_module
+from mlakit.calibrate import data as data_module, distill as distill_module, layerwise as layerwise_module, \
+    run as run_module, teacher as teacher_module
+from mlakit.calibrate.checkpoint import CACHE, LAYERS, STAGE
 from mlakit.calibrate.data import Documents, hold_out, load_documents, pack, per_document
-from mlakit.calibrate.distill import step_rows, to_plain
+from mlakit.calibrate.distill import step_rows, to_plain, used_rows
 from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.layers import Teacher
 from mlakit.calibrate.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
-from mlakit.calibrate.teacher import CACHE
+from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
 from mlakit.convert.checkpoint import CheckpointReader
 from mlakit.convert.deepseek import plain_attention
+from mlakit.convert.errors import MlakitError
 from mlakit.convert.text import DEFAULT_TEXT
 
 from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ["--calib-tokens", "2048", "--calib-seq-len", "64", "--dtype", "fp32"]
 SMALL = ["--tokens", "2048", "--seq-len", "64", "--eval-tokens", "512", "--batch-size", "4"]
 
@@ -85,17 +91,68 @@ def test_packing_restarts_positions_at_documents_and_rows() -> None:
 def test_documents_from_text_jsonl_and_datasets(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "a.txt").write_text("one document\n\nstill the same one")
     (tmp_path / "b.jsonl").write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets())
+    docs = load_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    assert list(docs.texts) == ["one document\n\nstill the same one", "first", "second"]
+    assert docs.sha256 == hashlib.sha256("\0".join(docs.texts).encode()).hexdigest()  # as when read whole
+    assert list(load_documents(["owner/set:cfg@train[:5%]"], "body").texts) == ["owner/set|cfg|train[:5%]"]
+    assert list(load_documents([]).texts) == [DEFAULT_TEXT.read_text()]
+
+
+def fake_datasets() -> types.ModuleType:
+    """A `datasets` module whose one dataset names what it was asked for, in its column `body`."""
     fake = types.ModuleType("datasets")
 
-    class Rows(dict):
+    class Rows:
         column_names = ["body"]
 
-    fake.load_dataset = lambda name, config, split: Rows(body=[f"{name}|{config}|{split}"])
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    docs = load_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
-    assert docs.texts == ["one document\n\nstill the same one", "first", "second"]
-    assert load_documents(["owner/set:cfg@train[:5%]"], "body").texts == ["owner/set|cfg|train[:5%]"]
-    assert load_documents([]).texts[0] == DEFAULT_TEXT.read_text()
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def iter(self, batch_size: int):
+            yield {"body": [self.text]}
+
+    fake.load_dataset = lambda name, config, split: Rows(f"{name}|{config}|{split}")
+    return fake
+
+
+def test_hub_prefix_names_a_dataset_even_where_a_folder_has_its_name(tmp_path: Path, monkeypatch) -> None:
+    """`hub:owner/set` is a dataset although ./owner/set exists; without the datasets extra, one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "set").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets())
+    assert list(load_documents(["hub:owner/set:cfg@test"], "body").texts) == ["owner/set|cfg|test"]
+    with pytest.raises(MlakitError, match="hub:owner/set"):
+        load_documents(["owner/set"], "body")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MlakitError, match=re.escape("pip install 'mlakit[datasets]'")):
+        load_documents(["hub:owner/set"], "body")
+
+
+def test_documents_are_streamed_and_packed_a_batch_at_a_time(monkeypatch) -> None:
+    """The tokenizer never sees more than TOKENIZE_DOCUMENTS documents at once, rows are int32, and
+    the rows and position ids are those of packing everything in one go."""
+    texts = [("document %d " % i) * (1 + i % 7) for i in range(23)]
+    tok = byte_tokenizer()
+    seen = []
+
+    def counting(batch, **kw):
+        seen.append(len(batch))
+        return tok(batch, **kw)
+
+    monkeypatch.setattr(data_module, "TOKENIZE_DOCUMENTS", 5)
+    monkeypatch.setattr(data_module, "POSITION_BLOCK", 40)
+    packed = pack(counting, Documents(texts, "t", "0"), 16)
+    assert max(seen) == 5 and sum(seen) == len(texts)
+    assert packed.ids.dtype == packed.pos.dtype == torch.int32
+    docs = tok(texts, add_special_tokens=False)["input_ids"]
+    flat = [t for doc in docs for t in doc]
+    starts = {sum(len(d) for d in docs[:k]) for k in range(len(docs))}
+    pos = []
+    for i in range(len(flat) // 16 * 16):  # restart at each document and each row
+        pos.append(0 if i in starts or i % 16 == 0 else pos[-1] + 1)
+    assert packed.input_ids.reshape(-1).tolist() == flat[: len(pos)]
+    assert packed.position_ids.reshape(-1).tolist() == pos
 
 
 def test_attention_never_crosses_documents_in_either_forward(pair) -> None:
@@ -151,8 +208,11 @@ def test_step_rows_cover_every_row_once_per_epoch() -> None:
 def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> None:
     src, mla = pair
     out = tmp_path / "cal"
-    text = ok("calibrate", mla, out, *small(src), "--layer-steps", "10", "--inputs", "student")
+    text = ok("calibrate", mla, out, *small(src), "--layer-steps", "30", "--inputs", "student")
     assert "layer-wise" in text and "KL to teacher" in text
+    lines = [line for line in text.splitlines() if line.startswith("layer-wise: layer ")]  # stderr is no terminal
+    assert [line.split(" in ")[0] for line in lines] == ["layer-wise: layer 1/2", "layer-wise: layer 2/2"]
+    assert all(re.search(r"attention error \d\.\d{4} -> \d\.\d{4} \(\w+\)$", line) for line in lines), lines
     run = read_record(out)["calibrate"][-1]
     assert run["mode"] == "layerwise" and run["options"]["inputs"] == "student"
     assert run["after"]["kl"] < run["before"]["kl"]
@@ -180,6 +240,89 @@ def test_layerwise_on_the_demo_model(tmp_path: Path) -> None:
     assert_loads_in_stock_transformers(out)
 
 
+def stop_after_saving(monkeypatch, cls: type, method: str, times: int = 1) -> None:
+    """Make `cls.method` (a save) raise KeyboardInterrupt after it has saved `times` times."""
+    save, calls = getattr(cls, method), []
+
+    def save_then_stop(*args, **kwargs) -> None:
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == times:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, method, save_then_stop)
+
+
+def same_weights(a: Path, b: Path) -> None:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-6, atol=1e-7)
+
+
+def test_layerwise_resumes_after_the_last_saved_layer(pair, tmp_path: Path, monkeypatch) -> None:
+    """Interrupted after layer 1 of 2, a resume fits only layer 2 and writes the uninterrupted run's
+    weights; a fresh run refuses to discard the saved layer, a resume with other options is refused."""
+    src, mla = pair
+    args = [mla, None, *small(src), "--layer-steps", "5", "--inputs", "student"]
+    ok("calibrate", *[tmp_path / "straight" if a is None else a for a in args])
+    resumed = tmp_path / "resumed"
+    argv = [resumed if a is None else a for a in args]
+    stop_after_saving(monkeypatch, layerwise_module.LayerProgress, "save")
+    assert invoke("calibrate", *argv).exit_code == 130 and not resumed.exists()
+    assert (tmp_path / "resumed.ckpt" / LAYERS / "layer-00000.safetensors").is_file()
+    monkeypatch.undo()
+    one_line_error(invoke("calibrate", *argv), "--resume")
+    one_line_error(invoke("calibrate", *argv, "--layer-steps", "6", "--resume"), "layer_steps 5")
+    fitted = []
+    fit = layerwise_module.fit_layer
+    monkeypatch.setattr(layerwise_module, "fit_layer", lambda *a, **k: fitted.append(1) or fit(*a, **k))
+    text = ok("calibrate", *argv, "--resume")
+    assert len(fitted) == 1 and "layer-wise: layer 1/2 saved by the interrupted run" in text
+    assert read_record(resumed)["calibrate"][-1]["resumed_layers"] == 1
+    same_weights(tmp_path / "straight", resumed)
+    assert not (tmp_path / "resumed.ckpt").exists()
+
+
+def test_layerwise_removes_only_its_own_files_from_a_checkpoint_dir(pair, tmp_path: Path) -> None:
+    src, mla = pair
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    ok("calibrate", mla, tmp_path / "out", *small(src), "--layer-steps", "2", "--checkpoint-dir", mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_both_resume_skips_a_finished_layerwise_stage(pair, tmp_path: Path, monkeypatch) -> None:
+    """`--mode both` interrupted during distillation: the resume distills on from the layer-wise stage
+    it kept, without redoing it, and ends with the uninterrupted run's weights."""
+    src, mla = pair
+    args = [mla, None, *small(src), *DISTILL[2:], "--mode", "both", "--layer-steps", "5", "--save-every", "4"]
+    ok("calibrate", *[tmp_path / "straight" if a is None else a for a in args])
+    resumed = tmp_path / "resumed"
+    argv = [resumed if a is None else a for a in args]
+    stop_after_saving(monkeypatch, distill_module.Checkpoints, "save")
+    assert invoke("calibrate", *argv).exit_code == 130
+    assert (tmp_path / "resumed.ckpt" / STAGE / "mlakit.json").is_file()
+    assert not list((tmp_path / "resumed.ckpt" / LAYERS).glob("layer-*"))  # the stage's output holds them
+    monkeypatch.undo()
+    monkeypatch.setattr(run_module, "calibrate_layerwise", lambda *a, **k: pytest.fail("layer-wise stage redone"))
+    text = ok("calibrate", *argv, "--resume")
+    assert "done by the interrupted run" in text and "distilled" in text
+    assert [r["mode"] for r in read_record(resumed)["calibrate"]] == ["layerwise", "distill"]
+    same_weights(tmp_path / "straight", resumed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
+
+
+def test_default_text_warns_unless_the_teacher_is_the_demo(pair, tmp_path: Path, monkeypatch) -> None:
+    src, mla = pair
+    fast = ["--teacher", src, *SMALL, "--layer-steps", "0"]
+    warnings = [line for line in ok("calibrate", mla, tmp_path / "a", *fast).splitlines() if "no --data" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bundled docstrings" in warnings[0]
+    monkeypatch.setattr(run_module, "DEMO_DIR", src)
+    assert "no --data" not in ok("calibrate", mla, tmp_path / "b", *fast)
+
+
 # ---- distillation --------------------------------------------------------------------------------
 
 DISTILL = ["--mode", "distill", "--lr", "3e-3"]
@@ -188,7 +331,11 @@ DISTILL = ["--mode", "distill", "--lr", "3e-3"]
 def test_distillation_lowers_the_kl(pair, tmp_path: Path) -> None:
     src, mla = pair
     out = tmp_path / "cal"
-    ok("calibrate", mla, out, *small(src), *DISTILL, "--train", "all", "--lm-weight", "0.01", "--tokens", "8192")
+    text = ok("calibrate", mla, out, *small(src), *DISTILL, "--train", "all", "--lm-weight", "0.01", "--tokens",
+              "8192")
+    steps = [line for line in text.splitlines() if line.startswith("distill: step ")]  # stderr is no terminal
+    assert len(steps) == 16 and steps[-1].startswith("distill: step 32/32, loss "), steps
+    assert sum(line.startswith("distill: held-out KL to the teacher") for line in text.splitlines()) == 2, text
     run = read_record(out)["calibrate"][-1]
     assert run["mode"] == "distill" and run["after"]["kl"] < 0.9 * run["before"]["kl"]
     assert_loads_in_stock_transformers(out)
@@ -202,7 +349,9 @@ def test_both_modes_chain_and_record_each_run(pair, tmp_path: Path) -> None:
     assert "layer-wise" in text and "distilled" in text
     runs = read_record(out)["calibrate"]
     assert [r["mode"] for r in runs] == ["layerwise", "distill"]
-    assert runs[1]["before"]["kl"] == pytest.approx(runs[0]["after"]["kl"], rel=1e-3)
+    # distillation starts from what the layer-wise stage kept (its input, when fitting made it worse)
+    kept = runs[0]["after"] if runs[0]["kept"] == "calibrated" else runs[0]["before"]
+    assert runs[1]["before"]["kl"] == pytest.approx(kept["kl"], rel=1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
 
 
@@ -227,8 +376,8 @@ def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatc
     assert (tmp_path / "resumed.ckpt" / "step-0000004").is_dir()
     monkeypatch.setattr(distill_module.Checkpoints, "save", save)
     if teacher:
-        assert (tmp_path / "resumed.ckpt" / CACHE).is_file()
-        monkeypatch.setattr(distill_module, "build_cache", lambda *a: pytest.fail("teacher cache computed twice"))
+        assert (tmp_path / "resumed.ckpt" / CACHE / "info.json").is_file()
+        monkeypatch.setattr(distill_module, "load_teacher", lambda *a, **k: pytest.fail("teacher cache computed twice"))
     ok("calibrate", *[resumed if a is None else a for a in args], "--resume")
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
@@ -249,6 +398,66 @@ def test_cached_teacher_over_the_whole_vocabulary_is_the_live_teacher(pair, tmp_
     a, b = load_file(tmp_path / "live" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_teacher_holds_only_the_rows_training_reads(pair, tmp_path: Path, monkeypatch) -> None:
+    """The cache covers the rows the steps read (not the whole pool) and the held-out rows, in chunk
+    files written one at a time; an interrupted build keeps its chunks and the next run computes the
+    rest only."""
+    src, mla = pair
+    monkeypatch.setattr(teacher_module, "CHUNK_BYTES", 8 * 64 * (8 * 16 + 8))  # 8 rows of 64 tokens at k 16
+    chunks = []
+    chunk = teacher_module._chunk
+
+    def chunk_then_stop(*args, **kwargs):
+        chunks.append(len(args[2]))
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        return chunk(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_module, "_chunk", chunk_then_stop)
+    argv = [mla, tmp_path / "out", *small(src), *DISTILL, "--teacher-topk", "16"]  # 8 steps of 4 rows
+    assert invoke("calibrate", *argv).exit_code == 130
+    cache = tmp_path / "out.ckpt" / CACHE
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == ["fit-00000.safetensors"]
+    assert not json.loads((cache / "info.json").read_text()).get("complete")
+    monkeypatch.setattr(teacher_module, "_chunk", lambda *a, **k: chunks.append(len(a[2])) or chunk(*a, **k))
+    ok("calibrate", *argv)
+    # first run: fit chunk 0 written, chunk 1 interrupted; second run: fit chunks 1-3, held-out chunk 0.
+    # The 4 fit chunks hold the 32 rows that 8 steps of 4 rows read, not the pool's 900 or so.
+    assert chunks == [8, 8, 8, 8, 8, 8]
+    assert sorted(used_rows(8, 4, 1000, 0).tolist()) == sorted(set(torch.cat([step_rows(s, 4, 1000, 0)
+                                                                            for s in range(8)]).tolist()))
+
+
+def test_cached_teacher_is_spread_over_the_gpus(tmp_path: Path, monkeypatch) -> None:
+    """On CUDA the cache build loads the teacher with device_map="auto"; on the CPU, or for a live
+    teacher, it is loaded whole onto the one device."""
+    calls = []
+
+    class Model:
+        def to(self, device):
+            calls.append(("to", str(device)))
+            return self
+
+        def eval(self):
+            return self
+
+        def requires_grad_(self, flag):
+            return self
+
+    def from_pretrained(folder, **kwargs):
+        calls.append(("load", kwargs))
+        return Model()
+
+    monkeypatch.setattr(teacher_module.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    load_teacher(tmp_path, torch.bfloat16, torch.device("cuda"), spread=True)
+    assert calls == [("load", {"dtype": torch.bfloat16, "device_map": "auto"})]
+    calls.clear()
+    load_teacher(tmp_path, torch.bfloat16, torch.device("cuda"))
+    load_teacher(tmp_path, torch.float32, torch.device("cpu"), spread=True)
+    assert calls == [("load", {"dtype": torch.bfloat16}), ("to", "cuda"), ("load", {"dtype": torch.float32}),
+                     ("to", "cpu")]
 
 
 def test_top_k_kl_is_exact_at_full_k_and_a_lower_bound_below() -> None:
@@ -326,3 +535,26 @@ def test_resume_refuses_checkpoints_of_another_run(pair, tmp_path: Path, monkeyp
         f.write_bytes(b"broken")
     one_line_error(invoke("calibrate", mla, out, *small(src), *DISTILL, "--resume"), "cannot load")
     assert not out.exists()
+
+
+# ---- the README walk-through ---------------------------------------------------------------------
+
+def test_readme_walkthrough_reads_the_folders_it_writes() -> None:
+    """Each command of the README's walk-through reads a folder that an earlier one wrote (no
+    placeholders), and its demo calibrations use the settings docs/calibrate.md measures."""
+    written = set()
+    commands = r"^ {4}.*\bmlakit (?:convert|calibrate|validate|check|push) .*$"
+    for line in re.findall(commands, (ROOT / "README.md").read_text(), re.M):
+        command, *args = line.split("mlakit ", 1)[1].split("#")[0].split()
+        paths = [a for a in args if not a.startswith("-")]
+        if any(a.isupper() for a in paths):  # a synopsis, not a command
+            continue
+        if command == "convert":
+            written.add(paths[1])
+        elif command == "calibrate":
+            assert paths[0] in written, line
+            assert "--seq-len 256" in line and "--tokens" in line and "--data" not in line, line
+            written.add(paths[1])
+        else:
+            assert paths[1 if command == "validate" else 0] in written, line
+    assert {"./demo-mla", "./demo-cal"} <= written

@@ -17,8 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mlakit.cli import main
 from mlakit.convert.checkpoint import CheckpointReader, read_json
 from mlakit.convert.families import load_spec
-from mlakit.validate import cache, metrics
+from mlakit.validate import cache, metrics, weights
+from mlakit.convert.errors import MlakitError
 from mlakit.validate.check import effective_config, mla_shape
+from mlakit.validate.report import layer_series
+from mlakit.validate import run as run_module
+from mlakit.validate.run import load_kwargs, parse_max_memory
 
 from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
 from test_check import make_deepseek
@@ -235,12 +239,20 @@ def test_refuses_bad_contexts(pair: tuple[Path, Path], tmp_path: Path, contexts:
     assert "--contexts" in validate_fails(src, mla, "--contexts", contexts, "--report", str(tmp_path / "r"))
 
 
-@pytest.mark.skipif(not DEMO_AVAILABLE, reason="the bundled demo model is not trained yet")
-def test_converted_demo_model(tmp_path: Path, prompts: Path) -> None:
-    out = tmp_path / "demo-mla"
+@pytest.fixture(scope="module")
+def demo_mla(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled demo converted at half its KV cache."""
+    if not DEMO_AVAILABLE:
+        pytest.skip("the bundled demo model is not trained yet")
+    out = tmp_path_factory.mktemp("demo") / "demo-mla"
     result = CliRunner().invoke(main, ["convert", "demo", str(out), "--kv-lora-rank", "64", "--calib-tokens", "4096",
                                        "--calib-seq-len", "256"])
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_converted_demo_model(demo_mla: Path, prompts: Path) -> None:
+    out = demo_mla
     result = CliRunner().invoke(main, ["validate", "demo", str(out), "--tokens", "2048", "--seq-len", "256",
                                        "--contexts", "256", "--prompts", str(prompts)])
     assert result.exit_code == 0, result.output
@@ -256,3 +268,112 @@ def test_converted_demo_model(tmp_path: Path, prompts: Path) -> None:
     assert report["kl"]["mean"] < 0.2 and report["kl"]["p99"] < 1.5
     assert report["top1_agreement"] > 0.65
     assert all(row["attn_rel_error"] < 0.4 for row in report["layers"])
+
+
+def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path, prompts: Path) -> None:
+    """A calibrated folder's mlakit.json holds convert's per-layer errors (of the one-shot model) and the
+    calibrate run: the report labels the errors by model and text, lists calibrate's settings, and
+    explains why the converted demo holds more parameters than the source."""
+    cal = tmp_path / "demo-cal"
+    result = CliRunner().invoke(main, ["calibrate", str(demo_mla), str(cal), "--tokens", "2048", "--eval-tokens",
+                                       "256", "--seq-len", "256", "--layer-steps", "20"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["validate", "demo", str(cal), "--tokens", "1024", "--seq-len", "256",
+                                       "--contexts", "256", "--prompts", str(prompts)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((cal / "report" / "report.json").read_text())
+    text = (cal / "report" / "report.md").read_text()
+    run = report["conversion"]["calibrate"][0]
+    assert run["kept"] == "calibrated"  # 20 Adam steps per layer lower the held-out KL (0.058 -> 0.038)
+    assert "`mlakit convert` (one-shot):" in text and "`mlakit calibrate`, run 1:" in text
+    assert "- mode: layerwise, teacher `demo`" in text
+    assert f"{run['data']['held_out_tokens']} held-out tokens" in text and '"fit_tokens": 2048' in text
+    assert f"perplexity {run['before']['student_ppl']:.4f} -> {run['after']['student_ppl']:.4f}" in text
+    labels = "| layer | calibrated model, evaluation text (validate) | one-shot conversion before calibration, " \
+             "its calibration text (convert) |"
+    assert labels in text
+    # the demo: 4 heads of 64, 2 kv heads, hidden 256, vocab 2048, tied; MLA heads: nope 64, rope 64, v padded to 128
+    params = report["parameters"]
+    assert sum(params["source_attention_per_layer"].values()) == 4 * 64 * 256 * 2 + 2 * 2 * 64 * 256  # 196,608
+    assert sum(params["converted_attention_per_layer"].values()) == (  # 344,128
+        4 * 128 * 256 + 128 * 256 + 64 + 4 * (64 + 128) * 64 + 256 * 4 * 128)
+    assert params["converted_zero_padding_per_layer"] == 4 * (64 * 64 + 64 * 256)
+    assert params["untied_lm_head"] == 2048 * 256 and params["unexplained"] == 0
+    assert "**Weights.** The converted model has 4,786,688 parameters, the source 3,672,320 (+30.3%)" in text
+    assert "81,920 of those per layer are zeros" in text
+    assert "In all: MLA attention +590,080 parameters over 4 layers, untied lm_head +524,288." in text
+    assert "from 2,176 cached tokens on, beyond one sequence's max_position_embeddings 1,024" in text
+    assert "kv_b_proj holds every head's own up-projection" in text
+
+
+def test_layer_series_say_which_model_and_text() -> None:
+    layers = [{"layer": 0, "attn_rel_error": 0.1}]
+    converted = {"layers": layers, "conversion": {"layers": [{"layer": 0, "attn_rel_error": 0.2}]}}
+    assert [label for label, _ in layer_series(converted)] == [
+        "converted model, evaluation text (validate)", "converted model, its calibration text (convert)"]
+    calibrated = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "calibrated"}]}}
+    assert layer_series(calibrated) == [("calibrated model, evaluation text (validate)", [0.1]),
+                                        ("one-shot conversion before calibration, its calibration text (convert)",
+                                         [0.2])]
+    unchanged = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "input"}]}}
+    assert layer_series(unchanged) == layer_series(converted)
+    assert layer_series({"layers": layers, "conversion": None}) == [layer_series(converted)[0]]
+
+
+def test_parameters_and_break_even_of_the_pico_pair(validated: tuple[dict, Path]) -> None:
+    """The pico pair (tied source, head_dim 64): the measured difference is MLA attention plus an untied lm_head,
+    and weights plus cache cross where the extra weights equal the cache saved."""
+    report, folder = validated
+    params, kv = report["parameters"], report["kv_cache"]
+    assert params["unexplained"] == 0 and params["untied_lm_head"] == 256 * 64
+    assert params["converted_zero_padding_per_layer"] == 2 * (0 + 64 * 48 + 64 * 64)  # v_head 128 for head_dim 64
+    extra = kv["weights_bytes"]["converted"] - kv["weights_bytes"]["source"]
+    assert kv["break_even_tokens"] == pytest.approx(extra / (kv["source_bytes_per_token"]
+                                                             - kv["converted_bytes_per_token"]))
+    assert "**Weights.**" in (folder / "report.md").read_text()
+
+
+def test_break_even_context() -> None:
+    assert weights.break_even_tokens({"source": 10, "converted": 20}, {"source": 3, "converted": 1}) == 5
+    assert weights.break_even_tokens({"source": 20, "converted": 10}, {"source": 3, "converted": 1}) == 0
+    assert weights.break_even_tokens({"source": 10, "converted": 20}, {"source": 3, "converted": 3}) is None
+    assert weights.break_even_tokens({"source": 20, "converted": 10}, {"source": 1, "converted": 3}) is None
+
+
+def test_placement_on_cuda_uses_a_device_map() -> None:
+    """A model is spread over the GPUs as it loads, never whole on one, unless one GPU is named."""
+    assert load_kwargs(torch.device("cpu")) == {"dtype": "auto"}
+    assert load_kwargs(torch.device("cuda")) == {"dtype": "auto", "device_map": "auto"}
+    assert load_kwargs(torch.device("cuda:1")) == {"dtype": "auto", "device_map": {"": 1}}
+    limits = parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB")
+    assert limits == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
+    assert load_kwargs(torch.device("cuda"), limits) == {"dtype": "auto", "device_map": "auto", "max_memory": limits}
+    for device in ("cpu", "cuda:0"):
+        with pytest.raises(MlakitError, match="--max-memory spreads a model over the GPUs"):
+            load_kwargs(torch.device(device), limits)
+    for bad in ("gpu0=1GiB", "0=lots", ",", "0=12"):
+        with pytest.raises(MlakitError, match="give DEVICE=SIZE pairs"):
+            parse_max_memory(bad)
+
+
+def test_a_device_map_placed_model_gives_the_same_report(pair: tuple[Path, Path], validated: tuple[dict, Path],
+                                                        prompts: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device_map path (accelerate places the model as it loads; here every layer lands on the CPU)
+    scores exactly as the plain load does."""
+    monkeypatch.setattr(run_module, "load_kwargs", lambda device, max_memory: {"dtype": "auto", "device_map": "auto"})
+    src, mla = pair
+    result = CliRunner().invoke(main, ["validate", str(src), str(mla), *SMALL, "--prompts", str(prompts),
+                                       "--report", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    report, plain = json.loads((tmp_path / "r" / "report.json").read_text()), validated[0]
+    for key in ("perplexity", "kl", "top1_agreement", "layers", "generation"):
+        assert report[key] == plain[key], key
+    assert report["kv_cache"]["measured"] == plain["kv_cache"]["measured"]
+
+
+def test_refuses_max_memory_without_cuda(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    src, mla = pair
+    line = validate_fails(src, mla, "--device", "cpu", "--max-memory", "0=1GiB", "--report", str(tmp_path / "r"))
+    assert "--max-memory spreads a model over the GPUs" in line and not (tmp_path / "r").exists()
+    assert "give DEVICE=SIZE pairs" in validate_fails(src, mla, "--max-memory", "0=lots")

@@ -40,7 +40,7 @@ def measure(model: PreTrainedModel, lengths: list[int], chunk: int) -> dict[int,
 
 
 def formula_bytes_per_token(folder: Path, dtype: torch.dtype) -> int:
-    """DESIGN's cache size per token in `dtype`: (kv_lora_rank + qk_rope_head_dim) per layer for MLA,
+    """The cache size per token in `dtype`: (kv_lora_rank + qk_rope_head_dim) per layer for MLA,
     2 * kv_heads * head_dim per layer otherwise."""
     raw = read_json(folder / "config.json")
     if raw.get("model_type") == "deepseek_v3":

@@ -1,7 +1,7 @@
 """`mlakit check`: will stock transformers, vLLM, SGLang and llama.cpp load and serve a folder, and with which
 MLA kernels and rope.
 
-One row per rule of DESIGN section 2, each naming the engines it matters to. The numbers behind
+One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to. The numbers behind
 the rules live in convert/deepseek.py; this module only reads a folder and applies them.
 """
 

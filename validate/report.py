@@ -7,6 +7,8 @@ leaves half a report; the model card renders the same markdown with its image pa
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -54,13 +56,18 @@ def plot_memory(report: dict, path: Path) -> None:
         per_token, weights = kv[f"{side}_bytes_per_token"], kv["weights_bytes"][side]
         label = f"{side} ({human_bytes(per_token)} per token)"
         ax_kv.plot(x, per_token * x / kv_div, color=color, lw=2, label=label)
-        ax_all.plot(x, (weights + per_token * x) / all_div, color=color, lw=2, label=side)
+        ax_all.plot(x, (weights + per_token * x) / all_div, color=color, lw=2,
+                    label=f"{side} (weights {human_bytes(weights)})")
         ax_kv.plot(points, [r[f"{side}_bytes"] / kv_div for r in measured], "o", color=color, ms=6)
         ax_all.plot(points, [(weights + r[f"{side}_bytes"]) / all_div for r in measured], "o", color=color, ms=6)
     ax_kv.plot([], [], "o", color="black", label="measured DynamicCache")
     ax_kv.set_title(f"KV cache: {kv['reduction_percent']:.1f}% smaller")
     ax_kv.set_ylabel(f"KV cache ({kv_unit})")
-    ax_all.set_title("Weights + KV cache")
+    params = report["converted"]["parameters"] / report["source"]["parameters"] - 1
+    ax_all.set_title(f"Weights + KV cache (converted: {100 * params:+.1f}% parameters)")
+    even = kv["break_even_tokens"]
+    if even and even < n_max:
+        ax_all.axvline(even, color="black", ls=":", lw=1, label=f"converted smaller from {even:,.0f} tokens")
     ax_all.set_ylabel(f"memory ({all_unit})")
     for ax in (ax_kv, ax_all):
         ax.set_xlabel("context length (tokens), batch 1")
@@ -69,33 +76,49 @@ def plot_memory(report: dict, path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}K" if n_max >= 8192 else f"{v:g}"))
         ax.grid(alpha=0.3)
     ax_kv.legend(loc="upper left", fontsize=9)
-    ax_all.legend(loc="lower right", fontsize=9)
+    ax_all.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Memory against context length, up to max_position_embeddings {n_max} "
                  f"({report['converted']['dtype']})")
-    fig.tight_layout()
+    note = textwrap.wrap(f"Weights {human_bytes(kv['weights_bytes']['source'])} -> "
+                         f"{human_bytes(kv['weights_bytes']['converted'])}: {_parameter_sources(report)}; "
+                         f"{_break_even(kv)}.", 150)
+    fig.text(0.5, 0.01, "\n".join(note), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.035 * len(note), 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
 
+def layer_series(report: dict) -> list[tuple[str, list[float]]]:
+    """The per-layer errors to show, each labelled with the model and the text it was measured on.
+
+    convert records its errors in mlakit.json and calibrate copies that record, so for a calibrated
+    folder those are the one-shot conversion's, not the validated model's."""
+    conversion = report.get("conversion") or {}
+    calibrated = any(run.get("kept") != "input" for run in conversion.get("calibrate", []))
+    this = "calibrated model" if calibrated else "converted model"
+    series = [(f"{this}, evaluation text (validate)", [row["attn_rel_error"] for row in report["layers"]])]
+    at_convert = [row["attn_rel_error"] for row in conversion.get("layers", [])]
+    if len(at_convert) == len(series[0][1]):
+        before = "one-shot conversion before calibration" if calibrated else this
+        series.append((f"{before}, its calibration text (convert)", at_convert))
+    return series
+
+
 def plot_layers(report: dict, path: Path) -> None:
-    """Per-layer relative attention error on the evaluation text, next to convert's on its calibration text."""
-    errors = [row["attn_rel_error"] for row in report["layers"]]
-    at_convert = [row["attn_rel_error"] for row in (report.get("conversion") or {}).get("layers", [])]
-    idx = np.arange(len(errors))
-    both = len(at_convert) == len(errors)
-    width = 0.4 if both else 0.7
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(errors) + 2), 3.8), dpi=120)
-    ax.bar(idx - (width / 2 if both else 0), errors, width, color=COLORS["converted"],
-           label="evaluation text (validate)")
-    if both:
-        ax.bar(idx + width / 2, at_convert, width, color="#ff7f0e", label="calibration text (convert)")
+    """Per-layer relative attention error, one bar per series of `layer_series`."""
+    series = layer_series(report)
+    idx = np.arange(len(series[0][1]))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(idx) + 2), 3.8), dpi=120)
+    for j, ((label, errors), color) in enumerate(zip(series, (COLORS["converted"], "#ff7f0e"))):
+        ax.bar(idx + (j - (len(series) - 1) / 2) * width, errors, width, color=color, label=label)
     ax.set_xticks(idx)
     ax.set_xlabel("layer")
     ax.set_ylabel("||attn_conv - attn_src|| / ||attn_src||")
-    ax.set_title("Per-layer attention error, both fed the source's hidden states")
-    ax.set_ylim(0, max(errors + at_convert + [1e-12]) * 1.3)
+    ax.set_title("Per-layer attention error, fed the source's hidden states")
+    ax.set_ylim(0, max([1e-12] + [e for _, errors in series for e in errors]) * 1.45)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -138,9 +161,14 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
     ]
     lines += [f"| {r['context']:,} | {r['source_bytes']:,} | {r['source_formula_bytes']:,} | "
               f"{r['converted_bytes']:,} | {r['converted_formula_bytes']:,} |" for r in kv["measured"]]
+    lines += ["", _weights_text(report)]
+    series = layer_series(report)
     lines += ["", f"{h}# Per-layer attention error", "", f"![per-layer attention error]({images}{LAYER_PNG})", "",
-              "| layer | relative error |", "|---:|---:|"]
-    lines += [f"| {row['layer']} | {row['attn_rel_error']:.4g} |" for row in report["layers"]]
+              "Relative error of each layer's attention output against the source's, both fed the source's "
+              "hidden states.", "",
+              "| layer | " + " | ".join(label for label, _ in series) + " |", "|---:|" + "---:|" * len(series)]
+    lines += [f"| {i} | " + " | ".join(f"{errors[i]:.4g}" for _, errors in series) + " |"
+              for i in range(len(series[0][1]))]
     lines += ["", f"{h}# Greedy generation", ""]
     for g in report["generation"]:
         where = "identical" if g["diverges_at"] is None else f"first differs at generated token {g['diverges_at']}"
@@ -149,12 +177,64 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
     lines += [f"{h}# Serving check", "", "| rule | status | detail |", "|---|---|---|"]
     lines += [f"| {r['rule']} | {r['status']} | {_cell(r['detail'])} |" for r in report["check"]]
     lines += [""] + [f"- **{ENGINE_NAMES[engine]}**: {verdict}" for engine, verdict in report["engines"].items()]
-    lines += ["", f"{h}# Conversion settings", ""]
+    lines += ["", f"{h}# Settings", ""]
     lines += _conversion_lines(report.get("conversion"))
     t = report["timings"]
     lines += ["", f"Validation took {t['total_s']:.1f} s (source {t['source_s']:.1f} s, converted "
               f"{t['converted_s']:.1f} s, per-layer errors {t['layer_errors_s']:.1f} s).", ""]
     return "\n".join(lines)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in counts.items())
+
+
+def _parameter_sources(report: dict) -> str:
+    """The parameters the converted model adds, by where they come from."""
+    p = report["parameters"]
+    per_layer = sum(p["converted_attention_per_layer"].values()) - sum(p["source_attention_per_layer"].values())
+    parts = [f"MLA attention {p['layers'] * per_layer:+,} parameters over {p['layers']} layers"]
+    if p["untied_lm_head"]:
+        parts.append(f"untied lm_head {p['untied_lm_head']:+,}")
+    if p["unexplained"]:
+        parts.append(f"elsewhere {p['unexplained']:+,}")
+    return ", ".join(parts)
+
+
+def _break_even(kv: dict) -> str:
+    """From which context length the converted model's weights plus cache take less memory."""
+    even, n_max = kv["break_even_tokens"], kv["max_position_embeddings"]
+    if even is None:
+        return "the converted model never takes less memory at long contexts"
+    if even == 0:
+        return "the converted model takes less memory at every context length"
+    text = f"the converted model's weights plus cache take less memory from {even:,.0f} cached tokens on"
+    if even > n_max:
+        return text + (f", beyond one sequence's max_position_embeddings {n_max:,}: only a batch of at least "
+                       f"{math.ceil(even / n_max)} full-length sequences gains")
+    return text + " (batch 1; a batch of B sequences reaches it at 1/B of that length each)"
+
+
+def _weights_text(report: dict) -> str:
+    """Why the converted model can hold more weights than the source while its KV cache is smaller,
+    with the measured counts and bytes."""
+    p, kv = report["parameters"], report["kv_cache"]
+    n_src, n_conv = report["source"]["parameters"], report["converted"]["parameters"]
+    src, conv = p["source_attention_per_layer"], p["converted_attention_per_layer"]
+    text = (f"**Weights.** The converted model has {n_conv:,} parameters, the source {n_src:,} "
+            f"({100 * (n_conv / n_src - 1):+.1f}%). Per layer the source's attention holds {sum(src.values()):,} "
+            f"({_counts(src)}) and the MLA attention {sum(conv.values()):,} ({_counts(conv)}): the cache keeps "
+            "only the latent and the shared rope key, so kv_b_proj holds every head's own up-projection of the "
+            "latent into its keys and values, and q_proj a no-rope and a rope part per head.")
+    if p["converted_zero_padding_per_layer"]:
+        text += (f" {p['converted_zero_padding_per_layer']:,} of those per layer are zeros that pad the heads to "
+                 "the head dims vLLM's prefill kernels take.")
+    if p["untied_lm_head"]:
+        text += " The source ties lm_head to its embeddings; DeepSeek-V3 engines need it untied."
+    weights = kv["weights_bytes"]
+    return text + (f" In all: {_parameter_sources(report)}. In bytes: weights {human_bytes(weights['source'])} -> "
+                   f"{human_bytes(weights['converted'])}, KV cache {human_bytes(kv['source_bytes_per_token'])} -> "
+                   f"{human_bytes(kv['converted_bytes_per_token'])} per token, so {_break_even(kv)}.")
 
 
 def _cell(text: str) -> str:
@@ -164,19 +244,47 @@ def _cell(text: str) -> str:
 
 
 def _conversion_lines(conversion: dict | None) -> list[str]:
+    """convert's settings, then one entry per calibrate run recorded after it."""
     if not conversion:
         return ["No mlakit.json: this folder was not written by `mlakit convert`."]
     shape, rope, calib = conversion.get("shape", {}), conversion.get("rope", {}), conversion.get("calibration", {})
-    return [
+    lines = [
+        "`mlakit convert` (one-shot):",
+        "",
         f"- source: `{conversion['source']['id']}` ({conversion['source'].get('model_type')}, "
         f"{conversion['source'].get('dtype')}), mlakit {conversion.get('mlakit_version')}",
         f"- shape: {json.dumps(shape)}",
         f"- rope: strategy {rope.get('strategy')}, rope_parameters {json.dumps(rope.get('rope_parameters'))}",
         f"- factorization: {json.dumps(conversion.get('factorization'))}",
-        f"- calibration: {calib.get('tokens')} tokens of {calib.get('text')} in windows of {calib.get('seq_len')} "
-        f"(sha256 `{str(calib.get('sha256'))[:12]}`)",
+        f"- calibration text: {calib.get('tokens')} tokens of {calib.get('text')} in windows of "
+        f"{calib.get('seq_len')} (sha256 `{str(calib.get('sha256'))[:12]}`)",
         f"- output dtype: {conversion.get('dtype')}",
     ]
+    for i, run in enumerate(conversion.get("calibrate", []), 1):
+        lines += ["", f"`mlakit calibrate`, run {i}:", ""] + _calibrate_lines(run)
+    return lines
+
+
+# Entries of a calibrate run that _calibrate_lines writes out itself (per-layer rows are left out).
+CALIBRATE_SHOWN = ("mode", "teacher", "data", "kept", "before", "after", "layers", "converted", "mlakit_version")
+
+
+def _calibrate_lines(run: dict) -> list[str]:
+    """One calibrate run as recorded in mlakit.json: mode, teacher, data, held-out quality before and
+    after, which weights it kept, and every other setting it recorded."""
+    data = run.get("data", {})
+    lines = [f"- mode: {run.get('mode')}, teacher `{run.get('teacher')}`, mlakit {run.get('mlakit_version')}",
+             f"- data: {data.get('name')} (sha256 `{str(data.get('sha256'))[:12]}`), rows of {data.get('seq_len')} "
+             f"tokens, {data.get('held_out_tokens')} held-out tokens"]
+    before, after = run.get("before"), run.get("after")
+    if before and after:
+        lines.append(f"- held out: perplexity {before['student_ppl']:.4f} -> {after['student_ppl']:.4f} (teacher "
+                     f"{before['teacher_ppl']:.4f}), KL to the teacher {before['kl']:.4g} -> {after['kl']:.4g}; "
+                     f"kept: {run.get('kept')}")
+    rest = {k: v for k, v in run.items() if k not in CALIBRATE_SHOWN}
+    if rest:
+        lines.append(f"- settings: {json.dumps(rest)}")
+    return lines
 
 
 def write_report(out: Path, report: dict) -> None:

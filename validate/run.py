@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_file_size_to_int
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
@@ -24,7 +25,7 @@ from mlakit.convert.errors import MlakitError
 from mlakit.convert.families import load_spec
 from mlakit.convert.guard import check_output, check_protected
 from mlakit.convert.text import Corpus, load_corpus, token_windows
-from mlakit.validate import cache, metrics
+from mlakit.validate import cache, metrics, weights
 from mlakit.validate.check import effective_config, mla_shape, require_mla
 from mlakit.validate.report import write_report
 
@@ -47,6 +48,7 @@ class ValidateOptions:
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 32768])
     report: Path | None = None
     device: str = "auto"
+    max_memory: dict[int | str, str] | None = None
     new_tokens: int = 32
     layer_tokens: int = 2048
 
@@ -75,6 +77,39 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MlakitError(f"--device {name}: no CUDA device is available; use --device cpu")
     return device
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """--max-memory 0=70GiB,1=70GiB,cpu=200GiB as accelerate's max_memory: GPU index or cpu -> size."""
+    usage = f"--max-memory {text}: give DEVICE=SIZE pairs separated by commas, e.g. 0=70GiB,1=70GiB,cpu=200GiB"
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, size = part.partition("=")
+        key = key.strip()
+        if not (key.isdigit() or key == "cpu"):
+            raise MlakitError(usage)
+        try:
+            convert_file_size_to_int(size.strip())
+        except ValueError as exc:
+            raise MlakitError(usage) from exc
+        out[int(key) if key.isdigit() else key] = size.strip()
+    if not out:
+        raise MlakitError(usage)
+    return out
+
+
+def load_kwargs(device: torch.device, max_memory: dict[int | str, str] | None = None) -> dict:
+    """from_pretrained's arguments for one model. On CUDA accelerate places it as it loads, so that a
+    model larger than one GPU never has to fit on one: over every visible GPU (within `max_memory`,
+    the rest in CPU memory) for `cuda`, whole on the GPU named by `cuda:N`. Elsewhere it is loaded
+    on the CPU and moved."""
+    if max_memory and (device.type != "cuda" or device.index is not None):
+        raise MlakitError(f"--max-memory spreads a model over the GPUs of --device cuda; it has no use with {device}")
+    if device.type != "cuda":
+        return {"dtype": "auto"}
+    if device.index is not None:
+        return {"dtype": "auto", "device_map": {"": device.index}}
+    return {"dtype": "auto", "device_map": "auto", **({"max_memory": max_memory} if max_memory else {})}
 
 
 def _tokenizer(folder: Path, name: str) -> PreTrainedTokenizerBase:
@@ -146,12 +181,13 @@ def check_report_target(out: Path, inputs: list[Path]) -> None:
     check_output(out, force=True)
 
 
-def _load(folder: Path, name: str, device: torch.device) -> PreTrainedModel:
+def _load(folder: Path, name: str, device: torch.device, max_memory: dict[int | str, str] | None) -> PreTrainedModel:
+    kwargs = load_kwargs(device, max_memory)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as exc:  # loading raises many types
         raise MlakitError(f"{name}: transformers cannot load it ({type(exc).__name__}: {exc})") from exc
-    return model.to(device).eval()
+    return (model if "device_map" in kwargs else model.to(device)).eval()
 
 
 def run_pass(folder: Path, name: str, windows: torch.Tensor, tmp: Path, opts: ValidateOptions, device: torch.device,
@@ -159,7 +195,7 @@ def run_pass(folder: Path, name: str, windows: torch.Tensor, tmp: Path, opts: Va
     """Load one model, run it over the windows (saving the source's reference, scoring the
     converted model against it), generate, measure its cache, and free it."""
     start = time.perf_counter()
-    model = _load(folder, name, device)
+    model = _load(folder, name, device, opts.max_memory)
     vocab = model.config.vocab_size
     batch = max(1, BATCH_LOGIT_BYTES // (opts.seq_len * vocab * 4))
     top_k = metrics.keep_top_k(windows.numel(), vocab)
@@ -167,14 +203,14 @@ def run_pass(folder: Path, name: str, windows: torch.Tensor, tmp: Path, opts: Va
     scores = []
     with torch.inference_mode():
         for b, chunk in enumerate(windows.split(batch)):
-            x = chunk.to(device)
-            out = model(input_ids=x, output_hidden_states=is_source and b == 0)
+            out = model(input_ids=chunk.to(model.device), output_hidden_states=is_source and b == 0)
+            x = chunk.to(out.logits.device)  # under a device_map, the last layer's device
             if is_source:
                 torch.save(vars(metrics.reference(out.logits, x, top_k)), tmp / f"ref-{b}.pt")
                 if b == 0:
                     torch.save([h[:keep].cpu() for h in out.hidden_states[:-1]], tmp / "hidden.pt")
             else:
-                ref = metrics.Reference(**torch.load(tmp / f"ref-{b}.pt", map_location=device))
+                ref = metrics.Reference(**torch.load(tmp / f"ref-{b}.pt", map_location=x.device))
                 scores.append(metrics.compare(ref, out.logits, x))
             del out
     result = Pass(
@@ -199,6 +235,7 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
     """Compare CONVERTED with SOURCE and write the report folder; return report.json's content."""
     start = time.perf_counter()
     device = _device(opts.device)
+    load_kwargs(device, opts.max_memory)  # refuses --max-memory without --device cuda before anything is read
     if opts.seq_len < 2 or opts.tokens < opts.seq_len:
         raise MlakitError("--tokens must be at least --seq-len, which must be at least 2")
     src_dir, conv_dir = resolve_model(source), resolve_model(converted)
@@ -243,6 +280,7 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
                  else f"source top-{metrics.TOP_K} plus the rest as one bucket (a lower bound)"},
         **metrics.summarize(conv.scores),
         "kv_cache": _kv_cache(src, conv, src_dir, conv_dir, max_positions),
+        "parameters": weights.breakdown(spec, conv_cfg, src.params, conv.params),
         "layers": [{"layer": i, "attn_rel_error": e} for i, e in enumerate(errors)],
         "generation": [
             {"prompt": p, "diverges_at": metrics.divergence(a, b),
@@ -274,9 +312,11 @@ def _kv_cache(src: Pass, conv: Pass, src_dir: Path, conv_dir: Path, max_position
              "source_formula_bytes": src_formula * n, "converted_formula_bytes": conv_formula * n}
             for n in sorted(src.cache_bytes)]
     longest = rows[-1]
+    weights_bytes = {"source": src.params * src.dtype.itemsize, "converted": conv.params * conv.dtype.itemsize}
+    per_token = {side: longest[f"{side}_bytes"] / longest["context"] for side in weights_bytes}
     return {
-        "source_bytes_per_token": longest["source_bytes"] / longest["context"],
-        "converted_bytes_per_token": longest["converted_bytes"] / longest["context"],
+        "source_bytes_per_token": per_token["source"],
+        "converted_bytes_per_token": per_token["converted"],
         "source_formula_bytes_per_token": src_formula,
         "converted_formula_bytes_per_token": conv_formula,
         "reduction_percent": 100 * (1 - longest["converted_bytes"] / longest["source_bytes"]),
@@ -284,5 +324,6 @@ def _kv_cache(src: Pass, conv: Pass, src_dir: Path, conv_dir: Path, max_position
                                 and r["converted_bytes"] == r["converted_formula_bytes"] for r in rows),
         "measured": rows,
         "max_position_embeddings": max_positions,
-        "weights_bytes": {"source": src.params * src.dtype.itemsize, "converted": conv.params * conv.dtype.itemsize},
+        "weights_bytes": weights_bytes,
+        "break_even_tokens": weights.break_even_tokens(weights_bytes, per_token),
     }

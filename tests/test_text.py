@@ -1,0 +1,27 @@
+"""Calibration windows sample the whole calibration text, not its beginning."""
+
+from transformers import AutoTokenizer
+
+from mlakit.convert.checkpoint import DEMO_DIR
+from mlakit.convert.text import token_windows
+
+
+def test_spread_windows_sample_every_file_of_a_concatenation():
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    first, second = "alpha beta " * 3000, "omega delta " * 3000
+    ids = lambda s: set(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    spread = set(token_windows(tok, first + "\n\n" + second, 1024, 64, spread=True).flatten().tolist())
+    head = set(token_windows(tok, first + "\n\n" + second, 1024, 64).flatten().tolist())
+    assert ids(" omega delta") <= spread and ids(" alpha beta") <= spread
+    assert not ids(" omega delta") & head  # the plain windows are the text's beginning
+
+
+def test_spread_windows_are_whole_windows_of_the_text():
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    text = DEMO_DIR.joinpath("docstrings.txt").read_text(encoding="utf-8")[:200_000]
+    all_ids = token_windows(tok, text, 10**9, 1)[:, 0]
+    w = token_windows(tok, text, 2048, 128, spread=True)
+    stride = len(all_ids) // w.shape[0]
+    assert w.shape == (16, 128)
+    for i, row in enumerate(w):
+        assert row.equal(all_ids[i * stride: i * stride + 128])
