@@ -53,6 +53,7 @@ class Work:
     layer_dtype: torch.dtype
     rows: int
     seq_len: int
+    histogram_tokens: int
     candidates: int
     probe_rows: int
     device: str
@@ -91,30 +92,33 @@ def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
     """The steps of `_convert_layer` on `rows` calibration windows with k rope candidates: reading the
     layer, the statistics pass, the rope step and latent, the o_proj fit and refit, the MLP pass."""
     s, m = w.spec, w.shape
-    D, I, L, hd, kv = s.hidden, s.intermediate, w.seq_len, s.heads * s.head_dim, s.kv_heads * s.head_dim
-    n = rows * L
+    D, I, L, d, hd, kv = s.hidden, s.intermediate, w.seq_len, s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    n, it = rows * L, w.layer_dtype.itemsize
     chunk = min(rows, row_chunks(rows, L, max(I, D))[0].stop) * L
     carried = 2 * F32 * n * D  # hidden states and the source attention's output
     source = F32 * (2 * D * hd + 2 * D * kv + 3 * D * I + 2 * D + (hd + 2 * kv if s.qkv_bias else 0))
     stats = F64 * D * D
     converted = F32 * (m.heads * m.qk_head * D + (m.kv_lora_rank + m.qk_rope) * D
                        + m.heads * (m.qk_nope + m.v_head) * m.kv_lora_rank + D * m.heads * m.v_head)
+    unpadded = F32 * (s.heads * (d + m.qk_rope) * D + s.heads * 2 * d * m.kv_lora_rank + D * hd)  # what the fit runs
     normal = F64 * (hd * hd + hd * D)
-    refitted = 2 * F64 * D * m.heads * m.v_head  # the refitted o_proj, plain and padded, until the layer ends
+    refitted = F64 * D * (hd + m.heads * m.v_head)  # the refitted o_proj, plain and padded, until the layer ends
+    mlp_copy = 3 * D * I * it if w.layer_dtype != torch.float32 else 0  # the MLP runs in the stored dtype
     held = carried + source + stats
-    tile = min(ACTIVATION_BYTES, F32 * chunk * s.heads * L)  # attention-distance scores, and their softmax
+    tile = min(ACTIVATION_BYTES, F32 * min(chunk, w.histogram_tokens) * s.heads * L)  # distance scores, softmax
     statistics = F32 * chunk * (D + 4 * hd + 4 * kv) + 2 * tile
-    fit = F32 * chunk * (D + 3 * m.heads * m.qk_head + 2 * m.heads * (m.qk_nope + 2 * m.v_head))
+    fit = F32 * chunk * (D + 9 * s.heads * (d + m.qk_rope))
     refit = REFIT_TEMPORARIES * F64 * hd * hd
-    mlp = F32 * chunk * (3 * I + 4 * D)
+    mlp = F32 * chunk * 4 * D + it * chunk * (3 * I + 2 * D)
     attention = ATTENTION_TEMPORARIES * F64 * hd * D
     cuda = w.device.startswith("cuda")  # then the layer is read, and the rope step and latent run, on the host
     copies = F32 * (2 * D * hd + 2 * D * kv) if cuda else 0  # host copies of the projections
-    built = k * converted if cuda else 0  # the converted attentions, on the host and on the device
+    built = k * converted  # kept on the host; the fit runs an unpadded copy on the device
+    fitting = held + k * (unpadded + normal) + mlp_copy + (0 if cuda else built)
+    on_host = built if cuda else 0
     return [_Step(carried // 2 + source, source if cuda else 0), _Step(held + statistics),
             _Step(held, copies + (k - 1) * converted + attention),
-            _Step(held + k * (converted + normal) + max(fit, refit), built),
-            _Step(held + k * (converted + normal + refitted) + mlp, built)]
+            _Step(fitting + max(fit, refit), on_host), _Step(fitting + k * refitted + mlp, on_host)]
 
 
 def _model_steps(w: Work) -> list[_Step]:
@@ -139,30 +143,29 @@ def peak_memory(w: Work) -> tuple[int, int | None]:
     return RUNTIME_BYTES + max(s.device + s.host for s in steps), None
 
 
-def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float]:
-    """(FLOPs of the passes over calibration tokens, FLOPs of the per-layer linear algebra) of one
-    layer with k rope candidates; only the terms that grow with the model's dimensions."""
+def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float]:
+    """FLOPs of one layer with k rope candidates: the passes over calibration tokens in float32, the
+    MLP (in the stored dtype) and the per-layer float64 linear algebra; only the terms that grow
+    with the model's dimensions."""
     s, m = w.spec, w.shape
-    D, I, L, hd, kv = s.hidden, s.intermediate, w.seq_len, s.heads * s.head_dim, s.kv_heads * s.head_dim
-    statistics = 2 * D * (hd + 2 * kv) + 3 * L * hd + 2 * hd * D + 2 * D * D
-    fit = (2 * D * m.heads * m.qk_head + 2 * D * (m.kv_lora_rank + m.qk_rope)
-           + 2 * m.kv_lora_rank * m.heads * (m.qk_nope + m.v_head) + L * m.heads * (m.qk_head + m.v_head)
-           + 2 * hd * hd + 2 * hd * D)
-    mlp = 6 * D * I
-    passes = tokens * (statistics + k * fit + mlp)
+    D, I, L, d, hd, kv = s.hidden, s.intermediate, w.seq_len, s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    statistics = 2 * D * (hd + 2 * kv) + 2 * L * hd + 2 * hd * D + 2 * D * D
+    fit = (2 * D * s.heads * (d + m.qk_rope) + 2 * D * (m.kv_lora_rank + m.qk_rope)
+           + 2 * m.kv_lora_rank * s.heads * 2 * d + 2 * L * s.heads * (d + m.qk_rope) + 2 * hd * hd + 2 * hd * D)
+    passes = tokens * (statistics + k * fit) + min(tokens, w.histogram_tokens) * L * hd
     # rope step (query energies, key covariance), query metric, latent (products and eigh), o_proj refit
     latent = 4 * hd * D * D + 2 * kv * D * D + 12 * (2 * kv) * D * D + 10 * (2 * kv) ** 3
     refit = 2 / 3 * hd**3 + 4 * D * hd * hd
-    return passes, k * (latent + refit)
+    return passes, tokens * 6 * D * I, k * (latent + refit)
 
 
 @functools.cache
-def matmul_gflops(device: str) -> float:
-    """Float32 matmul GFLOP/s on `device` when it has the machine to itself, the best of three: the
-    unit of the time estimate. On the CPU the process's own CPU time over its threads, so that other
-    load does not count."""
+def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul GFLOP/s on `device` when it has the machine to itself, the best of three: the unit of
+    the time estimate. On the CPU the process's own CPU time over its threads, so that other load
+    does not count."""
     n = 4096 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device).to(dtype)
     clock = time.perf_counter if device.startswith("cuda") else time.process_time
     threads = 1 if device.startswith("cuda") else torch.get_num_threads()
     best = math.inf
@@ -174,13 +177,17 @@ def matmul_gflops(device: str) -> float:
 
 
 def seconds(w: Work) -> tuple[float, float]:
-    """(estimated seconds, the GFLOP/s it assumes): the passes on the conversion device, the
-    per-layer linear algebra on the host (float64, at half the float32 rate)."""
+    """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
+    MLP at the stored dtype's rate, the per-layer linear algebra on the host (float64, at half the
+    float32 rate)."""
     device, host = matmul_gflops(w.device), matmul_gflops("cpu")
+    half = w.layer_dtype in (torch.bfloat16, torch.float16)
+    mlp_rate = matmul_gflops(w.device, w.layer_dtype) if half else device
     total = 0.0
     for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else []):
-        passes, algebra = layer_flops(w, rows * w.seq_len, k)
-        total += passes / (PASS_EFFICIENCY * device * 1e9) + algebra / (ALGEBRA_EFFICIENCY * host / 2 * 1e9)
+        passes, mlp, algebra = layer_flops(w, rows * w.seq_len, k)
+        total += (passes / device + mlp / mlp_rate) / PASS_EFFICIENCY / 1e9
+        total += algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
     return w.spec.layers * total, device
 
 

@@ -36,10 +36,6 @@ from mlakit.convert.guard import local_model, record_id
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan
 from mlakit.convert.text import load_corpus, token_windows
 
-# The attention-distance histogram is a per-head distribution over distances: the first windows
-# estimate it as well as all of them, and it costs half of the statistics pass.
-HISTOGRAM_TOKENS = 16384
-
 
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
             opts: ConvertOptions, writer: ShardWriter | None, desc: str,
@@ -113,7 +109,7 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             stats.update(x)
             q, k, v = source_qkv(x, layer, spec, cos, sin)
-            rows = min(sl.stop, max(1, HISTOGRAM_TOKENS // seq_len)) - sl.start
+            rows = min(sl.stop, max(1, opts.histogram_tokens // seq_len)) - sl.start
             if dist is not None and rows > 0:
                 dist += attention_distance_histogram(q[:rows], k[:rows], spec)
             refs.append(attend(q, k, v, layer, spec))

@@ -44,6 +44,9 @@ class ConvertOptions:
     balance: bool = True
     llama3_rope: str = "yarn"
     strategy_tokens: int = 16384
+    # The attention-distance histogram is a per-head distribution over distances: the first windows
+    # estimate it as well as all of them, and it costs half of the statistics pass.
+    histogram_tokens: int = 16384
     refit_output: bool = True
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
@@ -179,4 +182,5 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     text = sum(Path(p).stat().st_size for p in opts.calib_text or [DEFAULT_TEXT] if Path(p).is_file())
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
-                candidates=len(strategies), probe_rows=probe, device=opts.device, text_bytes=text)
+                histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
+                device=opts.device, text_bytes=text)

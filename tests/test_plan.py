@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from mlakit.cli import main
 from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.plan import ConvertOptions, make_plan
 
 from conftest import DEMO_AVAILABLE, make_llama
 
@@ -93,6 +92,8 @@ def test_the_plan_comes_first_and_its_disk_estimate_is_exact(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("plan: demo") and any("estimated: peak RAM" in line for line in lines[:6])
+    from mlakit.convert.plan import ConvertOptions, make_plan
+
     plan = make_plan("demo", ConvertOptions(calib_tokens=1024, calib_seq_len=256, kv_lora_rank=32))
     reader = CheckpointReader(out)
     assert plan.cost.disk_bytes == sum(reader.info(name).nbytes for name in reader.names)
