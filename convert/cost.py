@@ -39,6 +39,9 @@ REFIT_TEMPORARIES = 7
 # norms) and the per-layer float64 linear algebra (eigh, solves) reach.
 PASS_EFFICIENCY = 0.8
 ALGEBRA_EFFICIENCY = 0.7
+# The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
+# matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
+ELEMENTWISE_FLOPS = 3300
 
 
 @dataclass(frozen=True)
@@ -144,15 +147,16 @@ def peak_memory(w: Work) -> tuple[int, int | None]:
 
 
 def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float]:
-    """FLOPs of one layer with k rope candidates: the passes over calibration tokens in float32, the
-    MLP (in the stored dtype) and the per-layer float64 linear algebra; only the terms that grow
-    with the model's dimensions."""
+    """FLOPs of one layer with k rope candidates: the passes over calibration tokens in float32 (their
+    elementwise work in FLOP equivalents), the MLP (in the stored dtype) and the per-layer float64
+    linear algebra; only the terms that grow with the model's dimensions."""
     s, m = w.spec, w.shape
     D, I, L, d, hd, kv = s.hidden, s.intermediate, w.seq_len, s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
     statistics = 2 * D * (hd + 2 * kv) + 2 * L * hd + 2 * hd * D + 2 * D * D
     fit = (2 * D * s.heads * (d + m.qk_rope) + 2 * D * (m.kv_lora_rank + m.qk_rope)
            + 2 * m.kv_lora_rank * s.heads * 2 * d + 2 * L * s.heads * (d + m.qk_rope) + 2 * hd * hd + 2 * hd * D)
-    passes = tokens * (statistics + k * fit) + min(tokens, w.histogram_tokens) * L * hd
+    elementwise = ELEMENTWISE_FLOPS * (D + (1 + k) * hd + I)
+    passes = tokens * (statistics + k * fit + elementwise) + min(tokens, w.histogram_tokens) * L * hd
     # rope step (query energies, key covariance), query metric, latent (products and eigh), o_proj refit
     latent = 4 * hd * D * D + 2 * kv * D * D + 12 * (2 * kv) * D * D + 10 * (2 * kv) ** 3
     refit = 2 / 3 * hd**3 + 4 * D * hd * hd
