@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from mlakit.convert.errors import MlakitError, Terminated
-from mlakit.convert.guard import check_output, local_model, positive, record_id, stale_folders
+from mlakit.core.errors import MlakitError, Terminated
+from mlakit.core.guard import check_output, local_model, positive, record_id, stale_folders
 
 
 def _terminate(signum: int, frame) -> None:
@@ -127,7 +127,8 @@ def convert(source: str, out: Path, **kw) -> None:
         if kw["latent"] == "native":
             click.echo("  --latent native adds one more pass over the calibration text, not in the estimates")
         return
-    from mlakit.convert.pipeline import convert as run, summary
+    from mlakit.convert.pipeline import convert as run
+    from mlakit.convert.pipeline import summary
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if kw["latent"] == "native":
@@ -202,7 +203,8 @@ def calibrate(converted: str, out: Path, **kw) -> None:
     _start(out)
     from mlakit.calibrate.distill import DistillOptions
     from mlakit.calibrate.layerwise import LayerwiseOptions
-    from mlakit.calibrate.run import CalibrateOptions, calibrate as run, summary
+    from mlakit.calibrate.run import CalibrateOptions, summary
+    from mlakit.calibrate.run import calibrate as run
 
     opts = CalibrateOptions(
         mode=kw["mode"], teacher=kw["teacher"], data=list(kw["data"]), text_field=kw["text_field"],
@@ -249,7 +251,8 @@ def validate(source: str, converted: str, **kw) -> None:
         local_model(name)  # a missing folder fails before torch is loaded
     _start()
     from mlakit.validate.report import summary
-    from mlakit.validate.run import ValidateOptions, parse_contexts, parse_max_memory, validate as run
+    from mlakit.validate.run import ValidateOptions, parse_contexts, parse_max_memory
+    from mlakit.validate.run import validate as run
 
     opts = ValidateOptions(
         texts=list(kw["text"]) or None, tokens=kw["tokens"], seq_len=kw["seq_len"], prompts=kw["prompts"],

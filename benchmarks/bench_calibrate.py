@@ -23,9 +23,9 @@ from transformers.utils import logging
 from mlakit.calibrate.distill import DistillOptions
 from mlakit.calibrate.layerwise import LayerwiseOptions
 from mlakit.calibrate.run import CalibrateOptions, calibrate
-from mlakit.convert.checkpoint import read_json
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT
+from mlakit.core.checkpoint import read_json
+from mlakit.core.text import DEFAULT_TEXT
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from mlakit.convert.checkpoint import resolve_model
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.core.checkpoint import resolve_model
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 
 
 @torch.no_grad()

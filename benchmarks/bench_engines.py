@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlakit.convert.checkpoint import resolve_model
+from mlakit.core.checkpoint import resolve_model
 from mlakit.validate.metrics import greedy
 
 TARGETS = ("llama-perplexity", "llama-simple")

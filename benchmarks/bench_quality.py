@@ -42,10 +42,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from mlakit.convert.checkpoint import resolve_model
-from mlakit.convert.families import SourceSpec, load_spec
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.core.checkpoint import resolve_model
+from mlakit.core.families import SourceSpec, load_spec
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 
 
 def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:

@@ -39,10 +39,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from mlakit.calibrate.native import refit_native
-from mlakit.convert.checkpoint import resolve_model
-from mlakit.convert.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.core.checkpoint import resolve_model
+from mlakit.core.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 from mlakit.validate.quant import SCHEMES
 
 # Largest mean square of the calibrated variant's latent, as a fraction of eps.

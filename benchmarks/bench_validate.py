@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mlakit.convert.checkpoint import DEMO_DIR
+from mlakit.core.guard import DEMO_DIR
 
 SHAPES = {
     "medium": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from mlakit.convert.errors import MlakitError
+from mlakit.core.errors import MlakitError
 
 CREATED = ".mlakit-created"
 STEPS = ("step-*", ".step-*.tmp")  # distillation checkpoints (distill.py)

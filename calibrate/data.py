@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.text import load_corpus
+from mlakit.core.errors import MlakitError
+from mlakit.core.text import load_corpus
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 HUB = "hub:"  # `--data hub:NAME...` is a Hugging Face dataset even where a local path has that name

@@ -26,13 +26,13 @@ from transformers import DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
 from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, keep_better
-from mlakit.calibrate.metrics import IGNORE, Quality, QualityMeter, next_token_labels
 from mlakit.calibrate.teacher import CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, load_teacher, logits
-from mlakit.convert.checkpoint import read_json, write_json
-from mlakit.convert.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.forward import MLAWeights
-from mlakit.convert.guard import atomic_folder
+from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
+from mlakit.core.errors import MlakitError
+from mlakit.core.forward import MLAWeights
+from mlakit.core.guard import atomic_folder
+from mlakit.core.metrics import IGNORE, Quality, QualityMeter, next_token_labels
 
 TRAIN = ("attention", "all")
 STATE = "mlakit_state.json"

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV3Config
 
-from mlakit.calibrate.metrics import Quality
-from mlakit.convert.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
-from mlakit.convert.deepseek import attention_names, format_attention, plain_attention
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.forward import MLAWeights
+from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
+from mlakit.core.deepseek import attention_names, format_attention, plain_attention
+from mlakit.core.errors import MlakitError
+from mlakit.core.forward import MLAWeights
+from mlakit.core.metrics import Quality
 
 RECORD = "mlakit.json"
 SECTION = "calibrate"

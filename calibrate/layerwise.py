@@ -37,11 +37,12 @@ from mlakit.calibrate.checkpoint import LAYERS
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, stored_attention
 from mlakit.calibrate.layers import Student, Teacher
-from mlakit.calibrate.metrics import Quality, QualityMeter, next_token_labels
-from mlakit.convert.checkpoint import disk_error, read_json, write_json
-from mlakit.convert.deepseek import format_attention
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.forward import MLAWeights, rms_norm, row_chunks
+from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.deepseek import format_attention
+from mlakit.core.errors import MlakitError
+from mlakit.core.forward import MLAWeights, rms_norm, row_chunks
+from mlakit.core.guard import disk_error
+from mlakit.core.metrics import Quality, QualityMeter, next_token_labels
 
 INPUTS = ("student", "teacher")
 RIDGE = 1e-6

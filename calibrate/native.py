@@ -22,13 +22,19 @@ from transformers import AutoTokenizer
 
 from mlakit.calibrate.export import RECORD, Export, as_stored
 from mlakit.calibrate.layers import Student
-from mlakit.convert.checkpoint import atomic_folder, check_output, read_json, write_json
-from mlakit.convert.deepseek import (
-    LATENT_NORM_EPS, NATIVE_METRIC_STEPS, LatentMoments, format_attention, native_attention, native_transform,
+from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.deepseek import (
+    LATENT_NORM_EPS,
+    NATIVE_METRIC_STEPS,
+    LatentMoments,
+    format_attention,
+    native_attention,
+    native_transform,
 )
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.forward import linear, rms_norm, row_chunks
-from mlakit.convert.text import load_corpus, token_windows
+from mlakit.core.errors import MlakitError
+from mlakit.core.forward import linear, rms_norm, row_chunks
+from mlakit.core.guard import atomic_folder, check_output
+from mlakit.core.text import load_corpus, token_windows
 
 # Calibration tokens the latent metric is fitted on (a random subset of them all).
 METRIC_TOKENS = 16384

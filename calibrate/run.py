@@ -18,10 +18,10 @@ from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import RECORD, Export, keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
-from mlakit.calibrate.metrics import Quality
-from mlakit.convert.checkpoint import read_json, resolve_model
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id
+from mlakit.core.checkpoint import read_json, resolve_model
+from mlakit.core.errors import MlakitError
+from mlakit.core.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id
+from mlakit.core.metrics import Quality
 
 MODES = ("layerwise", "distill", "both")
 DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on the bundled docstrings (the demo model's own text); "

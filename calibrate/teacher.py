@@ -32,8 +32,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from mlakit.calibrate.data import Packed
-from mlakit.calibrate.metrics import IGNORE, QualityMeter, next_token_labels, rest_log_prob, token_kl, top_k_kl
-from mlakit.convert.checkpoint import disk_error, read_json, write_json
+from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.guard import disk_error
+from mlakit.core.metrics import IGNORE, QualityMeter, next_token_labels, rest_log_prob, token_kl, top_k_kl
 
 INFO = "info.json"
 CHUNK_BYTES = 64 * 2**20

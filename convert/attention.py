@@ -8,12 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlakit.convert import deepseek, rope
+from mlakit.convert import rope
 from mlakit.convert.candidates import Candidate
 from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
-from mlakit.convert.families import SourceLayer, SourceSpec
-from mlakit.convert.forward import MLAWeights
 from mlakit.convert.plan import ConvertOptions
+from mlakit.core import deepseek
+from mlakit.core.families import SourceLayer, SourceSpec
+from mlakit.core.forward import MLAWeights
 
 
 def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,

@@ -10,8 +10,9 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mlakit.convert import deepseek, rope
+from mlakit.convert import rope
 from mlakit.convert.plan import Plan
+from mlakit.core import deepseek
 
 
 @dataclass

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mlakit.convert import deepseek
-from mlakit.convert.checkpoint import TensorInfo
-from mlakit.convert.families import SourceSpec
-from mlakit.convert.forward import ACTIVATION_BYTES, row_chunks
+from mlakit.core import deepseek
+from mlakit.core.checkpoint import TensorInfo
+from mlakit.core.families import SourceSpec
+from mlakit.core.forward import ACTIVATION_BYTES, row_chunks
 
 F32, F64 = 4, 8
 # Resident before the text is tokenized (interpreter, torch, transformers), and from then on besides
@@ -77,10 +77,8 @@ class Cost:
 
 def disk_bytes(spec: SourceSpec, shape: deepseek.MLAShape, dtype: torch.dtype) -> int:
     """Bytes of the output's tensors: every weight `mlakit check` expects of it, in the output dtype."""
-    from mlakit.validate.check import expected_shapes
-
     config = deepseek.build_config(spec, shape, spec.rope, dtype)
-    return sum(math.prod(s) for s in expected_shapes(config).values()) * dtype.itemsize
+    return sum(math.prod(s) for s in deepseek.expected_shapes(config).values()) * dtype.itemsize
 
 
 @dataclass(frozen=True)

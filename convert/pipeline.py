@@ -19,22 +19,27 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import mlakit
-from mlakit.convert import deepseek
 from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
-from mlakit.convert.checkpoint import (
-    CheckpointReader, ShardWriter, atomic_folder, check_output, copy_side_files, write_json,
-)
-from mlakit.convert.errors import MlakitError
 from mlakit.convert.factorize import LeastSquares, SecondMoment
-from mlakit.convert.families import layer_name, read_layer
-from mlakit.convert.forward import (
-    MLAWeights, attend, attention_distance_histogram, mla_heads, mlp, rms_norm, rope_tables, row_chunks,
+from mlakit.convert.plan import ConvertOptions, Plan, make_plan
+from mlakit.core import deepseek
+from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, write_json
+from mlakit.core.errors import MlakitError
+from mlakit.core.families import layer_name, read_layer
+from mlakit.core.forward import (
+    MLAWeights,
+    attend,
+    attention_distance_histogram,
+    mla_heads,
+    mlp,
+    rms_norm,
+    rope_tables,
+    row_chunks,
     source_qkv,
 )
-from mlakit.convert.guard import local_model, record_id
-from mlakit.convert.plan import ConvertOptions, Plan, make_plan
-from mlakit.convert.text import load_corpus, token_windows
+from mlakit.core.guard import atomic_folder, check_output, local_model, record_id
+from mlakit.core.text import load_corpus, token_windows
 
 
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from mlakit.convert import deepseek, rope
-from mlakit.convert.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
+from mlakit.convert import rope
 from mlakit.convert.cost import Cost, Work, estimate
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.families import SourceSpec, check_weights, load_spec
-from mlakit.convert.guard import positive
-from mlakit.convert.text import DEFAULT_TEXT
+from mlakit.core import deepseek
+from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
+from mlakit.core.errors import MlakitError
+from mlakit.core.families import SourceSpec, check_weights, load_spec
+from mlakit.core.guard import positive
+from mlakit.core.text import DEFAULT_TEXT
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GiB = 2**30

@@ -40,10 +40,10 @@ from mlakit.calibrate.distill import DistillOptions
 from mlakit.calibrate.layerwise import LayerwiseOptions
 from mlakit.calibrate.native import convert_native
 from mlakit.calibrate.run import CalibrateOptions, calibrate
-from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import attention_names
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.core.checkpoint import CheckpointReader
+from mlakit.core.deepseek import attention_names
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 
 SMOLLM2 = Path.home() / ".cache" / "mlakit" / "SmolLM2-135M-Instruct"
 COMPARE_TOLERANCE = 1e-3

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
-from mlakit.convert.checkpoint import DEMO_DIR
+from mlakit.core.guard import DEMO_DIR
 
 DEMO_AVAILABLE = (DEMO_DIR / "model.safetensors").is_file()
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import make_llama
 
 from mlakit.cli import main
-
-from conftest import make_llama
 
 FAST = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--rope-dim", "8"]
 
@@ -112,7 +111,7 @@ def test_disk_full(pico: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("mlakit.convert.checkpoint.shutil.copyfileobj", full)
+    monkeypatch.setattr("mlakit.core.checkpoint.shutil.copyfileobj", full)
     assert "disk full" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", "8", "--kv-lora-rank", "16")
 
 

@@ -13,25 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
-from mlakit.calibrate import data as data_module, distill as distill_module, layerwise as layerwise_module, \
-    run as run_module, teacher as teacher_module
+from mlakit.calibrate import data as data_module
+from mlakit.calibrate import distill as distill_module
+from mlakit.calibrate import layerwise as layerwise_module
+from mlakit.calibrate import run as run_module
+from mlakit.calibrate import teacher as teacher_module
 from mlakit.calibrate.checkpoint import CACHE, LAYERS, STAGE
 from mlakit.calibrate.data import Documents, hold_out, load_documents, pack, per_document
 from mlakit.calibrate.distill import step_rows, to_plain, used_rows
 from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.layers import Teacher
-from mlakit.calibrate.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
 from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
-from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import plain_attention
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.text import DEFAULT_TEXT
-
-from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
+from mlakit.core.checkpoint import CheckpointReader
+from mlakit.core.deepseek import plain_attention
+from mlakit.core.errors import MlakitError
+from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
+from mlakit.core.text import DEFAULT_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ["--calib-tokens", "2048", "--calib-seq-len", "64", "--dtype", "fp32"]

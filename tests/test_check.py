@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import byte_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mlakit.cli import main
-from mlakit.convert import deepseek
-from mlakit.convert.errors import MlakitError
+from mlakit.core import deepseek
+from mlakit.core.errors import MlakitError
 from mlakit.validate.check import check_folder, require_mla
-
-from conftest import byte_tokenizer
 
 
 def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 32, seed: int = 0) -> Path:

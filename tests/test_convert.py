@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache
 
 from mlakit.cli import main
-from mlakit.convert.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ShardWriter
+from mlakit.core.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ShardWriter
 from mlakit.validate.check import check_folder
-
-from conftest import make_llama
 
 FAST = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--dtype", "fp32"]
 

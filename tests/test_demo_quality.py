@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_AVAILABLE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlakit.convert.checkpoint import DEMO_DIR
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
-
-from conftest import DEMO_AVAILABLE
+from mlakit.core.guard import DEMO_DIR
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 
 pytestmark = pytest.mark.skipif(not DEMO_AVAILABLE, reason="bundled demo model missing")
 SEQ = 256

@@ -10,15 +10,21 @@ from transformers import DeepseekV3Config, LlamaConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from mlakit.convert import deepseek, rope
+from mlakit.convert import rope
 from mlakit.convert.factorize import joint_latent
-from mlakit.convert.families import SourceLayer, SourceSpec
-from mlakit.convert import forward
-from mlakit.convert.forward import (
-    MLAWeights, attention_distance_histogram, interleaved_rope, mla_attention, rms_norm, rope_tables,
-    rotate_half_rope, source_layer, source_qkv,
+from mlakit.core import deepseek, forward
+from mlakit.core.families import SourceLayer, SourceSpec
+from mlakit.core.forward import (
+    MLAWeights,
+    attention_distance_histogram,
+    interleaved_rope,
+    mla_attention,
+    rms_norm,
+    rope_tables,
+    rotate_half_rope,
+    source_layer,
+    source_qkv,
 )
-
 
 
 @pytest.fixture(autouse=True)

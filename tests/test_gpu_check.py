@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import DEMO_AVAILABLE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,18 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_llama
 from transformers import AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from mlakit.cli import main
-from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import LATENT_NORM_EPS, attention_names, latent_is_linear
-from mlakit.convert.forward import MLAWeights, mla_attention, rms_norm, rope_tables
-from mlakit.convert.text import DEFAULT_TEXT
+from mlakit.core.checkpoint import CheckpointReader
+from mlakit.core.deepseek import LATENT_NORM_EPS, attention_names, latent_is_linear
+from mlakit.core.forward import MLAWeights, mla_attention, rms_norm, rope_tables
+from mlakit.core.text import DEFAULT_TEXT
 from mlakit.validate.check import check_folder
 from mlakit.validate.quant import SCHEMES
-
-from conftest import make_llama
 
 ARGS = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--dtype", "fp32", "--rope-dim", "8",
         "--kv-lora-rank", "32"]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlakit.cli import main
-from mlakit.convert.errors import MlakitError
+from mlakit.core.errors import MlakitError
 
 
 def passed_options(monkeypatch, module: str, function: str, args: list) -> object:

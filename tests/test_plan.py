@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DEMO_AVAILABLE, make_llama
 from safetensors.torch import load_file, save_file
 
 from mlakit.cli import main
-from mlakit.convert.checkpoint import CheckpointReader
-
-from conftest import DEMO_AVAILABLE, make_llama
+from mlakit.core.checkpoint import CheckpointReader
 
 FAST = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--rope-dim", "8", "--kv-lora-rank", "16"]
 
@@ -24,7 +23,7 @@ def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a tensor was read")
 
-    monkeypatch.setattr("mlakit.convert.checkpoint.safe_open", refuse)
+    monkeypatch.setattr("mlakit.core.checkpoint.safe_open", refuse)
 
 
 def test_dtype_and_shapes_come_from_the_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,12 +15,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard
+from test_validate import pair, prompts, validated  # noqa: F401  (module fixtures: a converted, validated pair)
 
 from mlakit.cli import main
 from mlakit.validate import push as push_module
 from mlakit.validate.card import base_model, model_card
-
-from test_validate import pair, prompts, validated  # noqa: F401  (module fixtures: a converted, validated pair)
 
 REPO = "someone/pico-mla"
 

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 from transformers import DeepseekV3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mlakit.convert.factorize import SecondMoment, absorb_bias
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import load_corpus, token_windows
-
-from conftest import byte_tokenizer
+from mlakit.core.text import load_corpus, token_windows
 
 HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 CALIB = dict(calib_tokens=2048, calib_seq_len=128, dtype="fp32")

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.convert.text import DEFAULT_TEXT, token_windows
+from mlakit.core.text import DEFAULT_TEXT, token_windows
 
 SMOLLM2 = Path(os.environ.get("MLAKIT_SMOLLM2", Path.home() / ".cache" / "mlakit" / "SmolLM2-135M-Instruct"))
 pytestmark = pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),

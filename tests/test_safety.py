@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import DEMO_AVAILABLE, make_llama
 from safetensors.torch import load_file
 
 import mlakit
 from mlakit.cli import main
-from mlakit.convert.text import DEFAULT_TEXT
-
-from conftest import DEMO_AVAILABLE, make_llama
+from mlakit.core.text import DEFAULT_TEXT
 
 FAST = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--rope-dim", "8", "--kv-lora-rank", "16"]
 CALIB = ["--tokens", "2048", "--seq-len", "64", "--eval-tokens", "512", "--batch-size", "4"]
@@ -151,8 +150,8 @@ def test_non_positive_rank_is_refused(pico: Path, tmp_path: Path, rank: str) -> 
 
 
 def test_rank_check_in_make_plan(pico: Path) -> None:
-    from mlakit.convert.errors import MlakitError
     from mlakit.convert.plan import ConvertOptions, make_plan
+    from mlakit.core.errors import MlakitError
 
     with pytest.raises(MlakitError, match="the rank must be positive"):
         make_plan(str(pico), ConvertOptions(kv_lora_rank=0, rope_dim=8))
@@ -189,7 +188,7 @@ def test_hub_download_fetches_only_the_indexed_shards(tmp_path: Path, monkeypatc
     """A Mistral-style repo ships consolidated.safetensors beside the indexed shards: it is not fetched."""
     from fnmatch import fnmatch
 
-    from mlakit.convert.checkpoint import resolve_model
+    from mlakit.core.checkpoint import resolve_model
 
     repo = make_llama(tmp_path / "repo", shards=True)
     (repo / "consolidated.safetensors").write_bytes(b"\0" * 1024)

@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
-from mlakit.convert.checkpoint import DEMO_DIR
-from mlakit.convert.text import token_windows
+from mlakit.core.guard import DEMO_DIR
+from mlakit.core.text import token_windows
 
 
 def test_spread_windows_sample_every_file_of_a_concatenation():

@@ -12,20 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
+from test_check import make_deepseek
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlakit.cli import main
-from mlakit.convert.checkpoint import CheckpointReader, read_json
-from mlakit.convert.families import load_spec
+from mlakit.core.checkpoint import CheckpointReader, read_json
+from mlakit.core.deepseek import effective_config, mla_shape
+from mlakit.core.errors import MlakitError
+from mlakit.core.families import load_spec
 from mlakit.validate import cache, metrics, weights
-from mlakit.convert.errors import MlakitError
-from mlakit.validate.check import effective_config, mla_shape
-from mlakit.validate.report import layer_series
 from mlakit.validate import run as run_module
+from mlakit.validate.report import layer_series
 from mlakit.validate.run import load_kwargs, parse_max_memory
-
-from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
-from test_check import make_deepseek
 
 SMALL = ["--tokens", "1024", "--seq-len", "128", "--contexts", "64,200"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from mlakit.convert.checkpoint import read_json
-from mlakit.convert.families import load_spec
-from mlakit.validate.check import effective_config, mla_shape
+from mlakit.core.checkpoint import read_json
+from mlakit.core.deepseek import effective_config, mla_shape
+from mlakit.core.families import load_spec
 
 
 def cache_bytes(cache: Cache) -> int:

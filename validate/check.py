@@ -2,7 +2,7 @@
 MLA kernels and rope.
 
 One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to. The numbers behind
-the rules live in convert/deepseek.py; this module only reads a folder and applies them.
+the rules live in core/deepseek.py; this module only reads a folder and applies them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from transformers import AutoConfig, DeepseekV3Config
+from transformers import AutoConfig
 
-from mlakit.convert import deepseek
-from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
-from mlakit.convert.errors import MlakitError
+from mlakit.core import deepseek
+from mlakit.core.checkpoint import CheckpointReader, read_json, resolve_model
+from mlakit.core.errors import MlakitError
 from mlakit.validate import quant
 
 ALL = ("transformers", "vllm", "sglang", "llamacpp")
@@ -90,42 +90,13 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def effective_config(raw: dict) -> dict:
-    """config.json with transformers' DeepSeek-V3 defaults filled in, as every engine reads it."""
-    return {**DeepseekV3Config().to_dict(), **raw}
-
-
-def mla_shape(cfg: dict) -> deepseek.MLAShape:
-    """The attention shape an (effective) DeepSeek-V3 config describes."""
-    return deepseek.MLAShape(cfg["hidden_size"], cfg["num_attention_heads"], cfg["qk_nope_head_dim"],
-                             cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"])
-
-
-def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every weight of a dense DeepSeek-V3 with a plain q_proj and an untied lm_head, with its shape."""
-    s = mla_shape(cfg)
-    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    shapes = dict(zip(deepseek.MODEL_WEIGHTS, [(vocab, hidden), (hidden,), (vocab, hidden)]))
-    layer = dict(zip(deepseek.DENSE_LAYER_WEIGHTS, [(hidden,), (hidden,), (inter, hidden), (inter, hidden),
-                                                    (hidden, inter)]))
-    for i in range(cfg["num_hidden_layers"]):
-        names = deepseek.attention_names(i)
-        shapes[names["q_proj"]] = (s.heads * s.qk_head, hidden)
-        shapes[names["kv_a_proj_with_mqa"]] = (s.kv_lora_rank + s.qk_rope, hidden)
-        shapes[names["kv_a_layernorm"]] = (s.kv_lora_rank,)
-        shapes[names["kv_b_proj"]] = (s.heads * (s.qk_nope + s.v_head), s.kv_lora_rank)
-        shapes[names["o_proj"]] = (hidden, s.heads * s.v_head)
-        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
-    return shapes
-
-
 def _config_rules(folder: Path, raw: dict) -> list[Rule]:
     try:
         AutoConfig.from_pretrained(folder)
         loads, why = True, "transformers reads it as DeepseekV3Config"
     except Exception as exc:  # strict configs raise several types
         loads, why = False, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    cfg = effective_config(raw)
+    cfg = deepseek.effective_config(raw)
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     experts = cfg["n_routed_experts"]
     return [
@@ -221,7 +192,7 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
         names = set(CheckpointReader(folder).names)
     except MlakitError as exc:
         return [Rule("weights", "fail", ALL, str(exc))]
-    expected = expected_shapes(cfg)
+    expected = deepseek.expected_shapes(cfg)
     biases = sorted(n for n in names if n.endswith(".bias"))
     missing = sorted(set(expected) - names - {"lm_head.weight"})
     unknown = sorted(names - set(expected) - set(biases))
@@ -290,10 +261,10 @@ def check_folder(folder: Path) -> CheckResult:
     rules += config_rules
     if config_rules[0].status == "fail":  # its values cannot be trusted to describe the weights
         return CheckResult(folder, rules)
-    cfg = effective_config(raw)
+    cfg = deepseek.effective_config(raw)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     weight_rules = _weight_rules(folder, cfg)
-    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(mla_shape(cfg)) + weight_rules
+    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(deepseek.mla_shape(cfg)) + weight_rules
     if weight_rules[0].status == "pass":
         rules += _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
     rules.append(_rule("tokenizer", has_tokenizer, NATIVE, "tokenizer files " + ("present" if has_tokenizer

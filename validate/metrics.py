@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from mlakit.calibrate.metrics import rest_log_prob, top_k_kl
-from mlakit.convert.checkpoint import CheckpointReader
-from mlakit.convert.deepseek import LATENT_NORM_EPS, MLAShape, attention_names
-from mlakit.convert.families import SourceSpec, read_layer
-from mlakit.convert.forward import MLAWeights, mla_attention, rms_norm, rope_tables, source_attention
+from mlakit.core.checkpoint import CheckpointReader
+from mlakit.core.deepseek import LATENT_NORM_EPS, MLAShape, attention_names
+from mlakit.core.families import SourceSpec, read_layer
+from mlakit.core.forward import MLAWeights, mla_attention, rms_norm, rope_tables, source_attention
+from mlakit.core.metrics import rest_log_prob, top_k_kl
 
 # Source log-probs kept per token when the whole vocabulary would take more than FULL_VOCAB_BYTES.
 TOP_K = 1024

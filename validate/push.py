@@ -16,8 +16,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import filter_repo_objects
 
-from mlakit.convert.checkpoint import read_json
-from mlakit.convert.errors import MlakitError
+from mlakit.core.checkpoint import read_json
+from mlakit.core.errors import MlakitError
 from mlakit.validate.card import REPORT_DIR, model_card
 from mlakit.validate.check import require_mla
 from mlakit.validate.report import human_bytes

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from mlakit.convert.checkpoint import write_json  # noqa: E402
-from mlakit.convert.errors import MlakitError  # noqa: E402
-from mlakit.convert.guard import atomic_folder  # noqa: E402
+from mlakit.core.checkpoint import write_json  # noqa: E402
+from mlakit.core.errors import MlakitError  # noqa: E402
+from mlakit.core.guard import atomic_folder  # noqa: E402
 from mlakit.validate.check import ENGINE_NAMES  # noqa: E402
 
 MEMORY_PNG = "memory.png"

@@ -20,13 +20,14 @@ import torch
 from accelerate.utils import convert_file_size_to_int
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mlakit.convert.checkpoint import CheckpointReader, read_json, resolve_model
-from mlakit.convert.errors import MlakitError
-from mlakit.convert.families import load_spec
-from mlakit.convert.guard import check_output, check_protected
-from mlakit.convert.text import Corpus, load_corpus, token_windows
+from mlakit.core.checkpoint import CheckpointReader, read_json, resolve_model
+from mlakit.core.deepseek import effective_config, mla_shape
+from mlakit.core.errors import MlakitError
+from mlakit.core.families import load_spec
+from mlakit.core.guard import check_output, check_protected
+from mlakit.core.text import Corpus, load_corpus, token_windows
 from mlakit.validate import cache, metrics, weights
-from mlakit.validate.check import effective_config, mla_shape, require_mla
+from mlakit.validate.check import require_mla
 from mlakit.validate.report import write_report
 
 # The demo trains on the first 90% of the bundled text, so by default validation reads the rest.

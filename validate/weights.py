@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from mlakit.convert import deepseek
-from mlakit.convert.families import SourceSpec
-from mlakit.validate.check import expected_shapes, mla_shape
+from mlakit.core import deepseek
+from mlakit.core.deepseek import expected_shapes, mla_shape
+from mlakit.core.families import SourceSpec
 
 
 def source_attention(spec: SourceSpec) -> dict[str, int]:

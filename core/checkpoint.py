@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mlakit.convert.errors import MlakitError
-# also imported from here, with the rest of checkpoint I/O
-from mlakit.convert.guard import DEMO_DIR, atomic_folder, check_output, disk_error, local_model  # noqa: F401
+from mlakit.core.errors import MlakitError
+from mlakit.core.guard import disk_error, local_model
 
 # Everything but the weights; the weights are fetched second, only the shards the index names (a repo
 # may also ship the same weights in another layout, e.g. Mistral's consolidated.safetensors).

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mlakit.convert.families import SourceLayer, SourceSpec
-
+from mlakit.core.families import SourceLayer, SourceSpec
 
 ACTIVATION_BYTES = 2**28
 

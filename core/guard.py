@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mlakit.convert.errors import MlakitError
+from mlakit.core.errors import MlakitError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # Folders a run writes beside OUT (.NAME.PART-XXXX); a killed run can leave them behind.

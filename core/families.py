@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from mlakit.convert.checkpoint import CheckpointReader, read_json
-from mlakit.convert.errors import MlakitError
+from mlakit.core.checkpoint import CheckpointReader, read_json
+from mlakit.core.errors import MlakitError
 
 # model_type -> whether q/k/v carry biases by design
 FAMILIES = {"llama": False, "mistral": False, "qwen2": True}

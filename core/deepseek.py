@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-    DeepseekV3RotaryEmbedding, yarn_apply_mscale, yarn_get_mscale,
+    DeepseekV3RotaryEmbedding,
+    yarn_apply_mscale,
+    yarn_get_mscale,
 )
 
-from mlakit.convert.families import SourceSpec
-from mlakit.convert.forward import MLAWeights
+from mlakit.core.families import SourceSpec
+from mlakit.core.forward import MLAWeights
 
 # (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) that vLLM's MLA prefill accepts on Hopper.
 VLLM_PREFILL_HEAD_DIMS = {(128, 64, 128), (192, 64, 256), (64, 64, 128)}
@@ -168,6 +170,34 @@ def attention_names(i: int) -> dict[str, str]:
         "kv_b_proj": p + "kv_b_proj.weight",
         "o_proj": p + "o_proj.weight",
     }
+
+
+def effective_config(raw: dict) -> dict:
+    """config.json with transformers' DeepSeek-V3 defaults filled in, as every engine reads it."""
+    return {**DeepseekV3Config().to_dict(), **raw}
+
+
+def mla_shape(cfg: dict) -> MLAShape:
+    """The attention shape an (effective) DeepSeek-V3 config describes."""
+    return MLAShape(cfg["hidden_size"], cfg["num_attention_heads"], cfg["qk_nope_head_dim"],
+                    cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"])
+
+
+def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight of a dense DeepSeek-V3 with a plain q_proj and an untied lm_head, with its shape."""
+    s = mla_shape(cfg)
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    shapes = dict(zip(MODEL_WEIGHTS, [(vocab, hidden), (hidden,), (vocab, hidden)]))
+    layer = dict(zip(DENSE_LAYER_WEIGHTS, [(hidden,), (hidden,), (inter, hidden), (inter, hidden), (hidden, inter)]))
+    for i in range(cfg["num_hidden_layers"]):
+        names = attention_names(i)
+        shapes[names["q_proj"]] = (s.heads * s.qk_head, hidden)
+        shapes[names["kv_a_proj_with_mqa"]] = (s.kv_lora_rank + s.qk_rope, hidden)
+        shapes[names["kv_a_layernorm"]] = (s.kv_lora_rank,)
+        shapes[names["kv_b_proj"]] = (s.heads * (s.qk_nope + s.v_head), s.kv_lora_rank)
+        shapes[names["o_proj"]] = (hidden, s.heads * s.v_head)
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+    return shapes
 
 
 def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: int,

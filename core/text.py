@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mlakit.convert.checkpoint import DEMO_DIR
-from mlakit.convert.errors import MlakitError
+from mlakit.core.errors import MlakitError
+from mlakit.core.guard import DEMO_DIR
 
 DEFAULT_TEXT = DEMO_DIR / "docstrings.txt"
 

@@ -1,0 +1,1 @@
+"""What convert, calibrate and validate share; each stage imports core, never another stage's internals."""
