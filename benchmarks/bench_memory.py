@@ -6,7 +6,7 @@ at several depths, or takes a real model (`--model`), converts each in a fresh p
 torch thread), seconds per layer and its parts (reading the layer, statistics and
 attention-distance histogram, rope step and latent, the error pass with the o_proj refit and the
 next layer's inputs, writing), and peak memory, with the plan's estimates of time and peak memory
-beside them (the memory estimate should be within 25%). Memory must stay flat as
+beside them (both should be within 25%). Memory must stay flat as
 layers grow: one layer, the embeddings and the calibration activations, never the whole model.
 
     python benchmarks/bench_memory.py --shape 8b --layers 2 4 8 --calib-tokens 8192
@@ -118,9 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     what = args.model or f"shape {args.shape} ({SHAPES[args.shape]})"
     print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
-    print("| layers | calib tokens | checkpoint GB | convert s | CPU s | est. s | s per layer | "
+    print("| layers | calib tokens | checkpoint GB | convert s | CPU s | est. s | est. / convert | s per layer | "
           + " | ".join(PARTS) + " | peak RSS GiB | est. RSS GiB | est. / peak |")
-    print("|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in [None] if args.model else args.layers:
             src, out = (Path(args.model).expanduser(), Path(tmp) / "out") if args.model else \
@@ -138,7 +138,7 @@ def main() -> None:
                 got = json.loads(res.stdout.splitlines()[-1])
                 parts = " | ".join(f"{got['parts'].get(p, 0.0):.2f}" for p in PARTS)
                 print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['cpu']:.0f} | "
-                      f"{got['est_seconds']:.0f} | {got['seconds'] / n:.1f} | {parts} | {got['rss']:.2f} | "
+                      f"{got['est_seconds']:.0f} | {got['est_seconds'] / got['seconds']:.2f} | {got['seconds'] / n:.1f} | {parts} | {got['rss']:.2f} | "
                       f"{got['est_rss']:.2f} | "
                       f"{got['est_rss'] / got['rss']:.2f} |", flush=True)
                 shutil.rmtree(out)

@@ -99,3 +99,13 @@ def test_the_plan_comes_first_and_its_disk_estimate_is_exact(tmp_path: Path) -> 
     shards = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert 0 < shards - plan.cost.disk_bytes < 64 * 1024  # the headers
     assert json.loads((out / "mlakit.json").read_text())["kv_cache"] == plan.cache_summary()
+
+
+def test_the_matmul_rate_is_timed_on_one_thread_and_scaled() -> None:
+    """One thread's rate times the thread count, without leaving the thread count changed: with
+    several threads, a busy machine reads the rate up to 40% low."""
+    from mlakit.convert.cost import matmul_gflops
+
+    threads = torch.get_num_threads()
+    assert matmul_gflops.__wrapped__("cpu") > 0
+    assert torch.get_num_threads() == threads
