@@ -76,7 +76,8 @@ def main() -> None:
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
 @click.option("--calib-text", type=click.Path(path_type=Path), multiple=True,
               help="Text file(s) for calibration statistics (repeatable). Default: the bundled docstrings.")
-@click.option("--calib-tokens", type=int, default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--calib-tokens", type=int, default=32768, show_default=True,
+              help="Calibration tokens, in windows spread over the text; time grows linearly with them.")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Calibration window length.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="Output dtype (fp16 is refused: the exact latent-norm trick needs bf16's range).")

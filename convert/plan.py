@@ -33,7 +33,7 @@ class ConvertOptions:
     kv_lora_rank: int | None = None
     rope_dim: int = 64
     calib_text: list[Path] | None = None
-    calib_tokens: int = 65536
+    calib_tokens: int = 32768
     calib_seq_len: int = 512
     dtype: str = "bf16"
     device: str = "cpu"
@@ -96,7 +96,7 @@ class Plan:
             f"  estimated: peak RAM {cost.ram_bytes / GiB:.1f} GiB"
             + (f", peak GPU memory {cost.gpu_bytes / GiB:.1f} GiB" if cost.gpu_bytes is not None else "")
             + f", output {cost.disk_bytes / 1e9:.2f} GB on disk, time {_duration(cost.seconds)} "
-            f"(rough: compute at {cost.gflops:.0f} GFLOP/s measured now, reading excluded)",
+            f"(compute at {cost.gflops:.0f} GFLOP/s measured now; reading excluded)",
         ]
         return "\n".join(lines + [f"  {note}" for note in self.notes])
 

@@ -79,7 +79,7 @@ def test_dry_run_prints_the_plan_reads_no_tensor_and_writes_nothing(pico: Path, 
     assert "every weight's shape matches config.json" in out
     assert "kv_lora_rank 16, rope dim 8" in out
     assert "KV cache per token: 64 -> 24 elements per layer, 256 -> 96 bytes over all layers" in out and "-62.5%" in out
-    for figure in ("peak RAM", "GiB", "GB on disk", "time", "rough"):
+    for figure in ("peak RAM", "GiB", "GB on disk", "time", "GFLOP/s measured now"):
         assert figure in out, out
 
 
