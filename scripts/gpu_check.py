@@ -10,7 +10,11 @@ line of its own, all written to a markdown results file:
    tolerance COMPARE_TOLERANCE (relative, Frobenius);
 2. layer-wise calibration of the demo conversion on DEVICE (tokens/s, peak memory);
 3. distillation of the same on DEVICE (bf16 autocast on CUDA; tokens/s, peak memory);
-4. when `import vllm` works: the converted demo served by vLLM, prompt log-probabilities compared
+4. distillation with the cached top-k teacher on DEVICE (the teacher cache built on DEVICE);
+5. `mlakit validate` of the demo conversion on DEVICE: with `--device cuda` both models are placed
+   by accelerate (device_map "auto"); then again with `--max-memory` so small that most layers are
+   offloaded to CPU memory, which must give the same perplexities and KL (COMPARE_TOLERANCE);
+6. when `import vllm` works: the converted demo served by vLLM, prompt log-probabilities compared
    with transformers', unquantized and with vLLM's fp8 weights (and, for comparison, the exact
    latent format with fp8 weights).
 
@@ -44,6 +48,7 @@ from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import attention_names
 from mlakit.core.text import DEFAULT_TEXT, token_windows
+from mlakit.validate.run import ValidateOptions, validate
 
 SMOLLM2 = Path.home() / ".cache" / "mlakit" / "SmolLM2-135M-Instruct"
 COMPARE_TOLERANCE = 1e-3
@@ -156,20 +161,45 @@ def convert_both(results: Results, name: str, source: str, args: list[str], sett
 
 
 def calibrate_demo(results: Results, converted: Path, settings: Settings, device: str, tmp: Path) -> None:
-    for mode in ("layerwise", "distill"):
+    runs = [("layerwise", 0), ("distill", 0), ("distill", 64)]
+    for mode, top_k in runs:
         opts = CalibrateOptions(mode=mode, teacher="demo", tokens=settings.calib_train_tokens,
                                 eval_tokens=settings.eval_tokens, seq_len=settings.seq_len, batch_size=4, device=device,
                                 layerwise=LayerwiseOptions(steps=settings.layer_steps),
-                                distill=DistillOptions(checkpoint_dir=tmp / f"ckpt-{mode}"))
-        label = f"calibrate {mode} on {device}" + (" (bf16 autocast)" if mode == "distill" and device != "cpu" else "")
+                                distill=DistillOptions(checkpoint_dir=tmp / f"ckpt-{mode}-{top_k}", teacher_topk=top_k))
+        label = (f"calibrate {mode} on {device}" + (f" (cached top-{top_k} teacher)" if top_k else "")
+                 + (" (bf16 autocast)" if mode == "distill" and device != "cpu" else ""))
         start = time.perf_counter()
         with results.step(label):
-            outcome = calibrate(str(converted), tmp / f"calibrated-{mode}", opts, force=True)
+            outcome = calibrate(str(converted), tmp / f"calibrated-{mode}-{top_k}", opts, force=True)
             seconds = time.perf_counter() - start
             before, after = outcome.qualities[0][1], outcome.qualities[-1][1]
             results.add(f"- {mode}: {settings.calib_train_tokens / seconds:.0f} tokens/s end to end; held-out "
                         f"perplexity {before.student_ppl:.3f} -> {after.student_ppl:.3f} (teacher "
                         f"{before.teacher_ppl:.3f})")
+
+
+def validate_demo(results: Results, converted: Path, settings: Settings, device: str, tmp: Path) -> None:
+    """Validate on DEVICE as placed by accelerate, then with most layers offloaded to CPU memory: the
+    figures must agree."""
+    runs = {"placed by accelerate" if device == "cuda" else "loaded whole": None}
+    if device == "cuda":
+        runs["offloaded by --max-memory"] = {0: "4MiB", "cpu": "64GiB"}
+    got = {}
+    for label, max_memory in runs.items():
+        opts = ValidateOptions(tokens=settings.eval_tokens, seq_len=settings.seq_len, contexts=[settings.seq_len],
+                               report=tmp / f"report-{len(got)}", device=device, max_memory=max_memory, new_tokens=8,
+                               layer_tokens=settings.seq_len)
+        with results.step(f"validate demo on {device}, {label}"):
+            got[label] = report = validate("demo", str(converted), opts, log=lambda m: None)
+            results.add(f"- {label}: perplexity {report['perplexity']['source']:.3f} -> "
+                        f"{report['perplexity']['converted']:.3f}, KL {report['kl']['mean']:.4f}")
+    if len(got) == 2:
+        a, b = got.values()
+        pairs = [(a["perplexity"]["source"], b["perplexity"]["source"]),
+                 (a["perplexity"]["converted"], b["perplexity"]["converted"]), (a["kl"]["mean"], b["kl"]["mean"])]
+        worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)
+        results.verdict("validate offloaded = placed", worst <= COMPARE_TOLERANCE, f"worst relative difference {worst:.2e}")
 
 
 def exact_demo(results: Results, device: str, tmp: Path, settings: Settings) -> Path | None:
@@ -255,6 +285,7 @@ def main() -> None:
             smollm2(results, settings, args.device, tmp, args.text)
         if demo is not None:
             calibrate_demo(results, demo, settings, args.device, tmp)
+            validate_demo(results, demo, settings, args.device, tmp)
             if args.device.startswith("cuda"):
                 vllm_check(results, demo, exact_demo(results, args.device, tmp, settings))
     results.add(f"- total {time.perf_counter() - start:.0f} s")
