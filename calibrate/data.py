@@ -6,8 +6,9 @@ builds a block-diagonal causal mask from restarting position ids, and `per_docum
 for the functional layers. The last rows are held out for the before/after summary.
 
 Documents are streamed: files and datasets are read one document at a time, on each pass, and
-tokenized a batch of documents at a time into int32 rows, so that neither the text nor a Python
-list of every token is ever held whole.
+tokenized a batch of documents at a time; each batch's int32 ids and position ids are appended to
+files that the rows are then memory-mapped from, so that neither the text nor the tokens are ever
+held whole in memory.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlakit.core.errors import MlakitError
+from mlakit.core.guard import disk_error
 from mlakit.core.text import load_corpus
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 HUB = "hub:"  # `--data hub:NAME...` is a Hugging Face dataset even where a local path has that name
 TOKENIZE_DOCUMENTS = 1024  # documents tokenized in one call
-POSITION_BLOCK = 2**20  # tokens whose position ids are computed at a time
+IDS_FILE, POSITIONS_FILE = "input_ids.i32", "position_ids.i32"  # what `pack` writes, raw int32
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,9 @@ def _dataset(spec: str, field: str) -> Callable[[], Iterator[str]]:
 class Packed:
     """Rows of `seq_len` tokens; `position_ids` restart at each document start and each row start.
 
-    Stored as int32, half the memory of the int64 that models take: `input_ids` and `position_ids`
-    convert, so take the rows you need first (`packed[rows].input_ids`)."""
+    Stored as int32, half the memory of the int64 that models take, and memory-mapped from the files
+    `pack` wrote, so that only the rows read are in memory: `input_ids` and `position_ids` convert,
+    so take the rows you need first (`packed[rows].input_ids`)."""
 
     ids: torch.Tensor
     pos: torch.Tensor
@@ -149,31 +153,43 @@ class Packed:
         return self.ids.numel()
 
 
-def pack(tokenizer, docs: Documents, seq_len: int) -> Packed:
-    """Tokenize the documents a batch at a time and fill rows back to back; a trailing partial row is
-    dropped."""
-    ids, starts = [], []
+def pack(tokenizer, docs: Documents, seq_len: int, folder: Path) -> Packed:
+    """Tokenize the documents a batch at a time and append their ids and position ids to files in
+    `folder` (which must outlive the rows), filling rows back to back; a trailing partial row is
+    dropped. Memory holds one batch, whatever the size of the data."""
+    paths = folder / IDS_FILE, folder / POSITIONS_FILE
+    total = 0
     texts = iter(docs.texts)
     while batch := list(itertools.islice(texts, TOKENIZE_DOCUMENTS)):
-        tokens = [doc for doc in tokenizer(batch, add_special_tokens=False)["input_ids"] if doc]
-        if tokens:
-            ids.append(torch.tensor([t for doc in tokens for t in doc], dtype=torch.int32))
-            starts.append(torch.zeros(len(ids[-1]), dtype=torch.bool))
-            starts[-1][torch.tensor([0] + [len(doc) for doc in tokens[:-1]]).cumsum(0)] = True
-    flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32)
-    n_rows = flat.numel() // seq_len
+        tokens = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        lengths = np.array([len(doc) for doc in tokens], dtype=np.int64)
+        count = int(lengths.sum())
+        _append(paths[0], np.fromiter(itertools.chain.from_iterable(tokens), np.int32, count))
+        _append(paths[1], _positions(total, lengths, seq_len))
+        total += count
+    n_rows = total // seq_len
     if n_rows == 0:
-        raise MlakitError(f"--data has {flat.numel()} tokens, fewer than one row of --seq-len {seq_len}")
-    first = torch.cat(starts)[: n_rows * seq_len].view(n_rows, seq_len)
-    del ids, starts
-    first[:, 0] = True
-    pos = torch.empty(n_rows, seq_len, dtype=torch.int32)
-    index = torch.arange(seq_len)
-    step = max(1, POSITION_BLOCK // seq_len)
-    for r in range(0, n_rows, step):  # a row start is a piece start: rows are independent
-        block = first[r : r + step]
-        pos[r : r + step] = index - torch.cummax(torch.where(block, index, 0), 1).values
-    return Packed(flat[: n_rows * seq_len].view(n_rows, seq_len), pos)
+        raise MlakitError(f"--data has {total} tokens, fewer than one row of --seq-len {seq_len}")
+    size = n_rows * seq_len  # the files may hold a partial row more
+    return Packed(*(torch.from_file(str(path), shared=True, size=size, dtype=torch.int32).view(n_rows, seq_len)
+                    for path in paths))
+
+
+def _positions(offset: int, lengths: np.ndarray, seq_len: int) -> np.ndarray:
+    """Position ids of documents of `lengths` tokens that start at token `offset` of the data: each
+    token's distance to the later of its document's start and its row's start."""
+    index = np.arange(offset, offset + lengths.sum())
+    doc_start = np.repeat(offset + np.cumsum(lengths) - lengths, lengths)
+    return (index - np.maximum(doc_start, index - index % seq_len)).astype(np.int32)
+
+
+def _append(path: Path, values: np.ndarray) -> None:
+    """Append to a file of packed data; a full disk is one clear error."""
+    try:
+        with open(path, "ab") as out:
+            out.write(values.data)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
 
 
 def hold_out(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:

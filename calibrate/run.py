@@ -20,7 +20,7 @@ from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
 from mlakit.core.checkpoint import read_json, resolve_model
 from mlakit.core.errors import MlakitError
-from mlakit.core.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id
+from mlakit.core.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id, scratch_folder
 from mlakit.core.metrics import Quality
 
 MODES = ("layerwise", "distill", "both")
@@ -138,39 +138,42 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     if not opts.data and teacher.resolve() != DEMO_DIR.resolve():
         log(DEFAULT_DATA_WARNING)
     docs = load_documents(opts.data, opts.text_field)
-    pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len), opts.eval_tokens)
-    run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
-           "teacher": record_id(teacher_id),
-           "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
-                    "held_out_tokens": held_out.tokens}}
-    folder = opts.distill.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
-    check_protected(folder, [converted, teacher, out], "--checkpoint-dir")
-    progress = LayerProgress(folder, _layerwise_fingerprint(teacher, converted, docs, opts)) \
-        if opts.mode != "distill" else None
-    plan = _distill_plan(replace(opts, device=device), folder, teacher, docs, run) if opts.mode != "layerwise" else None
-    saved = [progress and progress.saved(), plan and Checkpoints(folder, plan[1]).saved()]
-    check_resume(folder, [s for s in saved if s], opts.distill.resume, force)
-    qualities, notes = [], []
-    if opts.mode == "layerwise":
-        create(folder)
-        with atomic_folder(out, force) as tmp:
-            qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes, log)
-        remove(folder)
-        return Outcome(docs.name, held_out.tokens, qualities, notes)
-    start = converted
-    if opts.mode == "both":
-        start = folder / STAGE
-        if opts.distill.resume and (start / RECORD).is_file():
-            qualities += _finished_stage(start, notes)
-        else:
+    with scratch_folder(out, "data") as scratch:  # the packed rows, removed however the run ends
+        pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len, scratch), opts.eval_tokens)
+        run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
+               "teacher": record_id(teacher_id),
+               "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
+                        "held_out_tokens": held_out.tokens}}
+        folder = opts.distill.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
+        check_protected(folder, [converted, teacher, out], "--checkpoint-dir")
+        progress = LayerProgress(folder, _layerwise_fingerprint(teacher, converted, docs, opts)) \
+            if opts.mode != "distill" else None
+        plan = _distill_plan(replace(opts, device=device), folder, teacher, docs, run) \
+            if opts.mode != "layerwise" else None
+        saved = [progress and progress.saved(), plan and Checkpoints(folder, plan[1]).saved()]
+        check_resume(folder, [s for s in saved if s], opts.distill.resume, force)
+        qualities, notes = [], []
+        if opts.mode == "layerwise":
             create(folder)
-            with atomic_folder(start, force=True) as tmp:
+            with atomic_folder(out, force) as tmp:
                 qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes,
                                         log)
-            progress.release()
-    distilled = _distill(teacher, start, out, pool, held_out, plan, run, force, notes, log)
-    qualities += distilled[1:] if qualities else distilled
-    return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
+            remove(folder)
+            return Outcome(docs.name, held_out.tokens, qualities, notes)
+        start = converted
+        if opts.mode == "both":
+            start = folder / STAGE
+            if opts.distill.resume and (start / RECORD).is_file():
+                qualities += _finished_stage(start, notes)
+            else:
+                create(folder)
+                with atomic_folder(start, force=True) as tmp:
+                    qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes,
+                                            log)
+                progress.release()
+        distilled = _distill(teacher, start, out, pool, held_out, plan, run, force, notes, log)
+        qualities += distilled[1:] if qualities else distilled
+        return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
 
 
 def _layerwise_fingerprint(teacher: Path, converted: Path, docs: Documents, opts: CalibrateOptions) -> dict:

@@ -18,7 +18,7 @@ from mlakit.core.errors import MlakitError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # Folders a run writes beside OUT (.NAME.PART-XXXX); a killed run can leave them behind.
-TEMP_PARTS = ("tmp", "old", "layerwise")
+TEMP_PARTS = ("tmp", "old", "layerwise", "data")
 
 
 def local_model(source: str) -> Path | None:
@@ -108,6 +108,26 @@ def _umask_mode() -> int:
     return 0o777 & ~mask
 
 
+def _temp_folder(out: Path, part: str) -> Path:
+    """A new folder `.NAME.PART-XXXX` beside the resolved `out`, where `stale_folders` looks for it."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{part}-", dir=out.parent))
+    except OSError as exc:
+        raise disk_error(exc, out.parent) from exc
+
+
+@contextlib.contextmanager
+def scratch_folder(out: Path, part: str) -> Iterator[Path]:
+    """Yield a temporary folder beside `out` for files that the run needs only while it runs (on the
+    disk OUT goes to, not in a temp dir that may be memory); the end of the block removes it,
+    whatever ends it, Ctrl-C and SIGTERM included."""
+    tmp = _temp_folder(out.resolve(), part)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, force: bool, protect: Iterable[Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block completes.
@@ -115,10 +135,7 @@ def atomic_folder(out: Path, force: bool, protect: Iterable[Path | None] = ()) -
     Any exception, Ctrl-C or SIGTERM (which the CLI raises as an exception) removes the folder."""
     out = out.resolve()
     check_output(out, force, protect)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise disk_error(exc, out.parent) from exc
+    tmp = _temp_folder(out, "tmp")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         yield tmp

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -23,7 +26,7 @@ from mlakit.calibrate import layerwise as layerwise_module
 from mlakit.calibrate import run as run_module
 from mlakit.calibrate import teacher as teacher_module
 from mlakit.calibrate.checkpoint import CACHE, LAYERS, STAGE
-from mlakit.calibrate.data import Documents, hold_out, load_documents, pack, per_document
+from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack, per_document
 from mlakit.calibrate.distill import step_rows, to_plain, used_rows
 from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.layers import Teacher
@@ -31,7 +34,7 @@ from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import plain_attention
-from mlakit.core.errors import MlakitError
+from mlakit.core.errors import MlakitError, Terminated
 from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
 from mlakit.core.text import DEFAULT_TEXT
 
@@ -79,9 +82,9 @@ def assert_loads_in_stock_transformers(out: Path) -> None:
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def test_packing_restarts_positions_at_documents_and_rows() -> None:
+def test_packing_restarts_positions_at_documents_and_rows(tmp_path: Path) -> None:
     docs = Documents(["abcde", "fg", "hijklmnopq"], "t", "0")
-    packed = pack(byte_tokenizer(), docs, 4)
+    packed = pack(byte_tokenizer(), docs, 4, tmp_path)
     assert packed.input_ids.shape == (4, 4)  # 17 tokens, the partial last row dropped
     assert packed.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 1, 0], [0, 1, 2, 3], [0, 1, 2, 3]]
     labels = next_token_labels(packed.input_ids, packed.position_ids)
@@ -131,10 +134,12 @@ def test_hub_prefix_names_a_dataset_even_where_a_folder_has_its_name(tmp_path: P
         load_documents(["hub:owner/set"], "body")
 
 
-def test_documents_are_streamed_and_packed_a_batch_at_a_time(monkeypatch) -> None:
-    """The tokenizer never sees more than TOKENIZE_DOCUMENTS documents at once, rows are int32, and
-    the rows and position ids are those of packing everything in one go."""
+def test_documents_are_streamed_and_packed_a_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """The tokenizer never sees more than TOKENIZE_DOCUMENTS documents at once, rows are int32,
+    memory-mapped from files in the folder given rather than held in memory, and the rows and
+    position ids are those of packing everything in one go (documents cross batches and rows)."""
     texts = [("document %d " % i) * (1 + i % 7) for i in range(23)]
+    texts[9] = "x" * 70  # longer than a row
     tok = byte_tokenizer()
     seen = []
 
@@ -143,10 +148,12 @@ def test_documents_are_streamed_and_packed_a_batch_at_a_time(monkeypatch) -> Non
         return tok(batch, **kw)
 
     monkeypatch.setattr(data_module, "TOKENIZE_DOCUMENTS", 5)
-    monkeypatch.setattr(data_module, "POSITION_BLOCK", 40)
-    packed = pack(counting, Documents(texts, "t", "0"), 16)
+    packed = pack(counting, Documents(texts, "t", "0"), 16, tmp_path)
     assert max(seen) == 5 and sum(seen) == len(texts)
     assert packed.ids.dtype == packed.pos.dtype == torch.int32
+    for rows in (packed, packed[2:5]):  # slices are views of the same mapping
+        for tensor in (rows.ids, rows.pos):
+            assert Path(tensor.untyped_storage().filename).parent == tmp_path
     docs = tok(texts, add_special_tokens=False)["input_ids"]
     flat = [t for doc in docs for t in doc]
     starts = {sum(len(d) for d in docs[:k]) for k in range(len(docs))}
@@ -157,12 +164,13 @@ def test_documents_are_streamed_and_packed_a_batch_at_a_time(monkeypatch) -> Non
     assert packed.position_ids.reshape(-1).tolist() == pos
 
 
-def test_attention_never_crosses_documents_in_either_forward(pair) -> None:
+def test_attention_never_crosses_documents_in_either_forward(pair, tmp_path: Path) -> None:
     """Functional layers (per_document) and transformers (restarting position ids) both see each
     packed document exactly as if it were alone."""
     src, _ = pair
     tok = byte_tokenizer()
-    packed = pack(tok, Documents(["first document text", "the second one, longer than that"], "t", "0"), 48)
+    packed = pack(tok, Documents(["first document text", "the second one, longer than that"], "t", "0"), 48,
+                  tmp_path)
     ids, pos = packed.input_ids, packed.position_ids
     cut = len(tok("first document text", add_special_tokens=False)["input_ids"])
     teacher = Teacher(src, 48, "cpu")
@@ -516,6 +524,42 @@ def test_bad_input_gives_one_line_and_writes_nothing(pair, tmp_path: Path) -> No
     out.mkdir()
     one_line_error(invoke("calibrate", mla, out, *small(src)), "--force")
     assert not any(out.iterdir())
+
+
+def test_packed_data_is_removed_however_the_run_ends(pair, tmp_path: Path, monkeypatch) -> None:
+    """The packed rows are files in `.OUT.data-*` beside OUT while the run needs them; a finished run,
+    Ctrl-C, SIGTERM and a full disk (one line) all leave nothing behind."""
+    src, mla = pair
+    out, seen = tmp_path / "out", []
+    real_hold_out = run_module.hold_out
+
+    def watch(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:
+        seen.append(sorted(p.name for p in tmp_path.glob(".*.data-*/*")))
+        return real_hold_out(packed, eval_tokens)
+
+    monkeypatch.setattr(run_module, "hold_out", watch)
+    ok("calibrate", mla, out, *small(src), "--layer-steps", "1")
+    assert seen == [[data_module.IDS_FILE, data_module.POSITIONS_FILE]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    for n, (stop, code) in enumerate(((KeyboardInterrupt, 130), (Terminated, 143)), 2):
+        def halt(*args, stop=stop) -> None:
+            raise stop
+
+        monkeypatch.setattr(run_module, "_layerwise", halt)
+        assert invoke("calibrate", mla, tmp_path / "stopped", *small(src)).exit_code == code
+        assert len(seen) == n and seen[-1] == seen[0]  # stopped once the data was packed
+        assert not list(tmp_path.glob(".*"))  # the checkpoint folder stays, for --resume
+
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data_module, "open", lambda path, mode: FullDisk(), raising=False)
+    one_line_error(invoke("calibrate", mla, tmp_path / "full", *small(src)), "disk full while writing")
+    assert not list(tmp_path.glob(".*")) and not (tmp_path / "full").exists()
 
 
 def test_resume_refuses_checkpoints_of_another_run(pair, tmp_path: Path, monkeypatch) -> None:
