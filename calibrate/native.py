@@ -11,8 +11,6 @@ has already made native, and writes the native model.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +31,7 @@ from mlakit.core.deepseek import (
 )
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import linear, rms_norm, row_chunks
-from mlakit.core.guard import atomic_folder, check_output
+from mlakit.core.guard import atomic_folder, check_output, scratch_folder
 from mlakit.core.text import load_corpus, token_windows
 
 # Calibration tokens the latent metric is fitted on (a random subset of them all).
@@ -90,11 +88,7 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
     """`convert(source, folder)` into a staging folder beside OUT (exact format), then the native pass
     on the same calibration windows into OUT; returns the record with the native layers' errors."""
     check_output(out, force)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.exact-", dir=out.resolve().parent))
-    except OSError as exc:
-        raise MlakitError(f"cannot create a staging folder beside {out}: {exc.strerror or exc}") from exc
-    try:
+    with scratch_folder(out, "exact") as stage:
         exact = stage / "exact"
         convert(source, exact)
         tokenizer = AutoTokenizer.from_pretrained(exact)
@@ -105,8 +99,6 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
             record["latent"] = {"format": "native", "layers": layers}
             write_json(tmp / RECORD, record)
         return record
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def native_summary(record: dict) -> str:

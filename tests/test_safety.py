@@ -117,11 +117,12 @@ def test_stale_temporary_folders_are_named_with_their_size(pico: Path, tmp_path:
     stale = tmp_path / ".out.tmp-k1ll3d"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
-    (tmp_path / ".out.old-123").mkdir()
+    for part in ("old-123", "exact-n4t1ve", "data-p4ck3d"):
+        (tmp_path / f".out.{part}").mkdir()
     result = invoke("convert", pico, tmp_path / "out", *FAST)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:") and ".out." in line]
-    assert len(warnings) == 2, result.output
+    assert len(warnings) == 4, result.output
     assert "3.0 MiB" in next(line for line in warnings if str(stale) in line)
     assert stale.is_dir(), "stale folders are named, not deleted"
 
