@@ -79,6 +79,10 @@ def main() -> None:
 @click.option("--calib-tokens", type=int, default=32768, show_default=True,
               help="Calibration tokens, in windows spread over the text; time grows linearly with them.")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Calibration window length.")
+@click.option("--calib-bos/--no-calib-bos", default=False, show_default=True,
+              help="Start every calibration window with the tokenizer's bos_token, as served prompts start with a "
+                   "special token (refused when the tokenizer has none). Measured on SmolLM2-135M: see "
+                   "docs/real-models.md.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="Output dtype (fp16 is refused: the exact latent-norm trick needs bf16's range).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for the calibration passes.")
@@ -117,7 +121,8 @@ def convert(source: str, out: Path, **kw) -> None:
 
     opts = ConvertOptions(
         kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
-        calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"], dtype=kw["dtype"],
+        calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"],
+        calib_bos=kw["calib_bos"], dtype=kw["dtype"],
         device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
         output_aware=not kw["weight_svd"],

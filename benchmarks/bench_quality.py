@@ -8,6 +8,10 @@ Perplexity is measured in fp32 by transformers itself (the source as LlamaForCau
 conversion as DeepseekV3ForCausalLM); conversions are written in fp32 so that the table shows
 approximation error, not rounding. Each row also gives the conversion's wall time.
 
+`--eval-bos` also evaluates every held-out set with windows that start with the tokenizer's
+bos_token (as served prompts do), the prediction made at the BOS position not scored; `--calib-bos
+on` converts with calibration windows that start with it too, `both` gives each method both ways.
+
 Methods (`--methods`, all by default):
 - mlakit: the defaults of `mlakit convert`;
 - no o_proj refit: without the least-squares refit of o_proj;
@@ -45,7 +49,7 @@ from transformers.utils import logging
 from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import resolve_model
 from mlakit.core.families import SourceSpec, load_spec
-from mlakit.core.text import DEFAULT_TEXT, token_windows
+from mlakit.core.text import DEFAULT_TEXT, bos_token, token_windows
 
 
 def methods(spec: SourceSpec, rope_dim: int) -> dict[str, dict]:
@@ -79,13 +83,22 @@ def with_llama3_scaling(folder: Path, into: Path) -> Path:
     return into
 
 
+def scored(windows: torch.Tensor, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows and their labels; with a leading BOS, the first text token (predicted from the BOS
+    alone) is not scored, so that the same predictions count as without it."""
+    labels = windows.clone()
+    if bos:
+        labels[:, 1] = -100
+    return windows, labels
+
+
 @torch.no_grad()
-def perplexity(folder: Path, windows: list[torch.Tensor]) -> list[float]:
-    """Perplexity on each set of windows, one model load."""
+def perplexity(folder: Path, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Perplexity on each set of (windows, labels), one model load."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = []
-    for rows in windows:
-        nll = [model(w[None], labels=w[None]).loss.item() for w in rows]
+    for rows, labels in sets:
+        nll = [model(w[None], labels=y[None]).loss.item() for w, y in zip(rows, labels)]
         out.append(math.exp(sum(nll) / len(nll)))
     return out
 
@@ -107,6 +120,9 @@ def main() -> None:
     ap.add_argument("--long-seq-len", type=int, default=0, help="also evaluate at this context (0: no)")
     ap.add_argument("--long-tokens", type=int, default=8192)
     ap.add_argument("--llama3-scaling", action="store_true", help="give the model Llama 3.1's rope scaling")
+    ap.add_argument("--eval-bos", action="store_true", help="also evaluate windows that start with the BOS token")
+    ap.add_argument("--calib-bos", choices=["off", "on", "both"], default="off",
+                    help="calibration windows start with the BOS token: off, on, or each method both ways")
     args = ap.parse_args()
     logging.set_verbosity_error()
     scratch = tempfile.TemporaryDirectory()
@@ -118,18 +134,21 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = {p.name: p.read_text(encoding="utf-8") for p in [args.text, *args.also_eval]}
     held_out = {name: t[int(0.9 * len(t)):] for name, t in texts.items()}
-    sets = {f"{name} @{args.seq_len}": token_windows(tokenizer, t, args.eval_tokens, args.seq_len,
-                                                     what="evaluation") for name, t in held_out.items()}
+    cuts = [(name, t, args.eval_tokens, args.seq_len) for name, t in held_out.items()]
     if args.long_seq_len:
-        t = held_out[args.text.name]
-        sets[f"{args.text.name} @{args.long_seq_len}"] = token_windows(
-            tokenizer, t, args.long_tokens, args.long_seq_len, what="evaluation")
+        cuts.append((args.text.name, held_out[args.text.name], args.long_tokens, args.long_seq_len))
+    sets = {}
+    for bos in [False, True] if args.eval_bos else [False]:
+        for name, t, n, seq_len in cuts:
+            lead = bos_token(tokenizer) if bos else None
+            sets[f"{name} @{seq_len}{' +BOS' if bos else ''}"] = scored(
+                token_windows(tokenizer, t, n, seq_len, what="evaluation", lead=lead), bos)
     base = perplexity(folder, list(sets.values()))
     calib_names = list(texts) if args.mixed else [args.text.name]
     src_cache = spec.kv_elements_per_token_layer()
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
           f"calibration: {args.calib_tokens} tokens of the first 90% of {' and '.join(calib_names)} in windows of "
-          f"{args.calib_seq_len}; held-out: " + ", ".join(f"{k} ({v.shape[0]} windows)" for k, v in sets.items()))
+          f"{args.calib_seq_len}; held-out: " + ", ".join(f"{k} ({v[0].shape[0]} windows)" for k, v in sets.items()))
     print("source perplexity: " + ", ".join(f"{k} {p:.3f}" for k, p in zip(sets, base))
           + f"; source KV cache {src_cache} elements per token per layer\n")
     print("| rope dim | kv_lora_rank | cache vs source | method | convert s | "
@@ -145,9 +164,12 @@ def main() -> None:
             if rope_dim < spec.head_dim:
                 table.update({f"mlakit, rope {s}": {"rope_strategy": s} for s in ("fold", "even", "high")})
             chosen = {k: v for k, v in table.items() if args.methods is None or k in args.methods}
+            if args.calib_bos != "off":
+                with_bos = {f"{k}, BOS calibration": {**v, "calib_bos": True} for k, v in chosen.items()}
+                chosen = with_bos if args.calib_bos == "on" else {**chosen, **with_bos}
             for rank in args.ranks:
                 for name, kw in chosen.items():
-                    if name == "full latent" and rank != args.ranks[0]:
+                    if name.startswith("full latent") and rank != args.ranks[0]:
                         continue
                     opts = ConvertOptions(**{"kv_lora_rank": rank, "rope_dim": rope_dim, "calib_text": calib,
                                              "dtype": "fp32", "calib_tokens": args.calib_tokens,

@@ -32,7 +32,7 @@ from mlakit.core.deepseek import (
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import linear, rms_norm, row_chunks
 from mlakit.core.guard import atomic_folder, check_output, scratch_folder
-from mlakit.core.text import load_corpus, token_windows
+from mlakit.core.text import bos_token, load_corpus, token_windows
 
 # Calibration tokens the latent metric is fitted on (a random subset of them all).
 METRIC_TOKENS = 16384
@@ -92,10 +92,12 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
         exact = stage / "exact"
         convert(source, exact)
         tokenizer = AutoTokenizer.from_pretrained(exact)
-        windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len, spread=True)
+        record = read_json(exact / RECORD)
+        lead = bos_token(tokenizer) if record["calibration"]["bos"] else None
+        windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len, spread=True,
+                                lead=lead)
         with atomic_folder(out, force) as tmp:
             layers = refit_native(exact, tmp, windows, device, metric_steps)
-            record = read_json(exact / RECORD)
             record["latent"] = {"format": "native", "layers": layers}
             write_json(tmp / RECORD, record)
         return record

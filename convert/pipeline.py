@@ -39,7 +39,7 @@ from mlakit.core.forward import (
     source_qkv,
 )
 from mlakit.core.guard import atomic_folder, check_output, local_model, record_id
-from mlakit.core.text import load_corpus, token_windows
+from mlakit.core.text import bos_token, load_corpus, token_windows
 
 
 def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
@@ -184,7 +184,8 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     except Exception as exc:  # tokenizer loading raises many types
         raise MlakitError(f"{plan.folder}: cannot load the tokenizer ({exc})") from exc
     corpus = load_corpus(opts.calib_text)
-    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len, spread=True)
+    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len, spread=True,
+                            lead=bos_token(tokenizer) if opts.calib_bos else None)
     cands = {s: candidate(plan, s, opts.llama3_rope) for s in plan.strategies}
     choice = {}
     if len(cands) > 1:
@@ -220,7 +221,7 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
             "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
                               "balance_kv": opts.balance},
             "calibration": {"text": corpus.name, "sha256": corpus.sha256, "tokens": int(windows.numel()),
-                            "seq_len": opts.calib_seq_len},
+                            "seq_len": opts.calib_seq_len, "bos": opts.calib_bos},
             "layers": layers,
         }
         write_json(tmp / "mlakit.json", record)

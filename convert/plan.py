@@ -35,6 +35,7 @@ class ConvertOptions:
     calib_text: list[Path] | None = None
     calib_tokens: int = 32768
     calib_seq_len: int = 512
+    calib_bos: bool = False
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"

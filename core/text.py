@@ -42,17 +42,31 @@ def load_corpus(paths: list[Path] | None = None) -> Corpus:
 
 
 def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, *, what: str = "calibration",
-                  spread: bool = False) -> torch.Tensor:
+                  spread: bool = False, lead: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of `seq_len` tokens, as many as fit in `n_tokens` (at least one):
     the first ones, or with `spread` evenly spaced over the whole text, so that calibration samples
-    every part of it (every file of a concatenation) rather than its beginning."""
+    every part of it (every file of a concatenation) rather than its beginning. With `lead`, each
+    window is that token followed by `seq_len - 1` text tokens, the way served prompts start with a
+    special token on which real models put their attention sink."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    n_seq = min(len(ids) // seq_len, max(1, n_tokens // seq_len))
+    span = seq_len - (lead is not None)
+    n_seq = min(len(ids) // span, max(1, n_tokens // seq_len)) if span else 0
     if n_seq < 1:
         raise MlakitError(
             f"the {what} text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a "
             "shorter sequence length"
         )
     ids = torch.tensor(ids, dtype=torch.long)
-    stride = len(ids) // n_seq if spread else seq_len
-    return torch.stack([ids[i * stride: i * stride + seq_len] for i in range(n_seq)])
+    stride = len(ids) // n_seq if spread else span
+    windows = torch.stack([ids[i * stride: i * stride + span] for i in range(n_seq)])
+    if lead is None:
+        return windows
+    return torch.cat([torch.full((n_seq, 1), lead, dtype=torch.long), windows], dim=1)
+
+
+def bos_token(tokenizer) -> int:
+    """The tokenizer's BOS id, for windows that start the way served prompts do."""
+    if tokenizer.bos_token_id is None:
+        raise MlakitError("the tokenizer has no bos_token, so calibration windows cannot start with one; "
+                          "convert without --calib-bos")
+    return tokenizer.bos_token_id

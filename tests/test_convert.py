@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from conftest import make_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM, DynamicCache
 
 from mlakit.cli import main
 from mlakit.core.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ShardWriter
@@ -139,3 +139,20 @@ def test_llama3_as_fitted_yarn(tmp_path: Path) -> None:
     assert abs(record["rope"]["max_relative_frequency_error"] - 0.486) < 1e-3
     rows = {r.rule: r.status for r in check_folder(tmp_path / "out").rules if r.rule.startswith("rope: ")}
     assert set(rows.values()) == {"pass"}, rows
+
+
+def test_calibration_windows_can_start_with_the_bos_token(tmp_path: Path) -> None:
+    """--calib-bos calibrates on windows led by the tokenizer's BOS, says so in mlakit.json, and is
+    refused in one line when the tokenizer has none."""
+    src = make_llama(tmp_path / "src")
+    small = ["--rope-dim", "16", "--kv-lora-rank", "16"]
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "refused"), *FAST, *small, "--calib-bos"])
+    assert result.exit_code != 0 and "no bos_token" in result.output
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.bos_token = tok.convert_ids_to_tokens(1)
+    tok.save_pretrained(src)
+    for flag in ("--calib-bos", "--no-calib-bos"):
+        run_convert(src, tmp_path / flag.lstrip("-"), *small, flag)
+        calibration = json.loads((tmp_path / flag.lstrip("-") / "mlakit.json").read_text())["calibration"]
+        assert calibration["bos"] == (flag == "--calib-bos") and calibration["tokens"] == 2048
+    load_pair(src, tmp_path / "calib-bos")

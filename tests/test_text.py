@@ -25,3 +25,17 @@ def test_spread_windows_are_whole_windows_of_the_text():
     assert w.shape == (16, 128)
     for i, row in enumerate(w):
         assert row.equal(all_ids[i * stride: i * stride + 128])
+
+
+def test_a_leading_token_starts_every_window_then_the_text_follows():
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    text = DEMO_DIR.joinpath("docstrings.txt").read_text(encoding="utf-8")[:200_000]
+    all_ids = token_windows(tok, text, 10**9, 1)[:, 0]
+    w = token_windows(tok, text, 1024, 128, lead=7)
+    assert w.shape == (8, 128)
+    for i, row in enumerate(w):
+        assert row[0] == 7 and row[1:].equal(all_ids[i * 127: (i + 1) * 127])
+    spread = token_windows(tok, text, 1024, 128, spread=True, lead=7)
+    stride = len(all_ids) // 8
+    for i, row in enumerate(spread):
+        assert row[0] == 7 and row[1:].equal(all_ids[i * stride: i * stride + 127])
