@@ -45,6 +45,9 @@ ALGEBRA_EFFICIENCY = 0.5
 # The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
 # matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
 ELEMENTWISE_FLOPS = 2600
+# Loading the tokenizer and tokenizing the calibration text whole, per byte of text (2-3 s for the
+# bundled 1.3 MB of docstrings): most of a small model's conversion time besides its layers.
+TOKENIZE_SECONDS_PER_BYTE = 2.5e-6
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
 def seconds(w: Work) -> tuple[float, float]:
     """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
     MLP at the stored dtype's rate, the per-layer linear algebra on the host (float64, at half the
-    float32 rate)."""
+    float32 rate), and tokenizing the calibration text."""
     device, host = matmul_gflops(w.device), matmul_gflops("cpu")
     half = w.layer_dtype in (torch.bfloat16, torch.float16)
     mlp_rate = matmul_gflops(w.device, w.layer_dtype) if half else device
@@ -201,7 +204,7 @@ def seconds(w: Work) -> tuple[float, float]:
         passes, mlp, algebra = layer_flops(w, rows * w.seq_len, k)
         total += (passes / device + mlp / mlp_rate) / PASS_EFFICIENCY / 1e9
         total += algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
-    return w.spec.layers * total, device
+    return w.spec.layers * total + TOKENIZE_SECONDS_PER_BYTE * w.text_bytes, device
 
 
 def estimate(w: Work) -> Cost:
