@@ -40,7 +40,7 @@ REFIT_TEMPORARIES = 7
 # Shares of the measured matmul throughput that the passes over calibration tokens (attention,
 # norms) and the per-layer float64 linear algebra (eigh, solves) reach; with ELEMENTWISE_FLOPS
 # fitted to bench_memory.py's measured times on SmolLM2-135M, the demo and 8B-shaped layers.
-PASS_EFFICIENCY = 0.8
+PASS_EFFICIENCY = 0.7
 ALGEBRA_EFFICIENCY = 0.5
 # The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
 # matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
@@ -169,13 +169,13 @@ def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float]:
 
 @functools.cache
 def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
-    """Matmul GFLOP/s on `device` when it has the machine to itself, the best of five: the unit of the
+    """Matmul GFLOP/s on `device` when it has the machine to itself, the best of three: the unit of the
     time estimate. On the CPU one thread's rate times the thread count (matmuls scale linearly over
     a few cores), timed by the process's own CPU time: with several threads, a thread that waits on
     a sibling another job has descheduled still burns CPU time, which read the rate up to 40% low
     on a busy machine."""
     cuda = device.startswith("cuda")
-    n = 4096 if cuda else 1024
+    n = 4096 if cuda else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     clock = time.perf_counter if cuda else time.process_time
     threads = torch.get_num_threads()
@@ -183,7 +183,7 @@ def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
         torch.set_num_threads(1)
     try:
         best = math.inf
-        for _ in range(5):
+        for _ in range(3):
             start = clock()
             (a @ a).sum().item()
             best = min(best, clock() - start)
