@@ -243,7 +243,8 @@ def summary(record: dict) -> str:
         f"over all layers, -{kv['reduction_percent']}%",
         f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
         f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {record['calibration']['tokens']} tokens of "
-        f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})",
+        f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})"
+        + (", each window led by the BOS token" if record["calibration"].get("bos") else ""),
         "layer  attn err  K err   V err   latent err  rank-r optimum  rope energy kept",
     ]
     for row in record["layers"]:

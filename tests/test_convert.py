@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM, DynamicCache
 
 from mlakit.cli import main
+from mlakit.convert.pipeline import summary
 from mlakit.core.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, ShardWriter
 from mlakit.validate.check import check_folder
 
@@ -153,6 +154,7 @@ def test_calibration_windows_can_start_with_the_bos_token(tmp_path: Path) -> Non
     tok.save_pretrained(src)
     for flag in ("--calib-bos", "--no-calib-bos"):
         run_convert(src, tmp_path / flag.lstrip("-"), *small, flag)
-        calibration = json.loads((tmp_path / flag.lstrip("-") / "mlakit.json").read_text())["calibration"]
-        assert calibration["bos"] == (flag == "--calib-bos") and calibration["tokens"] == 2048
+        record = json.loads((tmp_path / flag.lstrip("-") / "mlakit.json").read_text())
+        assert record["calibration"]["bos"] == (flag == "--calib-bos") and record["calibration"]["tokens"] == 2048
+        assert ("led by the BOS token" in summary(record)) == (flag == "--calib-bos")
     load_pair(src, tmp_path / "calib-bos")
