@@ -75,7 +75,16 @@ def main() -> None:
 @click.option("--rope-dim", type=int, default=64, show_default=True,
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
 @click.option("--calib-text", type=click.Path(path_type=Path), multiple=True,
-              help="Text file(s) for calibration statistics (repeatable). Default: the bundled docstrings.")
+              help="Text file(s) for calibration statistics (repeatable). Default: text sampled from SOURCE itself "
+                   "(cached), which stands for everything the model does; a text of one kind fits the model to "
+                   "that kind.")
+@click.option("--calib-mix", is_flag=True,
+              help="With --calib-text: calibrate on half that text and half text sampled from SOURCE, to serve "
+                   "that text well without losing the rest.")
+@click.option("--calib-temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature of the calibration text sampled from SOURCE.")
+@click.option("--calib-seed", type=int, default=0, show_default=True,
+              help="Seed of the calibration text sampled from SOURCE.")
 @click.option("--calib-tokens", type=int, default=32768, show_default=True,
               help="Calibration tokens, in windows spread over the text; time grows linearly with them.")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Calibration window length.")
@@ -122,7 +131,8 @@ def convert(source: str, out: Path, **kw) -> None:
     opts = ConvertOptions(
         kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"],
-        calib_bos=kw["calib_bos"], dtype=kw["dtype"],
+        calib_bos=kw["calib_bos"], calib_mix=kw["calib_mix"], calib_temperature=kw["calib_temperature"],
+        calib_seed=kw["calib_seed"], dtype=kw["dtype"],
         device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
         output_aware=not kw["weight_svd"],
@@ -140,8 +150,10 @@ def convert(source: str, out: Path, **kw) -> None:
     if kw["latent"] == "native":
         from mlakit.calibrate.native import convert_native, native_summary
 
+        from mlakit.convert.pipeline import calibration_for
+
         record = convert_native(record_id(source), out, lambda src, folder: run(src, folder, opts, force=True, log=log),
-                                opts.calib_text, opts.calib_tokens, opts.calib_seq_len, opts.device, kw["force"])
+                                lambda: calibration_for(record_id(source), opts).windows, opts.device, kw["force"])
         click.echo(summary(record))
         click.echo(native_summary(record))
     else:

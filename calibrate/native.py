@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from mlakit.calibrate.export import RECORD, Export, as_stored
 from mlakit.calibrate.layers import Student
@@ -32,7 +31,6 @@ from mlakit.core.deepseek import (
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import linear, rms_norm, row_chunks
 from mlakit.core.guard import atomic_folder, check_output, scratch_folder
-from mlakit.core.text import bos_token, load_corpus, token_windows
 
 # Calibration tokens the latent metric is fitted on (a random subset of them all).
 METRIC_TOKENS = 16384
@@ -82,22 +80,19 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
     return reports
 
 
-def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict], calib_text: list[Path] | None,
-                   calib_tokens: int, calib_seq_len: int, device: str, force: bool,
+def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
+                   windows: Callable[[], torch.Tensor], device: str, force: bool,
                    metric_steps: int = NATIVE_METRIC_STEPS) -> dict:
     """`convert(source, folder)` into a staging folder beside OUT (exact format), then the native pass
-    on the same calibration windows into OUT; returns the record with the native layers' errors."""
+    on the same calibration windows (`windows()`) into OUT; returns the record with the native
+    layers' errors."""
     check_output(out, force)
     with scratch_folder(out, "exact") as stage:
         exact = stage / "exact"
         convert(source, exact)
-        tokenizer = AutoTokenizer.from_pretrained(exact)
         record = read_json(exact / RECORD)
-        lead = bos_token(tokenizer) if record["calibration"]["bos"] else None
-        windows = token_windows(tokenizer, load_corpus(calib_text).text, calib_tokens, calib_seq_len, spread=True,
-                                lead=lead)
         with atomic_folder(out, force) as tmp:
-            layers = refit_native(exact, tmp, windows, device, metric_steps)
+            layers = refit_native(exact, tmp, windows(), device, metric_steps)
             record["latent"] = {"format": "native", "layers": layers}
             write_json(tmp / RECORD, record)
         return record

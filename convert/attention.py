@@ -22,13 +22,14 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
     Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
     H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
-    sigma, mean = stats.sigma, stats.mean
-    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), sigma, mean), H)
+    raw, mean = stats.sigma, stats.mean
+    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), raw, mean), H)
     k = rope.to_complex(layer.k.cpu(), G)
     k_rot_rows = None
     if layer.k_bias is not None:
-        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), sigma, mean), G)
-    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), sigma, mean)
+        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), raw, mean), G)
+    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), raw, mean)
+    sigma = stats.shrunk(opts.shrink)
     split = rope.rorope(
         k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
         complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,

@@ -45,6 +45,10 @@ ALGEBRA_EFFICIENCY = 0.5
 # The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
 # matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
 ELEMENTWISE_FLOPS = 2600
+# Sampling calibration text: rows decoded together (core/sampling.py's BATCH_ROWS) and the seconds of
+# framework overhead per decoder layer of each decode step, besides its matmuls.
+SAMPLE_BATCH_ROWS = 64
+DECODE_SECONDS_PER_LAYER_STEP = 1e-3
 # Loading the tokenizer and tokenizing the calibration text whole, per byte of text (2-3 s for the
 # bundled 1.3 MB of docstrings): most of a small model's conversion time besides its layers.
 TOKENIZE_SECONDS_PER_BYTE = 2.5e-6
@@ -67,6 +71,7 @@ class Work:
     probe_rows: int
     device: str
     text_bytes: int
+    sample_rows: int = 0  # rows of calibration text to sample from the source (0: given, or cached)
 
 
 @dataclass(frozen=True)
@@ -128,8 +133,42 @@ def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
             _Step(fitting + max(fit, refit), on_host), _Step(fitting + k * refitted + mlp, on_host)]
 
 
+def source_parameters(spec: SourceSpec) -> int:
+    """Weights of the source model (an untied lm_head counted once more)."""
+    D, I, hd, kv = spec.hidden, spec.intermediate, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    layer = 2 * D * hd + 2 * D * kv + 3 * D * I
+    return spec.layers * layer + (1 if spec.tied else 2) * spec.vocab * D
+
+
+def _sample_step(w: Work) -> _Step:
+    """Sampling calibration text: the whole model in float32 (on the CPU), the KV cache of a batch of
+    rows at full length and one step's logits."""
+    if not w.sample_rows:
+        return _Step(0)
+    s = w.spec
+    rows = min(w.sample_rows, SAMPLE_BATCH_ROWS)
+    cache = F32 * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
+    model = F32 * source_parameters(s)
+    logits = 2 * F32 * rows * s.vocab
+    return _Step(model + cache + logits) if w.device.startswith("cuda") else _Step(0, model + cache + logits)
+
+
+def sample_seconds(w: Work, rate: float) -> float:
+    """Sampling `sample_rows` rows: every token through every weight, attention over the rows'
+    average context, and the per-step overhead of a decode step, at `rate` GFLOP/s."""
+    if not w.sample_rows:
+        return 0.0
+    s = w.spec
+    tokens = w.sample_rows * w.seq_len
+    attention = 2 * s.layers * 2 * s.heads * s.head_dim * w.seq_len / 2
+    flops = tokens * (2 * source_parameters(s) + attention)
+    steps = -(-w.sample_rows // SAMPLE_BATCH_ROWS) * w.seq_len
+    return flops / (rate * 1e9) / PASS_EFFICIENCY + steps * s.layers * DECODE_SECONDS_PER_LAYER_STEP
+
+
 def _model_steps(w: Work) -> list[_Step]:
-    """Tokenizing the calibration text, and the embeddings and lm_head, each read whole to be written."""
+    """Sampling and tokenizing the calibration text, and the embeddings and lm_head, each read whole to
+    be written."""
     D, n = w.spec.hidden, w.rows * w.seq_len
 
     def written(info: TensorInfo) -> int:
@@ -137,7 +176,7 @@ def _model_steps(w: Work) -> list[_Step]:
 
     embed = _Step(F32 * n * D, written(w.embed) + n * D * w.embed.dtype.itemsize)
     tokenize = _Step(0, IMPORT_BYTES - RUNTIME_BYTES + TOKENIZE_BYTES_PER_TEXT_BYTE * w.text_bytes)
-    return [tokenize, embed, _Step(0, written(w.head))]
+    return [_sample_step(w), tokenize, embed, _Step(0, written(w.head))]
 
 
 def peak_memory(w: Work) -> tuple[int, int | None]:
@@ -204,7 +243,7 @@ def seconds(w: Work) -> tuple[float, float]:
         passes, mlp, algebra = layer_flops(w, rows * w.seq_len, k)
         total += (passes / device + mlp / mlp_rate) / PASS_EFFICIENCY / 1e9
         total += algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
-    return w.spec.layers * total + TOKENIZE_SECONDS_PER_BYTE * w.text_bytes, device
+    return w.spec.layers * total + TOKENIZE_SECONDS_PER_BYTE * w.text_bytes + sample_seconds(w, device), device
 
 
 def estimate(w: Work) -> Cost:

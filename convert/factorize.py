@@ -6,6 +6,7 @@ calibration data the factorization needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,17 @@ class SecondMoment:
     @property
     def mean(self) -> torch.Tensor:
         return self.x.cpu() / max(self.count, 1)
+
+    def shrunk(self, amount: float) -> torch.Tensor:
+        """sigma pulled towards its diagonal by `amount` (0: as measured, 1: the diagonal alone).
+
+        The calibration tokens fix the directions the latent keeps; correlations between input
+        channels that only this text has would make it keep directions other text does not use.
+        The diagonal keeps each channel's energy and drops those correlations."""
+        sigma = self.sigma
+        if amount == 0:
+            return sigma
+        return (1 - amount) * sigma + amount * torch.diag(sigma.diagonal())
 
 
 def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, sigma: torch.Tensor,
@@ -116,10 +128,6 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     )
 
 
-# Strength of the refit's pull towards the map it replaces, relative to the mean input energy.
-REFIT_RIDGE = 1e-2
-
-
 class LeastSquares:
     """Running normal equations of y ~ W a over calibration tokens, for the closed-form refit of a
     linear map (o_proj) once everything before it is fixed."""
@@ -128,6 +136,7 @@ class LeastSquares:
         self.aa = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
         self.ay = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
         self.yy = 0.0
+        self.count = 0
 
     def update(self, a: torch.Tensor, y: torch.Tensor) -> None:
         """Add a chunk, with products in the inputs' precision summed in float64 (as SecondMoment)."""
@@ -135,19 +144,25 @@ class LeastSquares:
         self.aa += (a.T @ a).double()
         self.ay += (a.T @ y).double()
         self.yy += y.double().pow(2).sum().item()
+        self.count += a.shape[0]
 
-    def solve(self, prior: torch.Tensor) -> torch.Tensor:
-        """The W (n_out, n_in) of least squared error, shrunk towards `prior` (the map before the refit).
+    def solve(self, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+        """The W (n_out, n_in) of least squared error, shrunk towards `prior` (the map before the refit)
+        by `ridge` times the mean energy per input.
 
         Head outputs are far from isotropic (attention-sink heads are nearly constant), so the plain
         normal equations are ill-conditioned: their solution fits calibration noise along weakly
-        excited directions and blows up on other text. A ridge of REFIT_RIDGE times the mean
-        energy per input keeps those directions at the prior and barely moves the others."""
-        ridge = REFIT_RIDGE * self.aa.diagonal().mean().clamp_min(1e-300)
+        excited directions and blows up on other text. The ridge keeps those directions at the
+        prior and barely moves the others; how much is chosen on held-out tokens."""
+        lam = ridge * self.aa.diagonal().mean().clamp_min(1e-300)
         eye = torch.eye(self.aa.shape[0], dtype=torch.float64, device=self.aa.device)
-        return torch.linalg.solve(self.aa + ridge * eye, self.ay + ridge * prior.double().T).T
+        return torch.linalg.solve(self.aa + lam * eye, self.ay + lam * prior.double().T).T
 
     def error(self, w: torch.Tensor) -> float:
         """Summed squared error of W on the accumulated tokens, from the normal equations alone."""
         w = w.double()
         return max(0.0, self.yy - 2 * (w * self.ay.T).sum().item() + ((w @ self.aa) * w).sum().item())
+
+    def relative_error(self, w: torch.Tensor) -> float:
+        """||y - W a|| / ||y|| over the accumulated tokens: the attention error mlakit reports."""
+        return math.sqrt(self.error(w) / max(self.yy, 1e-300))

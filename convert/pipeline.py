@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +19,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 import mlakit
+from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
 from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.factorize import LeastSquares, SecondMoment
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan
 from mlakit.core import deepseek
-from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, write_json
+from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, resolve_model, write_json
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import layer_name, read_layer
 from mlakit.core.forward import (
@@ -39,19 +40,21 @@ from mlakit.core.forward import (
     source_qkv,
 )
 from mlakit.core.guard import atomic_folder, check_output, local_model, record_id
-from mlakit.core.text import bos_token, load_corpus, token_windows
+from mlakit.core.sampling import SampleSettings
 
 
-def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: list[Candidate],
+def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: list[Candidate],
             opts: ConvertOptions, writer: ShardWriter | None, desc: str,
             log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
     """Carry calibration hidden states through the model, converting each layer for every candidate;
-    write the (single) candidate's layers when a writer is given.
+    write the (single) candidate's layers when a writer is given. Statistics and fits use the
+    calibration set's fitting rows; its held-out rows only judge the choices and the errors.
 
     The hidden states are the source's (teacher-forced): fitting each layer on the converted
     layers' hidden states instead was measured worse on a real model (docs/real-models.md).
     One line per layer goes to `log` when stderr is not a terminal, so that logs show progress."""
     spec, dev = plan.spec, opts.device
+    windows = calib.windows
     embed = reader.get("model.embed_tokens.weight")
     hidden = embed[windows].float().to(dev)
     if writer:
@@ -61,7 +64,10 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
     cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
     tables = {"source": (cos.to(dev), sin.to(dev)),
               **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
-    chunks = row_chunks(windows.shape[0], seq_len, max(spec.intermediate, spec.hidden))
+    width = max(spec.intermediate, spec.hidden)
+    fit = row_chunks(calib.fit_rows, seq_len, width)
+    held = [slice(sl.start + calib.fit_rows, sl.stop + calib.fit_rows) for sl in row_chunks(calib.held_out, seq_len, width)]
+    chunks = Chunks(fit, held)
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     mlp_dtype = reader.dtype()
     bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
@@ -76,17 +82,31 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
             reports[c.strategy][-1]["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         if log and bar.disable:
             row = reports[cands[0].strategy][-1]
-            log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attn err "
-                f"{row['attn_rel_error']:.4f}, latent err {row['latent_error']:.4f}")
+            log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attention error "
+                f"{row['attn_rel_error']:.4f} (held out {_fmt(row['attn_rel_error_held_out'])}), latent error "
+                f"{row['latent_error']:.4f}")
     return reports
 
 
-def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: list[slice],
+@dataclass(frozen=True)
+class Chunks:
+    """Row slices of the carried hidden states: the fitting rows' and the held-out rows'."""
+
+    fit: list[slice]
+    held: list[slice]
+
+    @property
+    def all(self) -> list[slice]:
+        return self.fit + self.held
+
+
+def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: Chunks,
                    tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
                    opts: ConvertOptions, mlp_dtype: torch.dtype,
                    reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
-    """Convert layer i for every candidate (rope step and latent, then o_proj refitted by least
-    squares to the source attention's output), append their reports, advance `hidden` through the
+    """Convert layer i for every candidate (rope step and latent from the fitting rows' statistics,
+    then o_proj refitted by least squares to the source attention's output, with the ridge, or no
+    refit, that does best on the held-out rows), append their reports, advance `hidden` through the
     source layer in place, and return the first candidate's weights, the layer's input norm and
     the seconds each part took.
 
@@ -110,51 +130,61 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
     lap("read")
     refs = []  # the source attention's output per chunk: the target of the fit
     with torch.no_grad():
-        for sl in chunks:
+        for sl in chunks.all:
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-            stats.update(x)
             q, k, v = source_qkv(x, layer, spec, cos, sin)
-            rows = min(sl.stop, max(1, opts.histogram_tokens // seq_len)) - sl.start
-            if dist is not None and rows > 0:
-                dist += attention_distance_histogram(q[:rows], k[:rows], spec)
+            if sl in chunks.fit:
+                stats.update(x)
+                rows = min(sl.stop, max(1, opts.histogram_tokens // seq_len)) - sl.start
+                if dist is not None and rows > 0:
+                    dist += attention_distance_histogram(q[:rows], k[:rows], spec)
             refs.append(attend(q, k, v, layer, spec))
         del q, k, v
         lap("statistics")
-        metrics = [opts.output_aware]
-        built = {(c.strategy, oa): convert_attention(layer, spec, shape, stats, dist, c, replace(opts, output_aware=oa))
-                 for c in cands for oa in metrics}
+        built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape)).values()))
                      for key, (w, _) in built.items()}
         # The MLP only makes the next layer's inputs: it runs at the precision the source stores
         # (and serves) it in, which on a CPU makes bf16 sources' largest matmuls three times faster.
         mlp_weights = [w.to(mlp_dtype) for w in (layer.gate, layer.up, layer.down)]
         lap("rope and latent")
-        fits = {key: LeastSquares(spec.heads * spec.head_dim, spec.hidden, dev) for key in built}
-        for sl, ref in zip(chunks, refs):
+        n = spec.heads * spec.head_dim
+        fits = {key: (LeastSquares(n, spec.hidden, dev), LeastSquares(n, spec.hidden, dev)) for key in built}
+        for sl, ref in zip(chunks.all, refs):
             x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
             for key, w in on_device.items():
-                heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key[0]],
+                heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key],
                                   norm_eps=None, scale=shape.qk_head**-0.5)
-                fits[key].update(heads, ref)
-        options = {}  # (strategy, output-aware, refit) -> (squared error, o_proj)
-        for key, fit in fits.items():
-            o = on_device[key].o
-            options[key + (False,)] = (fit.error(o), built[key][0].o)
-            if opts.refit_output:
-                options[key + (True,)] = (fit.error(refit := fit.solve(o)), padded_columns(refit, spec, shape))
-        best = {c.strategy: min((k for k in options if k[0] == c.strategy), key=lambda k: options[k][0])
-                for c in cands}
-        for sl, ref in zip(chunks, refs):
+                fits[key][sl in chunks.held].update(heads, ref)
+        chosen = {key: _choose_output(fit, held, on_device[key].o, opts) for key, (fit, held) in fits.items()}
+        for sl, ref in zip(chunks.all, refs):
             h = hidden[sl] + ref
             hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps).to(mlp_dtype), *mlp_weights).float()
         lap("error pass")
     for c in cands:
-        key = best[c.strategy]
-        rel = math.sqrt(options[key][0] / max(fits[key[:2]].yy, 1e-300))
-        built[key[:2]][0].o = options[key][1].float().cpu()
-        reports[c.strategy].append({"layer": i, "attn_rel_error": rel, "output_aware": key[1], "output_refit": key[2],
-                                    **built[key[:2]][1]})
-    return built[best[cands[0].strategy][:2]][0], layer.input_norm.cpu(), seconds
+        o, row = chosen[c.strategy]
+        weights, info = built[c.strategy]
+        if row["output_refit"]:
+            weights.o = padded_columns(o, spec, shape).float().cpu()
+        reports[c.strategy].append({"layer": i, **row, **info})
+    return built[cands[0].strategy][0], layer.input_norm.cpu(), seconds
+
+
+def _choose_output(fit: LeastSquares, held: LeastSquares, prior: torch.Tensor,
+                   opts: ConvertOptions) -> tuple[torch.Tensor, dict]:
+    """o_proj as converted or refitted with one of `opts.refit_ridges`, whichever has the least error
+    on the held-out rows (on the fitting rows when none are held out, with the first ridge only:
+    in-sample, a refit always wins and a smaller ridge always looks better). Returns it and its
+    report: relative attention errors on both parts, and the ridge (None: not refitted)."""
+    options = [(None, prior)]
+    if opts.refit_output:
+        ridges = opts.refit_ridges if held.count else opts.refit_ridges[:1]
+        options += [(r, fit.solve(prior, r)) for r in ridges]
+    judge = held if held.count else fit
+    ridge, o = min(options, key=lambda t: judge.error(t[1]))
+    return o, {"attn_rel_error": fit.relative_error(o),
+               "attn_rel_error_held_out": held.relative_error(o) if held.count else None,
+               "output_refit": ridge is not None, "refit_ridge": ridge}
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
@@ -183,24 +213,22 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
         tokenizer = AutoTokenizer.from_pretrained(plan.folder)
     except Exception as exc:  # tokenizer loading raises many types
         raise MlakitError(f"{plan.folder}: cannot load the tokenizer ({exc})") from exc
-    corpus = load_corpus(opts.calib_text)
-    windows = token_windows(tokenizer, corpus.text, opts.calib_tokens, opts.calib_seq_len, spread=True,
-                            lead=bos_token(tokenizer) if opts.calib_bos else None)
+    calib = calibration_windows(plan.folder, tokenizer, opts, log)
     cands = {s: candidate(plan, s, opts.llama3_rope) for s in plan.strategies}
     choice = {}
     if len(cands) > 1:
-        n_probe = max(1, min(windows.shape[0], opts.strategy_tokens // opts.calib_seq_len))
-        probe = _stream(plan, reader, windows[:n_probe], list(cands.values()), opts, None, "choosing rope budget")
+        probe = _stream(plan, reader, calib.first(max(1, opts.strategy_tokens // opts.calib_seq_len)),
+                        list(cands.values()), opts, None, "choosing rope budget")
         choice = {s: _mean_sq(rep) for s, rep in probe.items()}
         best = min(choice, key=choice.get)
-        log("rope budget on calibration text (mean squared attention error): "
+        log("rope budget (mean squared attention error on held-out calibration windows): "
             + ", ".join(f"{s} {e:.4g}" for s, e in choice.items()) + f" -> {best}")
     else:
         best = plan.strategies[0]
     cand = cands[best]
     with atomic_folder(out, force, protect=[plan.folder]) as tmp:
         writer = ShardWriter(tmp, opts.shard_bytes)
-        layers = _stream(plan, reader, windows, [cand], opts, writer, "converting", log)[best]
+        layers = _stream(plan, reader, calib, [cand], opts, writer, "converting", log)[best]
         writer.add("model.norm.weight", reader.get("model.norm.weight").to(plan.dtype))
         head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
         writer.add("lm_head.weight", reader.get(head).to(plan.dtype))
@@ -219,17 +247,40 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
                      "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
                      "strategy_errors": choice},
             "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
-                              "balance_kv": opts.balance},
-            "calibration": {"text": corpus.name, "sha256": corpus.sha256, "tokens": int(windows.numel()),
-                            "seq_len": opts.calib_seq_len, "bos": opts.calib_bos},
+                              "balance_kv": opts.balance, "shrink": opts.shrink,
+                              "refit_ridges": list(opts.refit_ridges) if opts.refit_output else []},
+            "calibration": calib.record,
             "layers": layers,
         }
         write_json(tmp / "mlakit.json", record)
     return record
 
 
+def calibration_windows(folder: Path, tokenizer, opts: ConvertOptions,
+                        log: Callable[[str], None] | None = None) -> CalibrationSet:
+    """The calibration set these options describe (every pass over the model uses the same one)."""
+    return calibration_set(folder, tokenizer, text=opts.calib_text, mix=opts.calib_mix, tokens=opts.calib_tokens,
+                           seq_len=opts.calib_seq_len, bos=opts.calib_bos,
+                           sampling=SampleSettings(opts.calib_tokens, opts.calib_seq_len, opts.calib_temperature,
+                                                   opts.calib_seed),
+                           held_out=opts.held_out, device=opts.device, log=log)
+
+
+def calibration_for(source: str, opts: ConvertOptions) -> CalibrationSet:
+    """The calibration set a conversion of SOURCE with these options uses (the native pass's too);
+    sampled windows come from the cache that the conversion filled."""
+    folder = resolve_model(source, opts.revision)
+    return calibration_windows(folder, AutoTokenizer.from_pretrained(folder), opts)
+
+
 def _mean_sq(layers: list[dict]) -> float:
-    return sum(l["attn_rel_error"] ** 2 for l in layers) / len(layers)
+    """Mean squared attention error over layers, held out where there is a held-out part."""
+    return sum((l["attn_rel_error_held_out"] if l["attn_rel_error_held_out"] is not None
+                else l["attn_rel_error"]) ** 2 for l in layers) / len(layers)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def summary(record: dict) -> str:
@@ -242,14 +293,14 @@ def summary(record: dict) -> str:
         f"{kv['source_bytes_per_token']} -> {kv['converted_bytes_per_token']} bytes per token in {record['dtype']} "
         f"over all layers, -{kv['reduction_percent']}%",
         f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
-        f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {record['calibration']['tokens']} tokens of "
-        f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})"
-        + (", each window led by the BOS token" if record["calibration"].get("bos") else ""),
-        "layer  attn err  K err   V err   latent err  rank-r optimum  rope energy kept",
+        f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {describe(record['calibration'])}",
+        "layer  attn err  held out  o_proj refit  K err   V err   latent err  rank-r optimum  rope energy kept",
     ]
     for row in record["layers"]:
+        refit = f"ridge {row['refit_ridge']:g}" if row["output_refit"] else "no"
         lines.append(
-            f"{row['layer']:>5}  {row['attn_rel_error']:8.4f}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
+            f"{row['layer']:>5}  {row['attn_rel_error']:8.4f}  {_fmt(row['attn_rel_error_held_out']):>8}  "
+            f"{refit:>12}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
             f"{row['latent_error']:10.4f}  {row['latent_optimum']:14.4f}  {row['rope_energy_kept']:16.4f}"
         )
     return "\n".join(lines)

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from mlakit.convert import rope
-from mlakit.convert.cost import Cost, Work, estimate
+from mlakit.convert.cost import Cost, Work, estimate, sample_seconds
 from mlakit.core import deepseek
 from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import SourceSpec, check_weights, load_spec
 from mlakit.core.guard import positive
-from mlakit.core.text import DEFAULT_TEXT
+from mlakit.convert.calibration import sampled_tokens
+from mlakit.core.sampling import SampleSettings, cache_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GiB = 2**30
@@ -36,6 +37,14 @@ class ConvertOptions:
     calib_tokens: int = 32768
     calib_seq_len: int = 512
     calib_bos: bool = False
+    # Also calibrate on the model's own samples when calib_text is given (half the tokens each).
+    calib_mix: bool = False
+    calib_temperature: float = 1.0
+    calib_seed: int = 0
+    # Share of the calibration windows held out to choose the o_proj refit and the rope strategy.
+    held_out: float = 0.125
+    # Shrinkage of each layer's input second moment towards its diagonal (0: none).
+    shrink: float = 0.0
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"
@@ -50,6 +59,8 @@ class ConvertOptions:
     # estimate it as well as all of them, and it costs half of the statistics pass.
     histogram_tokens: int = 16384
     refit_output: bool = True
+    # Ridges of the o_proj refit (relative to the mean input energy) tried on the held-out windows.
+    refit_ridges: tuple[float, ...] = (1e-2, 1e-3, 1e-1, 1.0)
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
 
@@ -132,6 +143,15 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError("--device cuda: no CUDA device is available; use --device cpu")
     if opts.calib_seq_len < 16 or opts.calib_tokens < opts.calib_seq_len:
         raise MlakitError("--calib-tokens must be at least --calib-seq-len, which must be at least 16")
+    if opts.calib_mix and not opts.calib_text:
+        raise MlakitError("--calib-mix mixes --calib-text with text sampled from the model: give --calib-text too")
+    if opts.calib_bos and not opts.calib_text:
+        raise MlakitError("--calib-bos leads --calib-text windows with the BOS token (text sampled from the model "
+                          "starts with its own prompt): give --calib-text too")
+    if opts.calib_temperature <= 0:
+        raise MlakitError(f"--calib-temperature {opts.calib_temperature}: must be positive")
+    if not 0 <= opts.held_out <= 0.5:
+        raise MlakitError(f"held-out share {opts.held_out}: must be between 0 and 0.5")
     folder = resolve_model(source, opts.revision)
     spec = load_spec(folder)
     d, r = spec.head_dim, opts.rope_dim
@@ -162,8 +182,17 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError(f"--llama3-rope {opts.llama3_rope}: choose yarn or keep")
     reader = CheckpointReader(folder)
     check_weights(spec, reader)
-    cost = estimate(_work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts))
-    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, cost)
+    n_sampled = sampled_tokens(opts.calib_tokens, opts.calib_text, opts.calib_mix)
+    settings = SampleSettings(n_sampled, opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)
+    cached = bool(n_sampled) and cache_path(folder, settings).is_file()
+    sample_rows = 0 if cached else n_sampled // opts.calib_seq_len
+    work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
+    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work))
+    if n_sampled:
+        when = "cached by an earlier run" if cached else \
+            f"about {_duration(sample_seconds(work, plan.cost.gflops))} of the estimated time"
+        plan.notes.append(f"calibration: {n_sampled} tokens sampled from the model ({when}); --calib-text "
+                          "calibrates on your own text instead")
     if not opts.kv_lora_rank:
         plan.notes.append(f"kv_lora_rank defaults to {rank} for this source")
     if shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
@@ -176,13 +205,13 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
 
 
 def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dtype: torch.dtype,
-          reader: CheckpointReader, opts: ConvertOptions) -> Work:
+          reader: CheckpointReader, opts: ConvertOptions, sample_rows: int) -> Work:
     """What `pipeline.convert` will do with these options, in the terms of the cost model."""
     rows = opts.calib_tokens // opts.calib_seq_len
     probe = max(1, min(rows, opts.strategy_tokens // opts.calib_seq_len)) if len(strategies) > 1 else 0
     head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
-    text = sum(Path(p).stat().st_size for p in opts.calib_text or [DEFAULT_TEXT] if Path(p).is_file())
+    text = sum(Path(p).stat().st_size for p in opts.calib_text or [] if Path(p).is_file())
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
-                device=opts.device, text_bytes=text)
+                device=opts.device, text_bytes=text, sample_rows=sample_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ from mlakit.core.guard import DEMO_DIR
 
 DEMO_AVAILABLE = (DEMO_DIR / "model.safetensors").is_file()
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Calibration text sampled from test models is cached in a folder of the test session, not
+    in the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLAKIT_CACHE", str(tmp_path_factory.mktemp("mlakit-cache")))
+    yield
+    mp.undo()
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

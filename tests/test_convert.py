@@ -68,7 +68,8 @@ def test_output_obeys_the_format_contract(tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).is_file()
     record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
     assert record["kv_cache"]["converted_elements_per_token_layer"] == 32 + 64
-    assert len(record["layers"]) == 2 and len(record["calibration"]["sha256"]) == 64
+    assert len(record["layers"]) == 2
+    assert [s["kind"] for s in record["calibration"]["sources"]] == ["sampled from the source model"]
     _, converted = load_pair(src, tmp_path / "out")
     assert converted.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".out.tmp-*"))
@@ -143,18 +144,23 @@ def test_llama3_as_fitted_yarn(tmp_path: Path) -> None:
 
 
 def test_calibration_windows_can_start_with_the_bos_token(tmp_path: Path) -> None:
-    """--calib-bos calibrates on windows led by the tokenizer's BOS, says so in mlakit.json, and is
-    refused in one line when the tokenizer has none."""
+    """--calib-bos calibrates on --calib-text windows led by the tokenizer's BOS, says so in
+    mlakit.json, and is refused in one line when the tokenizer has none or there is no text."""
     src = make_llama(tmp_path / "src")
-    small = ["--rope-dim", "16", "--kv-lora-rank", "16"]
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    small = ["--rope-dim", "16", "--kv-lora-rank", "16", "--calib-text", str(text)]
     result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "refused"), *FAST, *small, "--calib-bos"])
     assert result.exit_code != 0 and "no bos_token" in result.output
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "refused"), *FAST, "--calib-bos"])
+    assert result.exit_code != 0 and "--calib-bos" in result.output
     tok = AutoTokenizer.from_pretrained(src)
     tok.bos_token = tok.convert_ids_to_tokens(1)
     tok.save_pretrained(src)
     for flag in ("--calib-bos", "--no-calib-bos"):
         run_convert(src, tmp_path / flag.lstrip("-"), *small, flag)
         record = json.loads((tmp_path / flag.lstrip("-") / "mlakit.json").read_text())
-        assert record["calibration"]["bos"] == (flag == "--calib-bos") and record["calibration"]["tokens"] == 2048
+        assert record["calibration"]["sources"][0]["bos"] == (flag == "--calib-bos")
+        assert record["calibration"]["tokens"] == 2048
         assert ("led by the BOS token" in summary(record)) == (flag == "--calib-bos")
     load_pair(src, tmp_path / "calib-bos")

@@ -20,8 +20,7 @@ from conftest import byte_tokenizer
 from transformers import DeepseekV3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mlakit.convert.factorize import SecondMoment, absorb_bias
-from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.core.text import load_corpus, token_windows
+from mlakit.convert.pipeline import ConvertOptions, calibration_for, convert
 
 HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 CALIB = dict(calib_tokens=2048, calib_seq_len=128, dtype="fp32")
@@ -124,8 +123,8 @@ def test_biases_become_their_least_squares_absorption(tmp_path: Path) -> None:
     opts = ConvertOptions(kv_lora_rank=HEAD_DIM, rope_dim=HEAD_DIM, refit_output=False, **CALIB)
     convert(str(src), tmp_path / "out", opts, log=lambda _: None)
 
-    windows = token_windows(byte_tokenizer(), load_corpus(None).text, opts.calib_tokens, opts.calib_seq_len,
-                            spread=True)  # the windows convert reads
+    calib = calibration_for(str(src), opts)
+    windows = calib.windows[:calib.fit_rows]  # the windows convert fits on
     absorbed = copy.deepcopy(model)
     with torch.no_grad():
         for layer, s in zip(absorbed.model.layers, layer_inputs(model, windows)):

@@ -1,0 +1,174 @@
+"""Calibration text sampled from the source model itself, so that a conversion needs no data.
+
+A conversion fits each layer to what the layer sees. Sampled at temperature 1, the model's own
+text has the statistics of what the model does (its languages, its domains, its chat format),
+where any fixed corpus stands for one domain only. Instruct models are prompted through their
+chat template with short neutral requests of many kinds; models without a template continue the
+same requests as plain text. Samples are cached per model and settings, so a second conversion
+of the same model reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlakit.core.guard import disk_error
+
+# Short requests of many kinds (stories, explanations, dialogue, news, code, math, other languages):
+# they only start each sample; the model writes the rest. Sample i starts from PROMPTS[i % len].
+PROMPTS = (
+    "Tell me a story.",
+    "Explain something you know well.",
+    "Write a Python function and explain it.",
+    "What happened in the news today?",
+    "Write a dialogue between two people.",
+    "Solve a math problem step by step.",
+    "Write a poem.",
+    "Give me some advice.",
+    "Describe a place.",
+    "Write a short essay.",
+    "Write a letter to a friend.",
+    "Answer a question about science.",
+    "Write some code in any language.",
+    "Summarize a book you like.",
+    "Écris un court texte en français.",
+    "Escribe un párrafo en español.",
+    "Schreib einen kurzen Text auf Deutsch.",
+    "用中文写一段话。",
+    "Write a recipe.",
+    "Explain a historical event.",
+    "Write a product review.",
+    "Teach me something about computers.",
+    "Write an email to a colleague.",
+    "Hello!",
+)
+# Rows generated together: large batches amortize the per-step overhead of a decode step.
+BATCH_ROWS = 64
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Everything that determines the samples (with the model itself)."""
+
+    tokens: int
+    seq_len: int
+    temperature: float = 1.0
+    seed: int = 0
+    chat: bool = True
+
+    def rows(self) -> int:
+        return max(1, self.tokens // self.seq_len)
+
+
+def _model_key(folder: Path) -> str:
+    """A hash of what identifies the model's weights and tokenizer without reading the weights:
+    config.json, tokenizer files and every weight file's name, size and header."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors" or path.name == "pytorch_model.bin":
+            stat = path.stat()
+            h.update(f"{path.name}:{stat.st_size}".encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 16))
+        elif path.name == "config.json" or path.name.startswith(("tokenizer", "chat_template")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_path(folder: Path, settings: SampleSettings) -> Path:
+    """Where samples of this model with these settings are kept: under $MLAKIT_CACHE (default
+    ~/.cache/mlakit), in samples/."""
+    root = Path(os.environ.get("MLAKIT_CACHE", Path.home() / ".cache" / "mlakit")).expanduser()
+    key = hashlib.sha256((_model_key(folder) + json.dumps(asdict(settings), sort_keys=True)
+                          + json.dumps(PROMPTS)).encode()).hexdigest()[:32]
+    return root / "samples" / f"{key}.safetensors"
+
+
+def prompt_ids(tokenizer, chat: bool) -> list[list[int]]:
+    """Token ids that start each kind of sample: a user turn through the chat template and the
+    assistant's header, or the request as plain text after the BOS token."""
+    if chat and tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False) for p in PROMPTS]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+
+@torch.no_grad()
+def _generate(model, starts: list[list[int]], seq_len: int, temperature: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """Rows of exactly `seq_len` tokens: each start (left-padded to the longest) followed by sampled
+    tokens, the end-of-turn token included (the model then writes on, as it would in a
+    conversation); the padding is cut off so that each row is real tokens from position 0."""
+    device = next(model.parameters()).device
+    width = max(map(len, starts))
+    ids = torch.zeros(len(starts), width, dtype=torch.long)  # padding: masked, any id in the vocabulary
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(starts):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    steps = seq_len + width - min(map(len, starts))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, rows = out.cache, [ids]
+    logits = out.logits[:, -1]
+    for _ in range(steps - width):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+        rows.append(nxt)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+    full = torch.cat(rows, dim=1).cpu()
+    return torch.stack([row[width - len(s): width - len(s) + seq_len] for row, s in zip(full, starts)])
+
+
+def sample_windows(folder: Path, tokenizer, settings: SampleSettings, device: str = "cpu",
+                   log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """(rows, seq_len) token ids sampled from the model in `folder`, and a record of how; read from
+    the cache when the same model and settings were sampled before."""
+    path = cache_path(folder, settings)
+    record = {"kind": "sampled from the source model", **asdict(settings), "prompts": list(PROMPTS),
+              "chat_template": bool(settings.chat and tokenizer.chat_template), "cache": path.name}
+    if path.is_file():
+        try:
+            return load_file(path)["ids"], {**record, "cached": True}
+        except Exception:  # a damaged cache file is sampled again
+            pass
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    # float32 on the CPU: without bf16 instructions, bf16 matmuls of decode-sized batches are slower
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if device == "cpu" else "auto",
+                                                 device_map=device).eval()
+    starts = prompt_ids(tokenizer, settings.chat)
+    generator = torch.Generator().manual_seed(settings.seed)
+    n = settings.rows()
+    rows = []
+    for first in range(0, n, BATCH_ROWS):
+        batch = [starts[i % len(starts)] for i in range(first, min(n, first + BATCH_ROWS))]
+        rows.append(_generate(model, batch, settings.seq_len, settings.temperature, generator))
+        if log:
+            log(f"sampling calibration text from the model: {min(n, first + BATCH_ROWS)}/{n} rows of "
+                f"{settings.seq_len} tokens, {time.perf_counter() - start:.0f} s")
+    del model
+    ids = torch.cat(rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"ids": ids.contiguous()}, tmp, metadata={"settings": json.dumps(record)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
+    return ids, {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}

@@ -1,0 +1,68 @@
+"""The calibration set: held-out rows, mixed sources, and text sampled from the source model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mlakit.convert.calibration import CalibrationSet, _interleave, held_out_split
+from mlakit.core.sampling import PROMPTS, SampleSettings, _generate, prompt_ids, sample_windows
+
+
+def test_every_kth_row_is_held_out_at_the_end() -> None:
+    rows = torch.arange(16)[:, None].expand(16, 4)
+    windows, held = held_out_split(rows, 0.25)
+    assert held == 4
+    assert windows[-4:, 0].tolist() == [3, 7, 11, 15]
+    assert sorted(windows[:, 0].tolist()) == list(range(16))
+    assert held_out_split(rows, 0.0)[1] == 0 and held_out_split(rows[:1], 0.25)[1] == 0
+
+
+def test_a_prefix_keeps_the_held_out_share() -> None:
+    windows, held = held_out_split(torch.arange(64)[:, None], 0.125)
+    part = CalibrationSet(windows, held, {}).first(16)
+    assert part.windows.shape[0] == 16 and part.held_out == 2
+    assert set(part.windows[-2:, 0].tolist()) <= set(windows[-held:, 0].tolist())
+
+
+def test_mixed_sources_alternate_in_proportion() -> None:
+    a, b = torch.zeros(6, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)
+    mixed = _interleave([a, b])[:, 0].tolist()
+    assert sorted(mixed) == [0] * 6 + [1] * 2
+    assert mixed[:4].count(1) == 1 and mixed[4:].count(1) == 1
+
+
+@pytest.fixture(scope="module")
+def pico_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("sampling") / "pico")
+
+
+def test_batched_decoding_follows_each_prompt_alone(pico_source: Path) -> None:
+    """Left padding, positions and the KV cache: near-greedy batched sampling of prompts of several
+    lengths gives, for every row, the tokens a plain forward pass of that row alone predicts."""
+    model = AutoModelForCausalLM.from_pretrained(pico_source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pico_source)
+    starts = prompt_ids(tokenizer, chat=True)[:4]
+    assert len({len(s) for s in starts}) > 1
+    rows = _generate(model, starts, 48, 1e-6, torch.Generator().manual_seed(0))
+    assert rows.shape == (4, 48)
+    with torch.no_grad():
+        for row, start in zip(rows, starts):
+            assert row[:len(start)].tolist() == start
+            predicted = model(row[None]).logits[0].argmax(-1)
+            assert torch.equal(predicted[len(start) - 1:-1], row[len(start):])
+
+
+def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pico_source)
+    settings = SampleSettings(tokens=4 * 64, seq_len=64, seed=3)
+    ids, record = sample_windows(pico_source, tokenizer, settings)
+    assert ids.shape == (4, 64) and not record["cached"] and record["prompts"] == list(PROMPTS)
+    again, record = sample_windows(pico_source, tokenizer, settings)
+    assert record["cached"] and torch.equal(ids, again)
+    other, record = sample_windows(pico_source, tokenizer, SampleSettings(tokens=4 * 64, seq_len=64, seed=4))
+    assert not record["cached"] and not torch.equal(ids, other)
