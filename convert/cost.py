@@ -231,13 +231,34 @@ def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
     return 2 * n**3 / best / 1e9 * (1 if cuda else threads)
 
 
+@functools.cache
+def mlp_dtype(device: str, stored: torch.dtype) -> torch.dtype:
+    """The dtype the statistics pass runs the MLP in: the one the source stores (and serves) it in
+    where that is a 16-bit type whose matmuls are at least as fast as float32's, else float32.
+    GPUs and CPUs with bf16 instructions run 16-bit matmuls several times faster; CPUs without
+    them (AVX2 only) over a hundred times slower. Decided by timing one small product of each."""
+    if stored not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    a = torch.randn(512, 512, device=device)
+    best = {}
+    for dtype in (torch.float32, stored):
+        m = a.to(dtype)
+        (m @ m).sum().item()
+        start = clock()
+        (m @ m).sum().item()
+        best[dtype] = clock() - start
+    return stored if best[stored] <= best[torch.float32] else torch.float32
+
+
 def seconds(w: Work) -> tuple[float, float]:
     """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
-    MLP at the stored dtype's rate, the per-layer linear algebra on the host (float64, at half the
-    float32 rate), and tokenizing the calibration text."""
+    MLP at the rate of the dtype it runs in (`mlp_dtype`), the per-layer linear algebra on the host
+    (float64, at half the float32 rate), and sampling and tokenizing the calibration text."""
     device, host = matmul_gflops(w.device), matmul_gflops("cpu")
-    half = w.layer_dtype in (torch.bfloat16, torch.float16)
-    mlp_rate = matmul_gflops(w.device, w.layer_dtype) if half else device
+    run_as = mlp_dtype(w.device, w.layer_dtype)
+    mlp_rate = matmul_gflops(w.device, run_as) if run_as != torch.float32 else device
     total = 0.0
     for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else []):
         passes, mlp, algebra = layer_flops(w, rows * w.seq_len, k)

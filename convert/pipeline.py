@@ -22,6 +22,7 @@ import mlakit
 from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
 from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
+from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan
 from mlakit.core import deepseek
@@ -69,11 +70,11 @@ def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: 
     held = [slice(sl.start + calib.fit_rows, sl.stop + calib.fit_rows) for sl in row_chunks(calib.held_out, seq_len, width)]
     chunks = Chunks(fit, held)
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
-    mlp_dtype = reader.dtype()
+    run_mlp_as = mlp_dtype(dev, reader.dtype())
     bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
     for i in bar:
         weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts,
-                                                       mlp_dtype, reports)
+                                                       run_mlp_as, reports)
         if writer:
             start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
@@ -145,7 +146,7 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape)).values()))
                      for key, (w, _) in built.items()}
         # The MLP only makes the next layer's inputs: it runs at the precision the source stores
-        # (and serves) it in, which on a CPU makes bf16 sources' largest matmuls three times faster.
+        # (and serves) it in where that is fast (`mlp_dtype`).
         mlp_weights = [w.to(mlp_dtype) for w in (layer.gate, layer.up, layer.down)]
         lap("rope and latent")
         n = spec.heads * spec.head_dim
