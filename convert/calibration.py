@@ -73,8 +73,7 @@ def calibration_set(folder: Path, tokenizer, *, text: list[Path] | None, mix: bo
         sources.append({"kind": "text", "text": corpus.name, "sha256": corpus.sha256, "tokens": int(ids.numel()),
                         "bos": bos})
     if n_sampled:
-        ids, record = sample_windows(folder, tokenizer, SampleSettings(n_sampled, seq_len, sampling.temperature,
-                                                                       sampling.seed, sampling.chat), device, log)
+        ids, record = sample_windows(folder, tokenizer, sampling, max(1, n_sampled // seq_len), device, log)
         parts.append(ids)
         sources.append({**record, "tokens": int(ids.numel())})
     windows = _interleave(parts)

@@ -24,6 +24,7 @@ from mlakit.core import deepseek
 from mlakit.core.checkpoint import TensorInfo
 from mlakit.core.families import SourceSpec
 from mlakit.core.forward import ACTIVATION_BYTES, row_chunks
+from mlakit.core.sampling import BATCH_ROWS
 
 F32, F64 = 4, 8
 # Resident before the text is tokenized (interpreter, torch, transformers), and from then on besides
@@ -45,9 +46,8 @@ ALGEBRA_EFFICIENCY = 0.5
 # The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
 # matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
 ELEMENTWISE_FLOPS = 2600
-# Sampling calibration text: rows decoded together (core/sampling.py's BATCH_ROWS) and the seconds of
-# framework overhead per decoder layer of each decode step, besides its matmuls.
-SAMPLE_BATCH_ROWS = 64
+# Sampling calibration text: the seconds of framework overhead per decoder layer of each decode step,
+# besides its matmuls.
 DECODE_SECONDS_PER_LAYER_STEP = 1e-3
 # Loading the tokenizer and tokenizing the calibration text whole, per byte of text (2-3 s for the
 # bundled 1.3 MB of docstrings): most of a small model's conversion time besides its layers.
@@ -146,7 +146,7 @@ def _sample_step(w: Work) -> _Step:
     if not w.sample_rows:
         return _Step(0)
     s = w.spec
-    rows = min(w.sample_rows, SAMPLE_BATCH_ROWS)
+    rows = min(w.sample_rows, BATCH_ROWS)
     cache = F32 * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
     model = F32 * source_parameters(s)
     logits = 2 * F32 * rows * s.vocab
@@ -162,7 +162,7 @@ def sample_seconds(w: Work, rate: float) -> float:
     tokens = w.sample_rows * w.seq_len
     attention = 2 * s.layers * 2 * s.heads * s.head_dim * w.seq_len / 2
     flops = tokens * (2 * source_parameters(s) + attention)
-    steps = -(-w.sample_rows // SAMPLE_BATCH_ROWS) * w.seq_len
+    steps = -(-w.sample_rows // BATCH_ROWS) * w.seq_len
     return flops / (rate * 1e9) / PASS_EFFICIENCY + steps * s.layers * DECODE_SECONDS_PER_LAYER_STEP
 
 

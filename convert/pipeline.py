@@ -262,8 +262,7 @@ def calibration_windows(folder: Path, tokenizer, opts: ConvertOptions,
     """The calibration set these options describe (every pass over the model uses the same one)."""
     return calibration_set(folder, tokenizer, text=opts.calib_text, mix=opts.calib_mix, tokens=opts.calib_tokens,
                            seq_len=opts.calib_seq_len, bos=opts.calib_bos,
-                           sampling=SampleSettings(opts.calib_tokens, opts.calib_seq_len, opts.calib_temperature,
-                                                   opts.calib_seed),
+                           sampling=SampleSettings(opts.calib_seq_len, opts.calib_temperature, opts.calib_seed),
                            held_out=opts.held_out, device=opts.device, log=log)
 
 

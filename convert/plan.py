@@ -21,7 +21,7 @@ from mlakit.core.errors import MlakitError
 from mlakit.core.families import SourceSpec, check_weights, load_spec
 from mlakit.core.guard import positive
 from mlakit.convert.calibration import sampled_tokens
-from mlakit.core.sampling import SampleSettings, cache_path
+from mlakit.core.sampling import BATCH_ROWS, SampleSettings, batches, cache_path, cached_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GiB = 2**30
@@ -183,9 +183,10 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     reader = CheckpointReader(folder)
     check_weights(spec, reader)
     n_sampled = sampled_tokens(opts.calib_tokens, opts.calib_text, opts.calib_mix)
-    settings = SampleSettings(n_sampled, opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)
-    cached = bool(n_sampled) and cache_path(folder, settings).is_file()
-    sample_rows = 0 if cached else n_sampled // opts.calib_seq_len
+    wanted = max(1, n_sampled // opts.calib_seq_len) if n_sampled else 0
+    have = cached_rows(cache_path(folder, SampleSettings(opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)))
+    cached = have >= wanted
+    sample_rows = 0 if cached else (batches(wanted) - have // BATCH_ROWS) * BATCH_ROWS
     work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
     plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work))
     if n_sampled:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mlakit.core.guard import disk_error
@@ -51,22 +52,20 @@ PROMPTS = (
     "Write an email to a colleague.",
     "Hello!",
 )
-# Rows generated together: large batches amortize the per-step overhead of a decode step.
-BATCH_ROWS = 64
+# Rows generated together: batches amortize the per-step overhead of a decode step. Batch b is seeded
+# by (seed, b) alone, so the first n rows are the same however many are sampled at once: a cache of
+# k batches serves every request of up to k batches and is extended by the missing ones.
+BATCH_ROWS = 32
 
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """Everything that determines the samples (with the model itself)."""
+    """Everything that determines the samples besides the model and how many rows are wanted."""
 
-    tokens: int
     seq_len: int
     temperature: float = 1.0
     seed: int = 0
     chat: bool = True
-
-    def rows(self) -> int:
-        return max(1, self.tokens // self.seq_len)
 
 
 def _model_key(folder: Path) -> str:
@@ -85,8 +84,8 @@ def _model_key(folder: Path) -> str:
 
 
 def cache_path(folder: Path, settings: SampleSettings) -> Path:
-    """Where samples of this model with these settings are kept: under $MLAKIT_CACHE (default
-    ~/.cache/mlakit), in samples/."""
+    """Where samples of this model with these settings are kept, as many batches as were asked for
+    so far: under $MLAKIT_CACHE (default ~/.cache/mlakit), in samples/."""
     root = Path(os.environ.get("MLAKIT_CACHE", Path.home() / ".cache" / "mlakit")).expanduser()
     key = hashlib.sha256((_model_key(folder) + json.dumps(asdict(settings), sort_keys=True)
                           + json.dumps(PROMPTS)).encode()).hexdigest()[:32]
@@ -134,18 +133,30 @@ def _generate(model, starts: list[list[int]], seq_len: int, temperature: float,
     return torch.stack([row[width - len(s): width - len(s) + seq_len] for row, s in zip(full, starts)])
 
 
-def sample_windows(folder: Path, tokenizer, settings: SampleSettings, device: str = "cpu",
+def batches(rows: int) -> int:
+    return -(-rows // BATCH_ROWS)
+
+
+def cached_rows(path: Path) -> int:
+    """Rows a cache file holds (0 when it is missing or unreadable), from its header."""
+    try:
+        with safe_open(path, "pt") as fh:
+            return fh.get_slice("ids").get_shape()[0]
+    except Exception:  # missing or damaged: sampled again
+        return 0
+
+
+def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int, device: str = "cpu",
                    log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """(rows, seq_len) token ids sampled from the model in `folder`, and a record of how; read from
-    the cache when the same model and settings were sampled before."""
+    """(rows, seq_len) token ids sampled from the model in `folder`, and a record of how; the batches
+    an earlier run sampled with the same model and settings are read from the cache."""
     path = cache_path(folder, settings)
     record = {"kind": "sampled from the source model", **asdict(settings), "prompts": list(PROMPTS),
               "chat_template": bool(settings.chat and tokenizer.chat_template), "cache": path.name}
-    if path.is_file():
-        try:
-            return load_file(path)["ids"], {**record, "cached": True}
-        except Exception:  # a damaged cache file is sampled again
-            pass
+    have = cached_rows(path)
+    ids = load_file(path)["ids"] if have else torch.zeros(0, settings.seq_len, dtype=torch.long)
+    if have >= rows:
+        return ids[:rows], {**record, "cached": True}
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
@@ -153,17 +164,16 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, device: st
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if device == "cpu" else "auto",
                                                  device_map=device).eval()
     starts = prompt_ids(tokenizer, settings.chat)
-    generator = torch.Generator().manual_seed(settings.seed)
-    n = settings.rows()
-    rows = []
-    for first in range(0, n, BATCH_ROWS):
-        batch = [starts[i % len(starts)] for i in range(first, min(n, first + BATCH_ROWS))]
-        rows.append(_generate(model, batch, settings.seq_len, settings.temperature, generator))
+    parts = [ids]
+    for b in range(have // BATCH_ROWS, batches(rows)):
+        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
+        batch = [starts[i % len(starts)] for i in range(b * BATCH_ROWS, (b + 1) * BATCH_ROWS)]
+        parts.append(_generate(model, batch, settings.seq_len, settings.temperature, generator))
         if log:
-            log(f"sampling calibration text from the model: {min(n, first + BATCH_ROWS)}/{n} rows of "
-                f"{settings.seq_len} tokens, {time.perf_counter() - start:.0f} s")
+            log(f"sampling calibration text from the model: {(b + 1) * BATCH_ROWS}/{batches(rows) * BATCH_ROWS} "
+                f"rows of {settings.seq_len} tokens, {time.perf_counter() - start:.0f} s")
     del model
-    ids = torch.cat(rows)
+    ids = torch.cat(parts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -171,4 +181,4 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, device: st
         os.replace(tmp, path)
     except OSError as exc:
         raise disk_error(exc, path) from exc
-    return ids, {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}
+    return ids[:rows], {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}

@@ -10,7 +10,16 @@ from conftest import make_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mlakit.convert.calibration import CalibrationSet, _interleave, held_out_split
-from mlakit.core.sampling import PROMPTS, SampleSettings, _generate, prompt_ids, sample_windows
+from mlakit.core.sampling import (
+    BATCH_ROWS,
+    PROMPTS,
+    SampleSettings,
+    _generate,
+    cache_path,
+    cached_rows,
+    prompt_ids,
+    sample_windows,
+)
 
 
 def test_every_kth_row_is_held_out_at_the_end() -> None:
@@ -58,13 +67,18 @@ def test_batched_decoding_follows_each_prompt_alone(pico_source: Path) -> None:
 
 
 def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
+    """A second request is read from the cache; a larger one samples only the missing batches, and
+    its first rows are those of the smaller request; another seed samples other text."""
     tokenizer = AutoTokenizer.from_pretrained(pico_source)
-    settings = SampleSettings(tokens=4 * 64, seq_len=64, seed=3)
-    ids, record = sample_windows(pico_source, tokenizer, settings)
-    assert ids.shape == (4, 64) and not record["cached"] and record["prompts"] == list(PROMPTS)
-    again, record = sample_windows(pico_source, tokenizer, settings)
+    settings = SampleSettings(seq_len=32, seed=3)
+    ids, record = sample_windows(pico_source, tokenizer, settings, 4)
+    assert ids.shape == (4, 32) and not record["cached"] and record["prompts"] == list(PROMPTS)
+    again, record = sample_windows(pico_source, tokenizer, settings, 4)
     assert record["cached"] and torch.equal(ids, again)
-    other, record = sample_windows(pico_source, tokenizer, SampleSettings(tokens=4 * 64, seq_len=64, seed=4))
+    more, record = sample_windows(pico_source, tokenizer, settings, BATCH_ROWS + 2)
+    assert not record["cached"] and more.shape[0] == BATCH_ROWS + 2 and torch.equal(more[:4], ids)
+    assert cached_rows(cache_path(pico_source, settings)) == 2 * BATCH_ROWS
+    other, record = sample_windows(pico_source, tokenizer, SampleSettings(seq_len=32, seed=4), 4)
     assert not record["cached"] and not torch.equal(ids, other)
 
 
@@ -84,7 +98,7 @@ def test_the_output_refit_is_chosen_on_held_out_windows(pico_source: Path, tmp_p
     from mlakit.convert.pipeline import ConvertOptions, convert
 
     tokenizer = AutoTokenizer.from_pretrained(pico_source)
-    unseen, _ = sample_windows(pico_source, tokenizer, SampleSettings(tokens=8 * 64, seq_len=64, seed=99))
+    unseen, _ = sample_windows(pico_source, tokenizer, SampleSettings(seq_len=64, seed=99), 8)
     base = dict(kv_lora_rank=24, rope_dim=8, calib_tokens=128, calib_seq_len=64, dtype="fp32")
     kl = {}
     for name, kw in {"default": {}, "no refit": {"refit_output": False},
