@@ -4,7 +4,7 @@ Every layer gets the source's own hidden states (calibration windows for the con
 windows for the measurement) and is converted as `mlakit convert` converts it; the error of a row
 is ||y - y_src|| / ||y_src|| of the attention output through the source's o_proj (no o_proj refit),
 over all held-out tokens. Far cheaper than whole conversions: one pass of the source over the
-windows, and no perplexity.
+windows (its MLP in fp32, fast on every CPU), and no perplexity.
 
 Variants (`--variants`, each at `--ranks` unless it says otherwise):
 - mlakit: the conversion as `convert` does it, rope strategy `--strategy`;
@@ -152,6 +152,8 @@ def main() -> None:
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, dtype="fp32")
     folder = resolve_model(args.model)
     spec, reader = load_spec(folder), CheckpointReader(folder)
+    if not spec.qkv_bias and any("k bias" in v for v in args.variants):
+        raise SystemExit(f"error: {args.model} has no k bias; leave out the k bias variants")
     full = 2 * spec.kv_heads * spec.head_dim - args.rope_dim
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib = token_windows(tokenizer, load_corpus(args.calib_text).text, args.calib_tokens, args.calib_seq_len,
