@@ -6,7 +6,9 @@ Its first two layers carry k biases thousands of times the energy of the rest of
 all on frequencies that barely rotate; absorbed whole into the shared rotary key they made the
 rope step's attention error 1.24 and 0.62 on Python code (docs/real-models.md). Teacher-forced,
 calibrated on the bundled docstrings, measured on a standard-library module's code, with the full
-latent so that only the rope step loses.
+latent so that only the rope step loses. 8192 calibration tokens (a quarter of the default): at
+4096 the first layer's error is 1.07, as its inputs are token embeddings and the biases'
+absorption fits only the tokens the calibration text has.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ pytestmark = pytest.mark.skipif(not (QWEN / "config.json").is_file(),
 
 @torch.no_grad()
 def test_rope_step_keeps_the_first_layers_of_a_real_qwen2() -> None:
-    opts = ConvertOptions(kv_lora_rank=2 * 2 * 128 - 64, rope_dim=64, rope_strategy="fold", calib_tokens=4096,
+    opts = ConvertOptions(kv_lora_rank=2 * 2 * 128 - 64, rope_dim=64, rope_strategy="fold", calib_tokens=8192,
                           dtype="fp32")
     spec, reader = load_spec(QWEN), CheckpointReader(QWEN)
     qk_nope, v_head = deepseek.head_dims(spec.head_dim)
