@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mlakit.convert import rope
 from mlakit.convert.candidates import Candidate
-from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
+from mlakit.convert.factorize import SecondMoment, absorb_bias, absorb_residual, joint_latent
 from mlakit.convert.plan import ConvertOptions
 from mlakit.core import deepseek
 from mlakit.core.families import SourceLayer, SourceSpec
@@ -25,14 +25,16 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     raw, mean = stats.sigma, stats.mean
     q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), raw, mean), H)
     k = rope.to_complex(layer.k.cpu(), G)
-    k_rot_rows = None
+    k_bias_rows, residual = None, 0.0
     if layer.k_bias is not None:
-        k_rot_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), raw, mean), G)
+        k_bias_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), raw, mean), G) - k
+        residual = absorb_residual(raw, mean)
     v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), raw, mean)
     sigma = stats.shrunk(opts.shrink)
     split = rope.rorope(
         k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
-        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_rot_rows=k_rot_rows,
+        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_bias_rows=k_bias_rows,
+        bias_residual=residual,
     )
     k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
     group_of = torch.arange(H) // (H // G)

@@ -56,9 +56,25 @@ def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, sigma: torch.Te
     W' = W + b mean^T sigma^-1 minimizes E||W' x - W x - b||^2."""
     if bias is None:
         return weight.double()
+    return weight.double() + bias.double()[:, None] * _constant_fit(sigma, mean)[None, :]
+
+
+# The least mean-square residual of a bias absorbed on unseen text, as a share of the bias: the
+# calibration tokens' own residual underestimates it (on Qwen2.5-Coder's first layer 0.0002 on the
+# calibration text, 0.015 on Python code), so it is taken at least this large.
+ABSORB_RESIDUAL_FLOOR = 1e-2
+
+
+def absorb_residual(sigma: torch.Tensor, mean: torch.Tensor) -> float:
+    """Mean square of the per-token residual 1 - c^T x that `absorb_bias` leaves (its error is the
+    bias times it): 1 - mean^T sigma^-1 mean on the calibration inputs, at least ABSORB_RESIDUAL_FLOOR."""
+    return max(ABSORB_RESIDUAL_FLOOR, 1 - (mean.double() @ _constant_fit(sigma, mean)).item())
+
+
+def _constant_fit(sigma: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The c of least E(c^T x - 1)^2: sigma^-1 mean, with a ridge of 1e-6 of the mean input energy."""
     ridge = 1e-6 * sigma.diagonal().mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype)
-    coef = torch.linalg.solve(sigma + ridge, mean)
-    return weight.double() + bias.double()[:, None] * coef[None, :]
+    return torch.linalg.solve(sigma.double() + ridge.double(), mean.double())
 
 
 @dataclass

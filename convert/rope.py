@@ -139,7 +139,8 @@ class RopeSplit:
 
 def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torch.Tensor,
            tgt_freq: torch.Tensor, slot_freqs: list[tuple[list[int], list[int]]], *, complex_pca: bool = True,
-           dist: torch.Tensor | None = None, k_rot_rows: torch.Tensor | None = None) -> RopeSplit:
+           dist: torch.Tensor | None = None, k_bias_rows: torch.Tensor | None = None,
+           bias_residual: float = 0.0) -> RopeSplit:
     """RoRoPE: per slot, rotate the keys of all kv heads (and folded frequencies) onto their
     principal direction; component 0 keeps RoPE as the shared k_rot, the rest lose rotation.
 
@@ -149,8 +150,14 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
     channel by what losing its rotation costs the scores: the energy of the queries that read it
     times 1 - |E[rotation]|^2. The weighted principal direction u~ gives k_rot = (w^1/2 u~)^H k and
     per-channel loadings w^-1/2 u~ (an oblique split, orthogonal when all weights are equal).
-    `k_rot_rows`, if given, are the key rows used for the rotary component (e.g. with a bias
-    absorbed), while `k` feeds the no-rope residual.
+    `k_bias_rows` (G, F, D), if given, are a k bias absorbed into the weights (`absorb_bias` minus
+    the weights): they enter the rotary component only, since on dims that lose their rotation a k
+    bias adds q . E[R] b to every score of a query, which softmax removes. Absorption is inexact: it
+    leaves a per-token error of b times a residual whose mean square is `bias_residual`, against
+    the b-sized bias, so a large bias on a channel that barely rotates over the attended distances
+    (variance 1 - |E[R]|^2 under the query heads' energies, v) is mostly noise once absorbed. Each
+    channel keeps the share v / (v + bias_residual) of its bias, which minimizes the sum of the two
+    errors (the bias's lost rotation, (1 - share)^2 v, and the absorption's, share^2 residual).
     """
     groups, n_freq, _ = k.shape
     heads = q.shape[0]
@@ -158,12 +165,16 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
     sig = sigma.double()
     lost = torch.ones(heads, n_freq, dtype=torch.complex128)
     channel_weight = torch.ones(groups, n_freq, dtype=torch.float64)
+    bias_share = torch.ones(groups, n_freq, dtype=torch.float64)
     if dist is not None:
         lost = expected_rotation(dist, src_freq).conj()
         q_energy = (_times_real(q, sig) * q.conj()).sum(-1).real
         head_weight = q_energy * (1 - lost.abs() ** 2).clamp_min(0)
         channel_weight = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, head_weight)
-    k_rot_src = k if k_rot_rows is None else k_rot_rows
+        group_energy = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, q_energy)
+        variance = channel_weight / group_energy.clamp_min(1e-300)
+        bias_share = variance / (variance + bias_residual).clamp_min(1e-300)
+    k_rot_src = k if k_bias_rows is None else k + bias_share[..., None] * k_bias_rows
     k_nope = k.clone()
     n_slots = sum(len(slots) for _, slots in slot_freqs)
     k_rot = torch.zeros(n_slots, k.shape[-1], dtype=k.dtype)

@@ -133,6 +133,20 @@ def mla_heads(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope:
               scale: float | None = None) -> torch.Tensor:
     """`mla_attention` before o_proj: the heads' outputs (B, L, heads * v_head), which o_proj maps
     linearly, so that o_proj can be fitted by least squares."""
+    q, k, v = mla_qkv(x, w, heads, qk_nope, qk_rope, v_head, cos, sin, norm_eps)
+    # SDPA's fused CPU kernel takes one head size for q, k and v; with two it falls back to the
+    # math path, which holds the whole (B, H, L, L) score tensor and is twice as slow. Zeros
+    # appended to the smaller heads change neither the scores nor the output's first v_head dims.
+    width = max(q.shape[-1], v_head)
+    q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale or (qk_nope + qk_rope)**-0.5)
+    return out[..., :v_head].transpose(1, 2).flatten(2)
+
+
+def mla_qkv(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope: int, v_head: int,
+            cos: torch.Tensor, sin: torch.Tensor, norm_eps: float | None = 1e-6):
+    """Rotated queries and keys (B, heads, L, qk_nope + qk_rope) and values (B, heads, L, v_head)
+    of DeepSeek-V3 attention on a normed input."""
     b, n, _ = x.shape
     rank = w.kv_b.shape[1]
     qk_head = qk_nope + qk_rope
@@ -145,12 +159,4 @@ def mla_heads(x: torch.Tensor, w: MLAWeights, heads: int, qk_nope: int, qk_rope:
     c, s = cos[:n].to(x.dtype), sin[:n].to(x.dtype)
     q_rot = interleaved_rope(q_rot, c, s)
     k_rot = interleaved_rope(k_rot[:, None], c, s).expand(b, heads, n, qk_rope)
-    q = torch.cat([q_nope, q_rot], dim=-1)
-    k = torch.cat([k_nope, k_rot], dim=-1)
-    # SDPA's fused CPU kernel takes one head size for q, k and v; with two it falls back to the
-    # math path, which holds the whole (B, H, L, L) score tensor and is twice as slow. Zeros
-    # appended to the smaller heads change neither the scores nor the output's first v_head dims.
-    width = max(qk_head, v_head)
-    q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale or qk_head**-0.5)
-    return out[..., :v_head].transpose(1, 2).flatten(2)
+    return torch.cat([q_nope, q_rot], dim=-1), torch.cat([k_nope, k_rot], dim=-1), v
