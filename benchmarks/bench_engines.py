@@ -142,6 +142,7 @@ def transformers_side(folder: Path, windows: torch.Tensor, prompt: str, new_toke
 class Row:
     """One line of the engine matrix."""
 
+    model: str
     engine: str
     version: str
     dtype: str
@@ -160,13 +161,13 @@ class Row:
         diff = f"{self.logprob_diff:.2e}" if self.logprob_diff is not None else ""
         kv = (f"{self.kv_bytes:,.0f}" + (f" / {self.kv_formula:,}" if self.kv_formula else "")
               if self.kv_bytes is not None else "")
-        return (f"| {self.engine} | {self.version} | {self.dtype} | {self.shape} | {self.loads} | {ppl} | {diff} | "
+        return (f"| {self.model} | {self.engine} | {self.version} | {self.dtype} | {self.shape} | {self.loads} | {ppl} | {diff} | "
                 f"{self.greedy} | {kv} |")
 
 
-MATRIX_HEADER = ("| engine | version | dtype | latent | loads | ppl: engine / transformers fp32 | mean abs logprob diff "
-                 "| greedy text vs transformers | KV bytes per token: measured / formula |\n"
-                 "|---|---|---|---|---|---:|---:|---|---:|")
+MATRIX_HEADER = ("| model | engine | version | dtype | latent | loads | ppl: engine / transformers fp32 "
+                 "| mean abs logprob diff | greedy text vs transformers | KV bytes per token: measured / formula |\n"
+                 "|---|---|---|---|---|---|---:|---:|---|---:|")
 
 
 # Runs convert_hf_to_gguf.py, naming the pre-tokenizer when the script does not know the tokenizer's hash.
@@ -234,7 +235,10 @@ VLLM_WORKER = """
 import json, sys
 from vllm import LLM, SamplingParams
 a = json.loads(sys.argv[1])
-llm = LLM(model=a["folder"], dtype=a["dtype"], max_model_len=a["ctx"], max_num_batched_tokens=a["ctx"],
+# room for one generated token, in whole 16-token blocks (the CPU MLA block) so that the tokens vLLM
+# says fit are its blocks' tokens and give its exact bytes per token
+length = -(-(a["ctx"] + 1) // 16) * 16
+llm = LLM(model=a["folder"], dtype=a["dtype"], max_model_len=length, max_num_batched_tokens=length,
           kv_cache_memory_bytes=a["kv_bytes"], enforce_eager=True, seed=0)
 scored = llm.generate([{"prompt_token_ids": w} for w in a["windows"]],
                       SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0))
@@ -261,7 +265,7 @@ for w in a["windows"]:
     rows.append(mx.take_along_axis(logp, mx.array(w[1:])[:, None], axis=-1)[:, 0].tolist())
 cache = make_prompt_cache(model)
 model(mx.array([a["windows"][0]]), cache=cache)
-kv = sum(x.nbytes for c in cache for x in c.state) / len(a["windows"][0])
+kv = sum(x[..., :c.offset, :].nbytes for c in cache for x in (c.keys, c.values)) / cache[0].offset
 ids = []
 for token, _ in generate_step(mx.array(a["prompt_ids"]), model, max_tokens=a["new_tokens"],
                               sampler=make_sampler(temp=0.0)):
@@ -301,9 +305,10 @@ def worker(python: str, script: str, payload: dict, env: dict | None = None) -> 
     return json.loads(found[-1].removeprefix("RESULT ")), log
 
 
-def package_version(python: str, name: str) -> str | None:
-    proc = run([python, "-c", f"import importlib.metadata as m; print(m.version({name!r}))"])
-    return proc.stdout.strip() if proc.returncode == 0 else None
+def package_version(python: str, module: str) -> str | None:
+    """The version of a module in another venv, None when it does not import there."""
+    proc = run([python, "-c", f"import {module}; print({module}.__version__)"])
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
 
 
 def compare(row: Row, result: dict, ref: Reference) -> Row:
@@ -346,7 +351,7 @@ def main() -> None:
     if args.text is None:
         ap.error("--text is required")
     vllm = package_version(args.vllm_python, "vllm") if args.vllm_python and Path(args.vllm_python).is_file() else None
-    mlx = package_version(args.mlx_python, "mlx-lm") if args.mlx_python and Path(args.mlx_python).is_file() else None
+    mlx = package_version(args.mlx_python, "mlx_lm") if args.mlx_python and Path(args.mlx_python).is_file() else None
     for name, given, found in (("vLLM", args.vllm_python, vllm), ("MLX", args.mlx_python, mlx)):
         if not found:
             print(f"{name}: skipped ({'no --' + name.lower() + '-python given' if not given else given + ' cannot import it'})")
@@ -366,7 +371,7 @@ def main() -> None:
             cfg = read_json(folder / "config.json")
             windows = chunk_windows(AutoTokenizer.from_pretrained(folder), held_out, args.ctx, args.chunks)
             ref = transformers_side(folder, windows, prompt, args.new_tokens)
-            label = f"{folder.name} ({role})"
+            label = folder.name if role == "converted" else f"{folder.name} (source)"
             mla = cfg.get("model_type") == "deepseek_v3"
             rank, rope = cfg.get("kv_lora_rank"), cfg.get("qk_rope_head_dim")
             shape = f"{rank} + {rope}" if mla else "source"
@@ -379,7 +384,7 @@ def main() -> None:
                 vdtype = args.vllm_dtype or dtype
                 result, log = worker(args.vllm_python, VLLM_WORKER,
                                      {**payload, "dtype": vdtype, "kv_bytes": VLLM_KV_BYTES})
-                row = Row("vLLM (CPU)", vllm, vdtype, shape, "yes" if result else f"fails: {log}")
+                row = Row(label, "vLLM (CPU)", vllm, vdtype, shape, "yes" if result else f"fails: {log}")
                 if result:
                     tokens = re.search(r"KV cache size: ([\d,]+) tokens", log)
                     row = compare(row, result, ref)
@@ -389,7 +394,7 @@ def main() -> None:
                 print(row.markdown(), flush=True)
             if mlx and mla:
                 result, log = worker(args.mlx_python, MLX_WORKER, payload)
-                row = Row("MLX (CPU)", mlx, result["dtype"] if result else dtype, shape,
+                row = Row(label, "MLX (CPU)", mlx, result["dtype"] if result else dtype, shape,
                           "yes" if result else f"fails: {log}")
                 if result:
                     row = compare(row, result, ref)
@@ -401,7 +406,7 @@ def main() -> None:
             src, bins = llama
             for outtype in args.outtypes:
                 gguf = Path(tmp) / f"{role}-{outtype}.gguf"
-                row = Row("llama.cpp (CPU)", src.parent.parent.name.removeprefix("llama_cpp_python-"),
+                row = Row(label, "llama.cpp (CPU)", src.parent.parent.name.removeprefix("llama_cpp_python-"),
                           f"GGUF {outtype}", shape, "yes", ref_ppl=ref.ppl)
                 failed = to_gguf(src, bins, folder, outtype, gguf, args.pre_tokenizer)
                 if failed:

@@ -240,7 +240,7 @@ def summary(record: dict) -> str:
         f"{kv['converted_elements_per_token_layer']} elements "
         f"(kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope']}), "
         f"{kv['source_bytes_per_token']} -> {kv['converted_bytes_per_token']} bytes per token in {record['dtype']} "
-        f"over all layers, -{kv['reduction_percent']}%",
+        f"over all layers, {-kv['reduction_percent']:+}%",
         f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
         f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {record['calibration']['tokens']} tokens of "
         f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})"

@@ -100,7 +100,7 @@ class Plan:
             f"{self.strategies[0] if len(self.strategies) == 1 else 'chosen among ' + ', '.join(self.strategies)}",
             f"  KV cache per token: {kv['source_elements_per_token_layer']} -> "
             f"{kv['converted_elements_per_token_layer']} elements per layer, {kv['source_bytes_per_token']} -> "
-            f"{kv['converted_bytes_per_token']} bytes over all layers in {out} (-{kv['reduction_percent']}%)",
+            f"{kv['converted_bytes_per_token']} bytes over all layers in {out} ({-kv['reduction_percent']:+}%)",
             f"  estimated: peak RAM {cost.ram_bytes / GiB:.1f} GiB"
             + (f", peak GPU memory {cost.gpu_bytes / GiB:.1f} GiB" if cost.gpu_bytes is not None else "")
             + f", output {cost.disk_bytes / 1e9:.2f} GB on disk, time {_duration(cost.seconds)} "
