@@ -152,15 +152,18 @@ class Row:
     ref_ppl: float | None = None
     logprob_diff: float | None = None
     greedy: str = ""
-    kv_bytes: float | None = None
+    kv_bytes: tuple[float, float] | None = None  # what the engine's numbers allow: (lowest, highest)
     kv_formula: int | None = None
 
     def markdown(self) -> str:
         ppl = (f"{self.ppl:.4f} / {self.ref_ppl:.4f} ({100 * (self.ppl / self.ref_ppl - 1):+.3f}%)"
                if self.ppl is not None else "")
         diff = f"{self.logprob_diff:.2e}" if self.logprob_diff is not None else ""
-        kv = (f"{self.kv_bytes:,.0f}" + (f" / {self.kv_formula:,}" if self.kv_formula else "")
-              if self.kv_bytes is not None else "")
+        kv = ""
+        if self.kv_bytes is not None:
+            low, high = math.ceil(self.kv_bytes[0] - 1e-6), math.floor(self.kv_bytes[1] + 1e-6)
+            kv = f"{low:,}" if low >= high else f"{low:,}-{high:,}"
+            kv += f" / {self.kv_formula:,}" if self.kv_formula else ""
         return (f"| {self.model} | {self.engine} | {self.version} | {self.dtype} | {self.shape} | {self.loads} | {ppl} | {diff} | "
                 f"{self.greedy} | {kv} |")
 
@@ -205,9 +208,9 @@ def to_gguf(src: Path, bins: Path, folder: Path, outtype: str, out: Path, pre: s
 
 
 def llama_side(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, prompt: str, new_tokens: int,
-               threads: int) -> tuple[float | str, str, float | None]:
+               threads: int) -> tuple[float | str, str, tuple[float, float] | None]:
     """llama-perplexity's perplexity over the first `chunks` chunks (or why it failed), llama-simple's
-    greedy continuation, and the KV bytes per token llama.cpp's log gives (size over cells).
+    greedy continuation, and the KV bytes per token llama.cpp's log allows (size over cells).
     llama-perplexity logs from a thread that can lose its last lines at exit, so it runs one chunk
     more and its running value after `chunks` chunks is read."""
     proc = run([str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
@@ -216,7 +219,8 @@ def llama_side(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, p
     found = re.search(rf"\[{chunks}\]([0-9.]+)", log)
     ppl: float | str = float(found.group(1)) if found else last_error(proc)
     kv = re.search(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", log)
-    kv_bytes = float(kv.group(1)) * 2**20 / int(kv.group(2)) if kv else None
+    # the log rounds the size to 0.01 MiB
+    kv_bytes = tuple((float(kv.group(1)) + d) * 2**20 / int(kv.group(2)) for d in (-0.005, 0.005)) if kv else None
     gen = run([str(bins / "llama-simple"), "-m", str(gguf), "-n", str(new_tokens), prompt])
     at = gen.stdout.find(prompt)  # llama-simple echoes the prompt (and any BOS piece) first
     return ppl, gen.stdout[at + len(prompt):].rstrip("\n") if gen.returncode == 0 and at >= 0 else "", kv_bytes
@@ -312,10 +316,11 @@ def package_version(python: str, module: str) -> str | None:
 
 
 def compare(row: Row, result: dict, ref: Reference) -> Row:
-    """Fill a row from an engine's per-token log-probabilities and greedy text."""
+    """Fill a row from an engine's per-token log-probabilities (of the first windows) and greedy text."""
     got = torch.tensor(result["logprobs"], dtype=torch.float64)
-    row.ppl, row.ref_ppl = scored_ppl(got), ref.ppl
-    row.logprob_diff = (got - ref.logprobs.double()).abs().mean().item()
+    want = ref.logprobs[: len(got)].double()
+    row.ppl, row.ref_ppl = scored_ppl(got), scored_ppl(want)
+    row.logprob_diff = (got - want).abs().mean().item()
     row.greedy = same_text(result["text"], ref.text)
     return row
 
@@ -337,6 +342,8 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", help="dtype for vLLM (default: the folder's)")
     ap.add_argument("--vllm-rope-repro", action="store_true", help="print vLLM's CPU rotary bug and exit")
     ap.add_argument("--mlx-python", help="python of a venv with mlx-lm (skipped when not given or not there)")
+    ap.add_argument("--mlx-chunks", type=int, help="score only the first chunks in MLX (its CPU backend takes "
+                    "about 3 minutes per 512-token chunk of SmolLM2-135M on 2 cores)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pre-tokenizer", help="tokenizer.ggml.pre to write when convert_hf_to_gguf.py does not know "
@@ -388,17 +395,21 @@ def main() -> None:
                 if result:
                     tokens = re.search(r"KV cache size: ([\d,]+) tokens", log)
                     row = compare(row, result, ref)
-                    row.kv_bytes = VLLM_KV_BYTES / int(tokens.group(1).replace(",", "")) if tokens else None
+                    if tokens:  # the tokens of the whole 16-token blocks that VLLM_KV_BYTES holds
+                        blocks = round(int(tokens.group(1).replace(",", "")) / 16)
+                        row.kv_bytes = (VLLM_KV_BYTES / (16 * (blocks + 1)), VLLM_KV_BYTES / (16 * blocks))
                     row.kv_formula = per_token * DTYPE_BYTES[vdtype]
                 matrix.append(row)
                 print(row.markdown(), flush=True)
             if mlx and mla:
-                result, log = worker(args.mlx_python, MLX_WORKER, payload)
+                result, log = worker(args.mlx_python, MLX_WORKER,
+                                     {**payload, "windows": payload["windows"][: args.mlx_chunks]})
                 row = Row(label, "MLX (CPU)", mlx, result["dtype"] if result else dtype, shape,
                           "yes" if result else f"fails: {log}")
                 if result:
                     row = compare(row, result, ref)
-                    row.kv_bytes, row.kv_formula = result["kv_bytes"], per_token * DTYPE_BYTES[result["dtype"]]
+                    row.kv_bytes = (result["kv_bytes"], result["kv_bytes"])
+                    row.kv_formula = per_token * DTYPE_BYTES[result["dtype"]]
                 matrix.append(row)
                 print(row.markdown(), flush=True)
             if llama is None:
