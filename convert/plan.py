@@ -160,8 +160,9 @@ def _engine_notes(shape: deepseek.MLAShape) -> list[str]:
     served, refused = engines.served_by(shape)
     lines = [f"engines: served by {', '.join(served)}" + (f"; refused by {', '.join(refused)}" if refused else "")]
     for rule, ok in engines.shape_rows(shape):
-        if not ok:
-            lines.append(f"{'refused' if rule.fatal else 'warning'}: {rule.name}: {rule.detail(shape)}")
+        if ok or not rule.fatal and not {engines.ENGINE_NAMES[e] for e in rule.engines} & set(served):
+            continue  # a kernel of an engine that refuses the shape anyway is not worth a line
+        lines.append(f"{'refused' if rule.fatal else 'warning'}: {rule.name}: {rule.detail(shape)}")
     return lines
 
 
