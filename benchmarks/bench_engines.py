@@ -214,7 +214,7 @@ def llama_side(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, p
     llama-perplexity logs from a thread that can lose its last lines at exit, so it runs one chunk
     more and its running value after `chunks` chunks is read."""
     proc = run([str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx),
-                "--chunks", str(chunks + 1), "-t", str(threads), "-b", str(ctx)])
+                "--chunks", str(chunks + 1), "-t", str(threads), "-b", str(ctx), "-lv", "4"])  # -lv 4: the KV cache size
     log = proc.stderr + proc.stdout
     found = re.search(rf"\[{chunks}\]([0-9.]+)", log)
     ppl: float | str = float(found.group(1)) if found else last_error(proc)

@@ -76,7 +76,8 @@ def test_output_obeys_the_format_contract(tmp_path: Path) -> None:
     assert cfg["rope_interleave"] is True and cfg["tie_word_embeddings"] is False
     assert cfg["rms_norm_eps"] == 1e-6 and cfg["attention_bias"] is False
     assert cfg["lm_config"] == {"q_lora_rank": 0, "n_group": 0, "topk_group": 0}  # read by llama.cpp only
-    assert not check_folder(tmp_path / "out").failures
+    # kv_lora_rank 32 + rope 64 is a width vLLM does not take: every other engine's rules pass
+    assert {r.rule for r in check_folder(tmp_path / "out").failures} == {"vLLM MLA width", "vLLM CPU MLA width"}
     reader = CheckpointReader(tmp_path / "out")
     assert "lm_head.weight" in reader and not any(n.endswith(".bias") for n in reader.names)
     assert all(reader.get(n).dtype == torch.bfloat16 for n in reader.names)
