@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from mlakit.core.engines import rank_request
 from mlakit.core.errors import MlakitError, Terminated
 from mlakit.core.guard import check_output, local_model, positive, record_id, stale_folders
 
@@ -69,9 +70,11 @@ def main() -> None:
 @main.command()
 @click.argument("source")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--kv-lora-rank", type=int, default=None,
+@click.option("--kv-lora-rank", default=None,
               help="Latent size per token. Default 512 (the size FlashMLA needs) when the source can fill it, "
-                   "else the largest power of two that halves the source's KV cache.")
+                   "else the largest power of two that halves the source's KV cache. An engine name (vllm, "
+                   "vllm-cpu) takes the widest latent that engine serves within the source's cache, or the narrowest "
+                   "it serves, zero-padded, when none fits.")
 @click.option("--rope-dim", type=int, default=64, show_default=True,
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
 @click.option("--calib-text", type=click.Path(path_type=Path), multiple=True,
@@ -124,12 +127,17 @@ def convert(source: str, out: Path, **kw) -> None:
     values. Streams one decoder layer at a time; OUT appears only when complete.
     """
     check_output(out, kw["force"], protect=[local_model(source)])
-    positive("--kv-lora-rank", kw["kv_lora_rank"], "the rank")
+    try:
+        rank = rank_request(kw["kv_lora_rank"])
+    except ValueError as exc:
+        raise MlakitError(str(exc)) from exc
+    if not isinstance(rank, str):
+        positive("--kv-lora-rank", rank, "the rank")
     _start(out)
-    from mlakit.convert.plan import ConvertOptions, make_plan
+    from mlakit.convert.plan import ConvertOptions, make_plan, pad_rank
 
     opts = ConvertOptions(
-        kv_lora_rank=kw["kv_lora_rank"], rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
+        kv_lora_rank=rank, rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"],
         calib_bos=kw["calib_bos"], calib_mix=kw["calib_mix"], calib_temperature=kw["calib_temperature"],
         calib_seed=kw["calib_seed"], dtype=kw["dtype"],
@@ -143,22 +151,30 @@ def convert(source: str, out: Path, **kw) -> None:
         if kw["latent"] == "native":
             click.echo("  --latent native adds one more pass over the calibration text, not in the estimates")
         return
+    from mlakit.calibrate.native import convert_native, native_summary
+    from mlakit.convert.pad import convert_padded, pad_summary
+    from mlakit.convert.pipeline import calibration_for, summary
     from mlakit.convert.pipeline import convert as run
-    from mlakit.convert.pipeline import summary
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    if kw["latent"] == "native":
-        from mlakit.calibrate.native import convert_native, native_summary
 
-        from mlakit.convert.pipeline import calibration_for
+    def produce(src: str, folder: Path, force: bool) -> dict:
+        if kw["latent"] == "native":
+            return convert_native(src, folder, lambda s, f: run(s, f, opts, force=True, log=log),
+                                  lambda: calibration_for(src, opts).windows, opts.device, force)
+        return run(src, folder, opts, force=force, log=log)
 
-        record = convert_native(record_id(source), out, lambda src, folder: run(src, folder, opts, force=True, log=log),
-                                lambda: calibration_for(record_id(source), opts).windows, opts.device, kw["force"])
-        click.echo(summary(record))
-        click.echo(native_summary(record))
+    padded = pad_rank(record_id(source), opts)
+    if padded:
+        record = convert_padded(record_id(source), out, lambda src, folder: produce(src, folder, True), padded,
+                                kw["force"])
     else:
-        record = run(record_id(source), out, opts, force=kw["force"], log=log)
-        click.echo(summary(record))
+        record = produce(record_id(source), out, kw["force"])
+    click.echo(summary(record))
+    if kw["latent"] == "native":
+        click.echo(native_summary(record))
+    if padded:
+        click.echo(pad_summary(record))
     click.echo(f"wrote {out}")
 
 

@@ -30,13 +30,17 @@ class Candidate:
 def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
     """Output rope for a strategy: the source's scaling with theta moved to the kept frequencies.
 
-    YaRN gets an attention factor of 1 (the source's is folded into q_proj) and mscales every
-    engine reads as no rescaling; llama3 is kept, or written as the best-fitting YaRN within what
-    every engine reads (llama.cpp's fixed ramp boundaries) so that all compute the same frequencies."""
+    The default rope is written as YaRN with factor 1 (`deepseek.default_rope_as_yarn`: the same rope,
+    which vLLM's CPU backend computes right); YaRN gets an attention factor of 1 (the source's is
+    folded into q_proj) and mscales every engine reads as no rescaling; llama3 is kept, or written
+    as the best-fitting YaRN within what every engine reads (llama.cpp's fixed ramp boundaries) so
+    that all compute the same frequencies."""
     src = LlamaRotaryEmbedding(plan.spec.hf_config)
     params = dict(plan.spec.rope)
     params["rope_theta"] = rope.target_theta(params["rope_theta"], plan.spec.head_dim, plan.shape.qk_rope, strategy)
-    if params.get("rope_type") == "yarn":
+    if params.get("rope_type", "default") == "default":
+        params = deepseek.default_rope_as_yarn(params, plan.spec.max_positions)
+    elif params.get("rope_type") == "yarn":
         params.update(attention_factor=1.0, mscale=deepseek.YARN_MSCALE, mscale_all_dim=deepseek.YARN_MSCALE)
 
     def target(p: dict) -> tuple[torch.Tensor, dict]:

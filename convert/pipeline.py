@@ -291,7 +291,7 @@ def summary(record: dict) -> str:
         f"{kv['converted_elements_per_token_layer']} elements "
         f"(kv_lora_rank {shape['kv_lora_rank']} + rope {shape['qk_rope']}), "
         f"{kv['source_bytes_per_token']} -> {kv['converted_bytes_per_token']} bytes per token in {record['dtype']} "
-        f"over all layers, -{kv['reduction_percent']}%",
+        f"over all layers, {-kv['reduction_percent']:+}%",
         f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
         f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {describe(record['calibration'])}",
         "layer  attn err  held out  o_proj refit  K err   V err   latent err  rank-r optimum  rope energy kept",

