@@ -289,13 +289,14 @@ def check(converted: str) -> None:
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", default=None, help="Branch to upload to (created if missing).")
-@click.option("--dry-run", is_flag=True, help="Print what would be uploaded; write and upload nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card that would be uploaded; upload nothing.")
 @friendly_errors
 def push(converted: Path, repo_id: str, **kw) -> None:
-    """Write the model card into CONVERTED and upload the folder to the hub as REPO_ID.
+    """Upload CONVERTED to the hub as REPO_ID, with a model card, in one commit; CONVERTED is never written.
 
-    CONVERTED must pass check and hold a validation report (CONVERTED/report). The token comes from
-    HF_TOKEN or `hf auth login`; HF_ENDPOINT is honored.
+    CONVERTED must pass check and hold a validation report (CONVERTED/report). The uploaded records name
+    local folders by their last name (or hub id), never by path. The token comes from HF_TOKEN or
+    `hf auth login`; HF_ENDPOINT is honored.
     """
     _start()
     from mlakit.validate.push import push as run

@@ -252,9 +252,14 @@ class ShardWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
 
+def json_text(obj: object) -> str:
+    """The JSON files mlakit writes, as text: indented, keys in their order."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: Path, obj: object) -> None:
     try:
-        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        path.write_text(json_text(obj))
     except OSError as exc:
         raise disk_error(exc, path) from exc
 

@@ -23,6 +23,7 @@ from mlakit.core.errors import MlakitError  # noqa: E402
 from mlakit.core.guard import atomic_folder  # noqa: E402
 from mlakit.validate.check import ENGINE_NAMES  # noqa: E402
 
+REPORT_MD = "report.md"
 MEMORY_PNG = "memory.png"
 LAYER_PNG = "layer_error.png"
 COLORS = {"source": "#7f7f7f", "converted": "#1f77b4"}
@@ -294,7 +295,7 @@ def write_report(out: Path, report: dict) -> None:
         try:
             plot_memory(report, tmp / MEMORY_PNG)
             plot_layers(report, tmp / LAYER_PNG)
-            (tmp / "report.md").write_text(render_markdown(report))
+            (tmp / REPORT_MD).write_text(render_markdown(report))
         except OSError as exc:
             raise MlakitError(f"cannot write the report into {out.parent}: {exc.strerror or exc}") from exc
         write_json(tmp / "report.json", report)
