@@ -20,7 +20,7 @@ STEPS = ("step-*", ".step-*.tmp")  # distillation checkpoints (distill.py)
 CACHE = "teacher-topk"  # the cached teacher (teacher.py)
 LAYERS = "layerwise-layers"  # finished layers of an unfinished layer-wise stage (layerwise.py)
 STAGE = "layerwise-output"  # a finished layer-wise stage that `--mode both` distills from (run.py)
-OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*")
+OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*", f".{STAGE}.lock")
 
 
 def create(folder: Path) -> None:

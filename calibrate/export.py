@@ -21,9 +21,9 @@ from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_file
 from mlakit.core.deepseek import attention_names, format_attention, plain_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
+from mlakit.core.guard import RECORD
 from mlakit.core.metrics import Quality
 
-RECORD = "mlakit.json"
 SECTION = "calibrate"
 
 

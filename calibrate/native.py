@@ -31,7 +31,7 @@ from mlakit.core.deepseek import (
 )
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import linear, rms_norm, row_chunks
-from mlakit.core.guard import atomic_folder, check_output, scratch_folder
+from mlakit.core.guard import atomic_folder, check_output, output_lock, scratch_folder
 from mlakit.core.text import bos_token, load_corpus, token_windows
 
 # Calibration tokens the latent metric is fitted on (a random subset of them all).
@@ -88,7 +88,7 @@ def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
     """`convert(source, folder)` into a staging folder beside OUT (exact format), then the native pass
     on the same calibration windows into OUT; returns the record with the native layers' errors."""
     check_output(out, force)
-    with scratch_folder(out, "exact") as stage:
+    with output_lock(out), scratch_folder(out, "exact") as stage:
         exact = stage / "exact"
         convert(source, exact)
         tokenizer = AutoTokenizer.from_pretrained(exact)

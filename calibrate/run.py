@@ -20,7 +20,15 @@ from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
 from mlakit.core.checkpoint import read_json, resolve_model
 from mlakit.core.errors import MlakitError
-from mlakit.core.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id, scratch_folder
+from mlakit.core.guard import (
+    DEMO_DIR,
+    atomic_folder,
+    check_output,
+    check_protected,
+    output_lock,
+    record_id,
+    scratch_folder,
+)
 from mlakit.core.metrics import Quality
 
 MODES = ("layerwise", "distill", "both")
@@ -132,6 +140,12 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     teacher_id, revision = _teacher_id(converted, opts.teacher)
     teacher = resolve_model(teacher_id, revision)
     check_output(out.resolve(), force, protect=[converted, teacher])
+    with output_lock(out):
+        return _calibrate(converted_id, converted, teacher_id, teacher, out, opts, device, force, log)
+
+
+def _calibrate(converted_id: str, converted: Path, teacher_id: str, teacher: Path, out: Path, opts: CalibrateOptions,
+               device: str, force: bool, log: Callable[[str], None]) -> Outcome | None:
     tokenizer = _tokenizer(teacher, converted)
     if opts.distill.teacher_topk > len(tokenizer):
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")

@@ -38,7 +38,7 @@ from mlakit.core.forward import (
     row_chunks,
     source_qkv,
 )
-from mlakit.core.guard import atomic_folder, check_output, local_model, record_id
+from mlakit.core.guard import atomic_folder, check_output, local_model, output_lock, record_id
 from mlakit.core.text import bos_token, load_corpus, token_windows
 
 
@@ -173,9 +173,14 @@ def _revision(folder: Path) -> str | None:
 
 def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
             log: Callable[[str], None] = print) -> dict:
-    """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT; return the mlakit.json record."""
+    """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT, holding OUT's lock for the run; return the
+    mlakit.json record."""
     check_output(out, force, protect=[local_model(source)])
-    source = record_id(source)
+    with output_lock(out):
+        return _convert(record_id(source), out, opts, force, log)
+
+
+def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Callable[[str], None]) -> dict:
     plan = make_plan(source, opts)
     log(plan.describe())
     reader = plan.reader

@@ -76,13 +76,14 @@ def test_fp16_refused_with_reason(pico: Path, tmp_path: Path) -> None:
 
 
 def test_existing_output_needs_force(pico: Path, tmp_path: Path) -> None:
+    """An earlier output is replaced only with --force; a folder of the user's never (tests/test_safety.py)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("user data")
+    args = ["convert", str(pico), str(out), *FAST, "--rope-dim", "8", "--kv-lora-rank", "16"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "keep").write_text("a file in an earlier output")
     assert "--force" in convert_fails(str(pico), out, "--rope-dim", "8", "--kv-lora-rank", "16")
-    assert (out / "keep").read_text() == "user data"
-    result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST, "--rope-dim", "8",
-                                       "--kv-lora-rank", "16", "--force"])
+    assert (out / "keep").is_file()
+    result = CliRunner().invoke(main, [*args, "--force"])
     assert result.exit_code == 0, result.output
     assert (out / "config.json").is_file() and not (out / "keep").exists()
 

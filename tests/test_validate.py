@@ -228,7 +228,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(pair: tuple[Path, Path
     src, mla = pair
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    assert "not an mlakit report" in validate_fails(src, mla, "--report", str(tmp_path / "notes"))
+    assert "not an output of mlakit" in validate_fails(src, mla, "--report", str(tmp_path / "notes"))
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 

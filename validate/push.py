@@ -19,13 +19,14 @@ from huggingface_hub.utils import filter_repo_objects
 
 from mlakit.core.checkpoint import json_text, read_json
 from mlakit.core.errors import MlakitError
+from mlakit.core.guard import RECORD
 from mlakit.validate.card import REPORT_DIR, model_card, public
 from mlakit.validate.check import require_mla
 from mlakit.validate.report import REPORT_MD, human_bytes, render_markdown
+from mlakit.validate.report import REPORT_JSON as REPORT_NAME
 
 CARD = "README.md"
-RECORD = "mlakit.json"
-REPORT_JSON = f"{REPORT_DIR}/report.json"
+REPORT_JSON = f"{REPORT_DIR}/{REPORT_NAME}"
 # Temporary folders of atomic writes and other hidden files never leave the machine.
 IGNORE = [".*", "*/.*"]
 

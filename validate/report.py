@@ -23,10 +23,13 @@ from mlakit.core.errors import MlakitError  # noqa: E402
 from mlakit.core.guard import atomic_folder  # noqa: E402
 from mlakit.validate.check import ENGINE_NAMES  # noqa: E402
 
+REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 MEMORY_PNG = "memory.png"
 LAYER_PNG = "layer_error.png"
 COLORS = {"source": "#7f7f7f", "converted": "#1f77b4"}
+# What error lines call the report folder: an earlier report there is replaced, nothing else is.
+REPORT_TARGET = "--report folder"
 
 
 def _scale(max_bytes: float) -> tuple[float, str]:
@@ -291,14 +294,14 @@ def _calibrate_lines(run: dict) -> list[str]:
 def write_report(out: Path, report: dict) -> None:
     """report.json, report.md and the PNGs, renamed into `out` only once all are written."""
     report = {**report, "plots": [MEMORY_PNG, LAYER_PNG]}
-    with atomic_folder(out, force=True) as tmp:
+    with atomic_folder(out, force=True, marker=REPORT_JSON, what=REPORT_TARGET) as tmp:
         try:
             plot_memory(report, tmp / MEMORY_PNG)
             plot_layers(report, tmp / LAYER_PNG)
             (tmp / REPORT_MD).write_text(render_markdown(report))
         except OSError as exc:
             raise MlakitError(f"cannot write the report into {out.parent}: {exc.strerror or exc}") from exc
-        write_json(tmp / "report.json", report)
+        write_json(tmp / REPORT_JSON, report)
 
 
 def summary(report: dict) -> str:

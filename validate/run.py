@@ -28,7 +28,7 @@ from mlakit.core.guard import check_output, check_protected
 from mlakit.core.text import Corpus, load_corpus, token_windows
 from mlakit.validate import cache, metrics, weights
 from mlakit.validate.check import require_mla
-from mlakit.validate.report import write_report
+from mlakit.validate.report import REPORT_JSON, REPORT_TARGET, write_report
 
 # The demo trains on the first 90% of the bundled text, so by default validation reads the rest.
 HELD_OUT_FRACTION = 0.1
@@ -177,9 +177,7 @@ def check_report_target(out: Path, inputs: list[Path]) -> None:
     """Refuse a folder that is or holds a model read (inside CONVERTED is its default place), an unwritable
     place, or an existing folder that is not an earlier report (it would be replaced)."""
     check_protected(out, inputs, "--report", nest_ok=True)
-    if out.exists() and not (out / "report.json").is_file():
-        raise MlakitError(f"{out} exists and is not an mlakit report; choose another --report folder")
-    check_output(out, force=True)
+    check_output(out, force=True, marker=REPORT_JSON, what=REPORT_TARGET)
 
 
 def _load(folder: Path, name: str, device: torch.device, max_memory: dict[int | str, str] | None) -> PreTrainedModel:
