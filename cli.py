@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from mlakit.core.errors import MlakitError, Terminated
-from mlakit.core.guard import check_output, local_model, positive, record_id, stale_folders
+from mlakit.core.guard import DISK_FULL, check_output, disk_error, local_model, positive, record_id, stale_folders
 
 
 def _terminate(signum: int, frame) -> None:
@@ -22,7 +22,12 @@ def _terminate(signum: int, frame) -> None:
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn MlakitError, Ctrl-C and SIGTERM into one line on stderr and a non-zero exit."""
+    """Turn MlakitError, a full disk wherever it is met, Ctrl-C and SIGTERM into one line on stderr and a
+    non-zero exit."""
+
+    def fail(exc: MlakitError) -> None:
+        click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
+        sys.exit(1)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,8 +35,11 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MlakitError as exc:
-            click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
-            sys.exit(1)
+            fail(exc)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            fail(disk_error(exc, Path(exc.filename or ".")))
         except Terminated:
             click.echo("terminated; OUT was not written", err=True)
             sys.exit(143)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mlakit.core.errors import MlakitError
+from mlakit.core.guard import writing
 
 CREATED = ".mlakit-created"
 STEPS = ("step-*", ".step-*.tmp")  # distillation checkpoints (distill.py)
@@ -26,8 +27,9 @@ OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*", f".
 def create(folder: Path) -> None:
     """Make the folder if it is missing, marked as mlakit's."""
     if not folder.exists():
-        folder.mkdir(parents=True)
-        (folder / CREATED).touch()
+        with writing(folder):
+            folder.mkdir(parents=True)
+            (folder / CREATED).touch()
 
 
 def remove(folder: Path) -> None:

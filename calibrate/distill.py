@@ -31,7 +31,7 @@ from mlakit.core.checkpoint import read_json, write_json
 from mlakit.core.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
-from mlakit.core.guard import atomic_folder
+from mlakit.core.guard import atomic_folder, writing
 from mlakit.core.metrics import IGNORE, Quality, QualityMeter, next_token_labels
 
 TRAIN = ("attention", "all")
@@ -144,7 +144,8 @@ class Checkpoints:
 
     def save(self, accelerator, step: int) -> None:
         tmp = self.folder / f".step-{step:07d}.tmp"
-        accelerator.save_state(str(tmp))
+        with writing(tmp):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(tmp / STATE, {"step": step, "fingerprint": self.fingerprint})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,18 +29,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mlakit.calibrate.checkpoint import LAYERS
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, stored_attention
 from mlakit.calibrate.layers import Student, Teacher
-from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.checkpoint import read_json, save_tensors, write_json
 from mlakit.core.deepseek import format_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights, rms_norm, row_chunks
-from mlakit.core.guard import disk_error
+from mlakit.core.guard import writing
 from mlakit.core.metrics import Quality, QualityMeter, next_token_labels
 
 INPUTS = ("student", "teacher")
@@ -200,16 +198,12 @@ class LayerProgress:
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], rng: torch.Tensor, report: dict) -> None:
         """Layer i, written under a temporary name and renamed, so that a file present is complete."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / RUN).is_file():
             write_json(self.path / RUN, self.fingerprint)
-        tmp = self._file(i).with_suffix(".tmp")
-        try:
-            save_file({**{k: t.contiguous() for k, t in tensors.items()}, RNG: rng}, str(tmp),
-                      metadata={"report": json.dumps(report)})
-        except OSError as exc:
-            raise disk_error(exc, tmp) from exc
-        os.replace(tmp, self._file(i))
+        save_tensors(self._file(i), {**{k: t.contiguous() for k, t in tensors.items()}, RNG: rng},
+                     metadata={"report": json.dumps(report)})
 
     def load(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
         """Layer i's tensors, the random state after it and its report."""

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mlakit.core.errors import MlakitError
-from mlakit.core.guard import disk_error, local_model
+from mlakit.core.guard import disk_error, local_model, writing
 
 # Everything but the weights; the weights are fetched second, only the shards the index names (a repo
 # may also ship the same weights in another layout, e.g. Mistral's consolidated.safetensors).
@@ -250,6 +251,15 @@ class ShardWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             write_json(self.folder / "model.safetensors.index.json", index)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name and renamed, so that a file present is
+    complete; a failed write (a full disk) is one error line."""
+    tmp = path.with_suffix(".tmp")
+    with writing(tmp):
+        save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 def json_text(obj: object) -> str:

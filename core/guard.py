@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,9 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 TEMP_PARTS = ("tmp", "old", "layerwise", "data", "exact")
 # What marks a folder as written by convert or calibrate: only such a folder (or an empty one) is replaced.
 RECORD = "mlakit.json"
+# The errnos of a full disk or quota, and below how many free bytes a failed write is taken for one.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE_BYTES = 2**20
 # The lock files (`.NAME.lock` beside OUT) this process holds.
 _HELD: set[Path] = set()
 
@@ -164,10 +168,35 @@ def stale_folders(out: Path) -> list[str]:
     return lines
 
 
-def disk_error(exc: OSError, path: Path) -> MlakitError:
-    if exc.errno == errno.ENOSPC:
+def disk_error(exc: Exception, path: Path) -> MlakitError:
+    """One line for a failed write. A full disk is named as such whichever layer noticed it: Python
+    (ENOSPC), safetensors (in its message) or torch.save (a failed write, no space left where it wrote)."""
+    full = getattr(exc, "errno", None) in DISK_FULL or "No space left" in str(exc)
+    if full or _free_bytes(path) < LOW_SPACE_BYTES:
         return MlakitError(f"disk full while writing {path}; free space and run again")
-    return MlakitError(f"cannot write {path}: {exc.strerror or exc}")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return MlakitError(f"cannot write {path}: {reason}")
+
+
+def _free_bytes(path: Path) -> float:
+    """Bytes free to this user on the disk of `path` (or of its nearest existing parent)."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        return shutil.disk_usage(folder).free if folder else math.inf
+    except OSError:
+        return math.inf
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Any failure of the write in the block as one error line (`disk_error`): each writer raises its own
+    type (OSError, safetensors' SafetensorError, torch.save's RuntimeError)."""
+    try:
+        yield
+    except MlakitError:
+        raise
+    except Exception as exc:  # the writers' own exception types, see above
+        raise disk_error(exc, path) from exc
 
 
 def _umask_mode() -> int:

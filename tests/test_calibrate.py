@@ -562,6 +562,44 @@ def test_packed_data_is_removed_however_the_run_ends(pair, tmp_path: Path, monke
     assert not list(tmp_path.glob(".*")) and not (tmp_path / "full").exists()
 
 
+def ends_in_one_error_line(result, *words: str) -> None:
+    """Progress lines may come first; the run ends in one error line, with no traceback."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert lines and [line for line in lines if line.startswith("error: ")] == lines[-1:], result.output
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def test_a_full_disk_while_saving_progress_is_one_line(pair, tmp_path: Path, monkeypatch) -> None:
+    """Saved layers and the teacher cache (safetensors, which raises its own error type) and
+    distillation checkpoints (torch.save through accelerate, a RuntimeError) fail on a full disk
+    with one error line, like every other write."""
+    import safetensors.torch
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    src, mla = pair
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "serialize_file", full)
+        ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "a", *small(src), "--layer-steps", "1"),
+                               "disk full while writing", LAYERS)
+        ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "b", *small(src), *DISTILL, "--teacher-topk", "8"),
+                               "disk full while writing", CACHE)
+
+    def torch_save_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(Accelerator, "save_state", torch_save_fails)
+    ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "c", *small(src), *DISTILL, "--save-every", "1"),
+                           "cannot write", ".step-0000001.tmp", "unexpected pos")
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".ckpt")]
+
+
 def test_resume_refuses_checkpoints_of_another_run(pair, tmp_path: Path, monkeypatch) -> None:
     src, mla = pair
     out = tmp_path / "out"
