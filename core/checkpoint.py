@@ -108,6 +108,17 @@ def _tensor_info(shard: Path, name: str, entry: dict) -> TensorInfo:
     return TensorInfo(HEADER_DTYPES[entry["dtype"]], tuple(entry["shape"]))
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, checked a slice at a time so that no tensor-sized mask is made
+    (8-bit floats, which isfinite does not take, as float32)."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    step = 2**24
+    return all(bool(torch.isfinite(flat[i : i + step].float() if tensor.element_size() == 1 else flat[i : i + step])
+                    .all()) for i in range(0, flat.numel(), step))
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a model folder (safetensors shards or a single .bin file).
 
@@ -160,15 +171,21 @@ class CheckpointReader:
         return self._info[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped from its shard.
+        """One tensor, memory-mapped from its shard, refused when it holds a NaN or an infinity (which
+        would otherwise surface as a failed eigen-solve after the work, naming no weight).
 
         The handle is closed at once, so the mapping lives exactly as long as the tensor: pages of
         tensors already dropped leave resident memory, which a handle kept open would hold."""
         self.info(name)
         if self._bin is not None:
-            return self._bin[name].clone()
-        with safe_open(self._where[name], "pt") as fh:
-            return fh.get_tensor(name)
+            tensor = self._bin[name].clone()
+        else:
+            with safe_open(self._where[name], "pt") as fh:
+                tensor = fh.get_tensor(name)
+        if not _finite(tensor):
+            raise MlakitError(f"{self._where.get(name, self.folder)}: tensor {name} holds NaN or infinite values; "
+                              "the checkpoint is damaged (download it again) or was saved from a diverged run")
+        return tensor
 
     def dtype(self) -> torch.dtype:
         """The dtype most weight elements are stored in, from the headers."""

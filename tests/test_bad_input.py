@@ -108,6 +108,17 @@ def test_missing_weight(tmp_path: Path) -> None:
     assert "missing" in convert_fails(str(src), tmp_path / "out")
 
 
+def test_non_finite_weight_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = make_llama(tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    line = convert_fails(str(src), tmp_path / "out", "--kv-lora-rank", "16")
+    assert "model.layers.1.self_attn.k_proj.weight" in line and "NaN" in line
+
+
 def test_disk_full(pico: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
