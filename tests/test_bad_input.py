@@ -54,6 +54,15 @@ def test_unsupported_architecture(tmp_path: Path, model_type: str, reason: str) 
     assert model_type in line and reason in line
 
 
+def test_config_without_a_shape_field_names_it(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["hidden_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = convert_fails(str(src), tmp_path / "out")
+    assert "no hidden_size" in line and "implies" not in line
+
+
 def test_sliding_window_in_use(tmp_path: Path) -> None:
     src = make_llama(tmp_path / "src", model_type="mistral")
     cfg = json.loads((src / "config.json").read_text())
