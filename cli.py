@@ -63,7 +63,23 @@ def _start(out: Path | None = None) -> None:
     logging.disable_progress_bar()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """Usage mistakes (an unknown option, a value not among the choices, a missing file) end like every
+    other bad input: one `error:` line, not click's usage block (exit status 2, as click gives)."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C before a command started
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mlakit")
 def main() -> None:
     """mlakit: turn Hugging Face GQA/MHA models into DeepSeek-V3 MLA models.
@@ -82,7 +98,7 @@ def main() -> None:
                    "else the largest power of two that halves the source's KV cache.")
 @click.option("--rope-dim", type=int, default=64, show_default=True,
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
-@click.option("--calib-text", type=click.Path(path_type=Path), multiple=True,
+@click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Text file(s) for calibration statistics (repeatable). Default: the bundled docstrings.")
 @click.option("--calib-tokens", type=int, default=32768, show_default=True,
               help="Calibration tokens, in windows spread over the text; time grows linearly with them.")
@@ -91,8 +107,9 @@ def main() -> None:
               help="Start every calibration window with the tokenizer's bos_token, as served prompts start with a "
                    "special token (refused when the tokenizer has none). Measured on SmolLM2-135M: see "
                    "docs/real-models.md.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
-              help="Output dtype (fp16 is refused: the exact latent-norm trick needs bf16's range).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Output dtype. No fp16: the exact latent format's scaled latent rows need bf16's range, and a "
+                   "native-format model quantizes to f16 later (docs/quantization.md).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for the calibration passes.")
 @click.option("--rope-strategy", default="auto", show_default=True,
               help="How head_dim/2 source frequencies share rope_dim/2 rotary slots: fold, foldN (N slots per "
@@ -133,23 +150,22 @@ def convert(source: str, out: Path, **kw) -> None:
         calib_bos=kw["calib_bos"], dtype=kw["dtype"],
         device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
-        output_aware=not kw["weight_svd"],
+        output_aware=not kw["weight_svd"], latent=kw["latent"],
         revision=kw["revision"],
     )
     if kw["dry_run"]:
         click.echo(make_plan(record_id(source), opts).describe())
-        if kw["latent"] == "native":
-            click.echo("  --latent native adds one more pass over the calibration text, not in the estimates")
         return
     from mlakit.convert.pipeline import convert as run
     from mlakit.convert.pipeline import summary
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    if kw["latent"] == "native":
+    if opts.latent == "native":
         from mlakit.calibrate.native import convert_native, native_summary
 
         record = convert_native(record_id(source), out, lambda src, folder: run(src, folder, opts, force=True, log=log),
-                                opts.calib_text, opts.calib_tokens, opts.calib_seq_len, opts.device, kw["force"])
+                                opts.calib_text, opts.calib_tokens, opts.calib_seq_len, opts.device, kw["force"],
+                                log=log)
         click.echo(summary(record))
         click.echo(native_summary(record))
     else:
@@ -239,11 +255,11 @@ def calibrate(converted: str, out: Path, **kw) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("converted")
-@click.option("--text", type=click.Path(path_type=Path), multiple=True,
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Evaluation text file(s) (repeatable). Default: the held-out last 10% of the bundled docstrings.")
 @click.option("--tokens", type=int, default=32768, show_default=True, help="Evaluation tokens for both models.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Evaluation window length.")
-@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Prompts for greedy generation, one per line. Default: four built-in prompts.")
 @click.option("--contexts", default="1024,4096,32768", show_default=True,
               help="Context lengths at which to measure the real KV cache (clipped to max_position_embeddings).")

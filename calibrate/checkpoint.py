@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,11 @@ CACHE = "teacher-topk"  # the cached teacher (teacher.py)
 LAYERS = "layerwise-layers"  # finished layers of an unfinished layer-wise stage (layerwise.py)
 STAGE = "layerwise-output"  # a finished layer-wise stage that `--mode both` distills from (run.py)
 OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*", f".{STAGE}.lock")
+
+
+def resume_hint(saved: str) -> None:
+    """After Ctrl-C or SIGTERM, when progress was saved: say how to continue (the CLI's own line follows)."""
+    print(f"{saved} kept: rerun with --resume to continue", file=sys.stderr)
 
 
 def create(folder: Path) -> None:

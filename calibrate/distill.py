@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
 
-from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove
+from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove, resume_hint
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import Export, keep_better
 from mlakit.calibrate.teacher import CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, load_teacher, logits
@@ -241,7 +241,7 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
                 ckpt.save(acc, step + 1)
     except KeyboardInterrupt:
         if main and ckpt.latest() is not None:
-            print(f"checkpoint {ckpt.latest()} kept: rerun with --resume to continue", file=sys.stderr)
+            resume_hint(f"checkpoint {ckpt.latest()}")
         raise
     bar.close()
     seconds = time.perf_counter() - t0

@@ -81,10 +81,11 @@ class _Fit:
         return self.student.attention(self.x[rows], w, self.pos[rows], self.norm_eps)
 
     def error(self, w: MLAWeights) -> float:
-        """Relative squared error of the attention output over all calibration rows."""
+        """The attention error over all calibration rows: ||a - target|| / ||target||, the relative error
+        that convert and validate report too."""
         with torch.no_grad():
             err = sum((self.attention(c, w) - self.target[c]).pow(2).sum().item() for c in self.chunks)
-        return err / max(self.energy, 1e-30)
+        return math.sqrt(err / max(self.energy, 1e-30))
 
     def least_squares(self, features: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """argmin_M ||F M - target|| over all rows, F = features(rows), in float64 with a tiny ridge."""
@@ -161,7 +162,7 @@ def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torc
               opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None],
               norm_eps: float | None = None) -> tuple[MLAWeights, dict]:
     """Fit one attention block (plain, or through kv_a_layernorm with `norm_eps`); returns the best
-    weights found and the error of each stage."""
+    weights found, its attention error and that of each stage."""
     fit = _Fit(student, x, pos, target, norm_eps)
     stages = {"converted": w}
     stages["least_squares"] = fit.solve_values(w)
@@ -169,7 +170,7 @@ def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torc
         stages["adam"] = fit.solve_output(fit.adam(stages["least_squares"], opts, gen, tick))
     errors = {name: fit.error(s) for name, s in stages.items()}
     kept = min(errors, key=errors.get)
-    return stages[kept], {"errors": errors, "kept": kept}
+    return stages[kept], {"attn_rel_error": errors[kept], "attn_rel_error_by_stage": errors, "kept": kept}
 
 
 class LayerProgress:
@@ -278,7 +279,7 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
         fitted_layer = replace(s_layer, attn=MLAWeights(*(t.to(dev) for t in vars(stored).values())))
         reports.append({"layer": i, **report})
         if log and bar.disable:
-            errors = report["errors"]
+            errors = report["attn_rel_error_by_stage"]
             log(f"layer-wise: layer {i + 1}/{teacher.layers} "
                 + ("saved by the interrupted run" if i < resumed else f"in {time.perf_counter() - layer_start:.1f} s")
                 + f", attention error {errors['converted']:.4f} -> {errors[report['kept']]:.4f} ({report['kept']})")

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import mlakit
-from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove
+from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove, resume_hint
 from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import RECORD, Export, keep_better, load_mla_config, worse_warning
@@ -210,7 +210,12 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
     if not opts.distill.resume:
         progress.clear()
     export = Export(converted, folder)
-    result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw, progress, log)
+    try:
+        result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw, progress, log)
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM as the CLI raises it
+        if progress.done():
+            resume_hint(f"{progress.path} ({progress.done()} of {student.layers} layers)")
+        raise
     export.close()
     kept = keep_better(converted, folder, result.before, result.after)
     if kept == "input":

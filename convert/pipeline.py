@@ -76,7 +76,7 @@ def _stream(plan: Plan, reader: CheckpointReader, windows: torch.Tensor, cands: 
             reports[c.strategy][-1]["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         if log and bar.disable:
             row = reports[cands[0].strategy][-1]
-            log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attn err "
+            log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attention error "
                 f"{row['attn_rel_error']:.4f}, latent err {row['latent_error']:.4f}")
     return reports
 
@@ -196,9 +196,9 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
     if len(cands) > 1:
         n_probe = max(1, min(windows.shape[0], opts.strategy_tokens // opts.calib_seq_len))
         probe = _stream(plan, reader, windows[:n_probe], list(cands.values()), opts, None, "choosing rope budget")
-        choice = {s: _mean_sq(rep) for s, rep in probe.items()}
+        choice = {s: _rms_error(rep) for s, rep in probe.items()}
         best = min(choice, key=choice.get)
-        log("rope budget on calibration text (mean squared attention error): "
+        log("rope budget on calibration text (attention error, root mean square over layers): "
             + ", ".join(f"{s} {e:.4g}" for s, e in choice.items()) + f" -> {best}")
     else:
         best = plan.strategies[0]
@@ -233,8 +233,9 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
     return record
 
 
-def _mean_sq(layers: list[dict]) -> float:
-    return sum(l["attn_rel_error"] ** 2 for l in layers) / len(layers)
+def _rms_error(layers: list[dict]) -> float:
+    """The layers' attention errors in one number, each layer weighted as its squared error."""
+    return math.sqrt(sum(row["attn_rel_error"] ** 2 for row in layers) / len(layers))
 
 
 def summary(record: dict) -> str:
@@ -250,11 +251,11 @@ def summary(record: dict) -> str:
         f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {record['calibration']['tokens']} tokens of "
         f"{record['calibration']['text']} (sha256 {record['calibration']['sha256'][:12]})"
         + (", each window led by the BOS token" if record["calibration"].get("bos") else ""),
-        "layer  attn err  K err   V err   latent err  rank-r optimum  rope energy kept",
+        "layer  attention error  K err   V err   latent err  rank-r optimum  rope energy kept",
     ]
     for row in record["layers"]:
         lines.append(
-            f"{row['layer']:>5}  {row['attn_rel_error']:8.4f}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
+            f"{row['layer']:>5}  {row['attn_rel_error']:15.4f}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
             f"{row['latent_error']:10.4f}  {row['latent_optimum']:14.4f}  {row['rope_energy_kept']:16.4f}"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -39,7 +39,7 @@ def resolve_model(source: str, revision: str | None = None) -> Path:
     try:
         local = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
         index = local / "model.safetensors.index.json"
-        weights = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        weights = sorted(set(weight_map(index).values())) if index.is_file() else ["model.safetensors"]
         # the snapshot folder is named by its commit: the weights come from the same one
         local = Path(snapshot_download(source, revision=local.name, allow_patterns=weights))
     except MlakitError:
@@ -49,6 +49,20 @@ def resolve_model(source: str, revision: str | None = None) -> Path:
     if not all((local / name).is_file() for name in weights):
         raise MlakitError(f"{source}: the hub repo has no safetensors weights; convert it to safetensors first")
     return local
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a `model.safetensors.index.json`, refusing a shard name that is not a
+    plain relative path inside the folder: an absolute or `../` name would read (or download) a file
+    elsewhere."""
+    names = read_json(index).get("weight_map")
+    if not isinstance(names, dict):
+        raise MlakitError(f"{index}: no weight_map")
+    for shard in set(names.values()):
+        path = PurePosixPath(str(shard))
+        if not shard or path.is_absolute() or ".." in path.parts or "\\" in str(shard):
+            raise MlakitError(f"{index}: shard {shard!r} is not a file inside the model folder; refusing to read it")
+    return names
 
 
 def read_json(path: Path) -> dict:
@@ -133,7 +147,7 @@ class CheckpointReader:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.is_file():
-            for name, shard in read_json(index)["weight_map"].items():
+            for name, shard in weight_map(index).items():
                 self._where[name] = folder / shard
         elif single.is_file():
             self._where = {name: single for name in _read_header(single)}

@@ -324,3 +324,17 @@ def test_bad_arguments_fail_before_torch_is_imported(tmp_path: Path) -> None:
                               text=True, timeout=120)
         assert done.stdout.strip() == "exit 1 False False", (args, done.stdout, done.stderr)
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_missing_text_files_fail_before_torch_is_imported(tmp_path: Path) -> None:
+    """As README promises: a --calib-text, --text or --prompts file that is not there is one line at once."""
+    code = ("import sys\nfrom mlakit.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    print('exit', exc.code, 'torch' in sys.modules)\n")
+    for args in (["convert", "demo", "out", "--calib-text", "nope.txt"],
+                 ["validate", "demo", "demo", "--text", "nope.txt"], ["validate", "demo", "demo", "--prompts", "nope"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=ENV, capture_output=True,
+                              text=True, timeout=120)
+        assert done.stdout.strip() == "exit 2 False", (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], done.stderr

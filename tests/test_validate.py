@@ -98,8 +98,9 @@ def test_top_k_kl_is_a_lower_bound_equal_at_full_vocabulary() -> None:
 
 def test_divergence_positions() -> None:
     assert metrics.divergence([1, 2, 3], [1, 2, 3]) is None
-    assert metrics.divergence([1, 2, 3], [1, 5, 3]) == 1
-    assert metrics.divergence([1, 2], [1, 2, 7]) == 2
+    assert metrics.divergence([1, 2, 3], [1, 5, 3]) == 2  # counted from 1: the second token differs
+    assert metrics.divergence([7, 2], [1, 2]) == 1
+    assert metrics.divergence([1, 2], [1, 2, 7]) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -159,9 +160,15 @@ def test_report_has_every_listed_key_and_bounded_numbers(validated: tuple[dict, 
 def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path]) -> None:
     _, folder = validated
     assert sorted(p.name for p in folder.iterdir()) == ["layer_error.png", "memory.png", "report.json", "report.md"]
+    text = (folder / "report.md").read_text()
     for png in ("memory.png", "layer_error.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"]({png})" in (folder / "report.md").read_text()
+        assert f"]({png})" in text
+    assert "columns are each measured on its own text and windows" in text
+    report = json.loads((folder / "report.json").read_text())
+    for g in report["generation"]:
+        if g["diverges_at"] is not None:
+            assert f"first differs at generated token {g['diverges_at']} (counted from 1)" in text
     assert not list(folder.parent.glob(".report.tmp-*"))
 
 
@@ -288,9 +295,9 @@ def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path,
     assert "- mode: layerwise, teacher `demo`" in text
     assert f"{run['data']['held_out_tokens']} held-out tokens" in text and '"fit_tokens": 2048' in text
     assert f"perplexity {run['before']['student_ppl']:.4f} -> {run['after']['student_ppl']:.4f}" in text
-    labels = "| layer | calibrated model, evaluation text (validate) | one-shot conversion before calibration, " \
-             "its calibration text (convert) |"
-    assert labels in text
+    labels = "| layer | calibrated model, evaluation text, 1024 tokens in windows of 256 (validate) | one-shot " \
+             "conversion before calibration, its calibration text, 4096 tokens in windows of 256 (convert) |"
+    assert labels in text and "not a before/after pair" in text
     # the demo: 4 heads of 64, 2 kv heads, hidden 256, vocab 2048, tied; MLA heads: nope 64, rope 64, v padded to 128
     params = report["parameters"]
     assert sum(params["source_attention_per_layer"].values()) == 4 * 64 * 256 * 2 + 2 * 2 * 64 * 256  # 196,608
@@ -305,18 +312,24 @@ def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path,
     assert "kv_b_proj holds every head's own up-projection" in text
 
 
-def test_layer_series_say_which_model_and_text() -> None:
+def test_layer_series_say_which_model_text_and_windows() -> None:
+    """The two series differ in text and windows (and after calibration in weights): each label says what
+    it measured, and the report says they are not a before/after pair."""
     layers = [{"layer": 0, "attn_rel_error": 0.1}]
-    converted = {"layers": layers, "conversion": {"layers": [{"layer": 0, "attn_rel_error": 0.2}]}}
+    text = {"seq_len": 512, "layer_tokens": 2048}
+    conversion = {"layers": [{"layer": 0, "attn_rel_error": 0.2}], "calibration": {"tokens": 32768, "seq_len": 256}}
+    converted = {"layers": layers, "text": text, "conversion": conversion}
     assert [label for label, _ in layer_series(converted)] == [
-        "converted model, evaluation text (validate)", "converted model, its calibration text (convert)"]
-    calibrated = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "calibrated"}]}}
-    assert layer_series(calibrated) == [("calibrated model, evaluation text (validate)", [0.1]),
-                                        ("one-shot conversion before calibration, its calibration text (convert)",
-                                         [0.2])]
-    unchanged = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "input"}]}}
+        "converted model, evaluation text, 2048 tokens in windows of 512 (validate)",
+        "converted model, its calibration text, 32768 tokens in windows of 256 (convert)"]
+    calibrated = {**converted, "conversion": {**conversion, "calibrate": [{"kept": "calibrated"}]}}
+    assert layer_series(calibrated) == [
+        ("calibrated model, evaluation text, 2048 tokens in windows of 512 (validate)", [0.1]),
+        ("one-shot conversion before calibration, its calibration text, 32768 tokens in windows of 256 (convert)",
+         [0.2])]
+    unchanged = {**converted, "conversion": {**conversion, "calibrate": [{"kept": "input"}]}}
     assert layer_series(unchanged) == layer_series(converted)
-    assert layer_series({"layers": layers, "conversion": None}) == [layer_series(converted)[0]]
+    assert layer_series({**converted, "conversion": None}) == [layer_series(converted)[0]]
 
 
 def test_parameters_and_break_even_of_the_pico_pair(validated: tuple[dict, Path]) -> None:

@@ -66,7 +66,8 @@ def plan_push(folder: Path, repo_id: str) -> PushPlan:
         raise MlakitError(f"{repo_id}: not a hub repo id of the form owner/name")
     require_mla(folder, str(folder))
     if not (folder / REPORT_JSON).is_file():
-        raise MlakitError(f"{folder}: no validation report ({REPORT_JSON}); run `mlakit validate SOURCE {folder}` first")
+        raise MlakitError(f"{folder}: no validation report ({REPORT_JSON}); run `mlakit validate SOURCE {folder}` "
+                          "first")
     report = read_json(folder / REPORT_JSON)
     record = read_json(folder / RECORD) if (folder / RECORD).is_file() else None
     if record is not None and record != report.get("conversion"):
