@@ -70,6 +70,9 @@ class OneLineErrors(click.Group):
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as exc:  # `mlakit` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
             click.echo(f"error: {exc.format_message()}{where}", err=True)
