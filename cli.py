@@ -12,7 +12,7 @@ import click
 
 from mlakit.core.engines import rank_request
 from mlakit.core.errors import MlakitError, Terminated
-from mlakit.core.guard import check_output, local_model, positive, record_id, stale_folders
+from mlakit.core.guard import DISK_FULL, check_output, disk_error, local_model, positive, record_id, stale_folders
 
 
 def _terminate(signum: int, frame) -> None:
@@ -23,7 +23,12 @@ def _terminate(signum: int, frame) -> None:
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn MlakitError, Ctrl-C and SIGTERM into one line on stderr and a non-zero exit."""
+    """Turn MlakitError, a full disk wherever it is met, Ctrl-C and SIGTERM into one line on stderr and a
+    non-zero exit."""
+
+    def fail(exc: MlakitError) -> None:
+        click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
+        sys.exit(1)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,8 +36,11 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MlakitError as exc:
-            click.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, whatever the cause wrote
-            sys.exit(1)
+            fail(exc)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            fail(disk_error(exc, Path(exc.filename or ".")))
         except Terminated:
             click.echo("terminated; OUT was not written", err=True)
             sys.exit(143)
@@ -56,7 +64,26 @@ def _start(out: Path | None = None) -> None:
     logging.disable_progress_bar()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """Usage mistakes (an unknown option, a value not among the choices, a missing file) end like every
+    other bad input: one `error:` line, not click's usage block (exit status 2, as click gives)."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as exc:  # `mlakit` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C before a command started
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mlakit")
 def main() -> None:
     """mlakit: turn Hugging Face GQA/MHA models into DeepSeek-V3 MLA models.
@@ -77,7 +104,7 @@ def main() -> None:
                    "it serves, zero-padded, when none fits.")
 @click.option("--rope-dim", type=int, default=64, show_default=True,
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
-@click.option("--calib-text", type=click.Path(path_type=Path), multiple=True,
+@click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Text file(s) for calibration statistics (repeatable). Default: text sampled from SOURCE itself "
                    "(cached), which stands for everything the model does; a text of one kind fits the model to "
                    "that kind.")
@@ -95,8 +122,9 @@ def main() -> None:
               help="Start every calibration window with the tokenizer's bos_token, as served prompts start with a "
                    "special token (refused when the tokenizer has none). Measured on SmolLM2-135M: see "
                    "docs/real-models.md.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
-              help="Output dtype (fp16 is refused: the exact latent-norm trick needs bf16's range).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="Output dtype. No fp16: the exact latent format's scaled latent rows need bf16's range, and a "
+                   "native-format model quantizes to f16 later (docs/quantization.md).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for the calibration passes.")
 @click.option("--rope-strategy", default="auto", show_default=True,
               help="How head_dim/2 source frequencies share rope_dim/2 rotary slots: fold, foldN (N slots per "
@@ -143,13 +171,11 @@ def convert(source: str, out: Path, **kw) -> None:
         calib_seed=kw["calib_seed"], dtype=kw["dtype"],
         device=kw["device"], rope_strategy=kw["rope_strategy"], llama3_rope=kw["llama3_rope"], complex_pca=not kw["real_pca"],
         expected_rotation=not kw["no_expected_rotation"], activation_aware=not kw["weight_svd"],
-        output_aware=not kw["weight_svd"],
+        output_aware=not kw["weight_svd"], latent=kw["latent"],
         revision=kw["revision"],
     )
     if kw["dry_run"]:
         click.echo(make_plan(record_id(source), opts).describe())
-        if kw["latent"] == "native":
-            click.echo("  --latent native adds one more pass over the calibration text, not in the estimates")
         return
     from mlakit.calibrate.native import convert_native, native_summary
     from mlakit.convert.pad import convert_padded, pad_summary
@@ -159,9 +185,9 @@ def convert(source: str, out: Path, **kw) -> None:
     log = lambda m: click.echo(m, err=True)  # noqa: E731
 
     def produce(src: str, folder: Path, force: bool) -> dict:
-        if kw["latent"] == "native":
+        if opts.latent == "native":
             return convert_native(src, folder, lambda s, f: run(s, f, opts, force=True, log=log),
-                                  lambda: calibration_for(src, opts).windows, opts.device, force)
+                                  lambda: calibration_for(src, opts).windows, opts.device, force, log=log)
         return run(src, folder, opts, force=force, log=log)
 
     padded = pad_rank(record_id(source), opts)
@@ -259,11 +285,11 @@ def calibrate(converted: str, out: Path, **kw) -> None:
 @main.command()
 @click.argument("source")
 @click.argument("converted")
-@click.option("--text", type=click.Path(path_type=Path), multiple=True,
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Evaluation text file(s) (repeatable). Default: the held-out last 10% of the bundled docstrings.")
 @click.option("--tokens", type=int, default=32768, show_default=True, help="Evaluation tokens for both models.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Evaluation window length.")
-@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Prompts for greedy generation, one per line. Default: four built-in prompts.")
 @click.option("--contexts", default="1024,4096,32768", show_default=True,
               help="Context lengths at which to measure the real KV cache (clipped to max_position_embeddings).")
@@ -317,13 +343,14 @@ def check(converted: str) -> None:
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", default=None, help="Branch to upload to (created if missing).")
-@click.option("--dry-run", is_flag=True, help="Print what would be uploaded; write and upload nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the files and the model card that would be uploaded; upload nothing.")
 @friendly_errors
 def push(converted: Path, repo_id: str, **kw) -> None:
-    """Write the model card into CONVERTED and upload the folder to the hub as REPO_ID.
+    """Upload CONVERTED to the hub as REPO_ID, with a model card, in one commit; CONVERTED is never written.
 
-    CONVERTED must pass check and hold a validation report (CONVERTED/report). The token comes from
-    HF_TOKEN or `hf auth login`; HF_ENDPOINT is honored.
+    CONVERTED must pass check and hold a validation report (CONVERTED/report). The uploaded records name
+    local folders by their last name (or hub id), never by path. The token comes from HF_TOKEN or
+    `hf auth login`; HF_ENDPOINT is honored.
     """
     _start()
     from mlakit.validate.push import push as run

@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from mlakit.core.errors import MlakitError
+from mlakit.core.guard import writing
 
 CREATED = ".mlakit-created"
 STEPS = ("step-*", ".step-*.tmp")  # distillation checkpoints (distill.py)
 CACHE = "teacher-topk"  # the cached teacher (teacher.py)
 LAYERS = "layerwise-layers"  # finished layers of an unfinished layer-wise stage (layerwise.py)
 STAGE = "layerwise-output"  # a finished layer-wise stage that `--mode both` distills from (run.py)
-OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*")
+OWNED = (*STEPS, CACHE, LAYERS, STAGE, f".{STAGE}.tmp-*", f".{STAGE}.old-*", f".{STAGE}.lock")
+
+
+def resume_hint(saved: str) -> None:
+    """After Ctrl-C or SIGTERM, when progress was saved: say how to continue (the CLI's own line follows)."""
+    print(f"{saved} kept: rerun with --resume to continue", file=sys.stderr)
 
 
 def create(folder: Path) -> None:
     """Make the folder if it is missing, marked as mlakit's."""
     if not folder.exists():
-        folder.mkdir(parents=True)
-        (folder / CREATED).touch()
+        with writing(folder):
+            folder.mkdir(parents=True)
+            (folder / CREATED).touch()
 
 
 def remove(folder: Path) -> None:

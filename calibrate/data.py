@@ -205,16 +205,20 @@ def hold_out(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:
 
 
 def document_groups(position_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Flat token indices of every document piece, grouped by length: one (pieces, length) tensor each."""
+    """Flat token indices of every document piece, grouped by length: one (pieces, length) tensor each,
+    on the device of `position_ids` (every tensor made here names it: on CUDA a default-device tensor
+    would be on the CPU)."""
     b, n = position_ids.shape
+    device = position_ids.device
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([b * n])])
+    ends = torch.cat([starts[1:], torch.tensor([b * n], device=device)])
     # a row start is always a piece start, so no piece crosses rows
     by_length: dict[int, list[int]] = {}
     for start, end in zip(starts.tolist(), ends.tolist()):
         by_length.setdefault(end - start, []).append(start)
-    return [torch.tensor(s)[:, None] + torch.arange(length) for length, s in sorted(by_length.items())]
+    return [torch.tensor(s, device=device)[:, None] + torch.arange(length, device=device)
+            for length, s in sorted(by_length.items())]
 
 
 def per_document(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

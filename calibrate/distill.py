@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DeepseekV3ForCausalLM, get_cosine_schedule_with_warmup
 
-from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove
+from mlakit.calibrate.checkpoint import CACHE, STEPS, create, remove, resume_hint
 from mlakit.calibrate.data import Packed
-from mlakit.calibrate.export import Export, keep_better
+from mlakit.calibrate.export import keep_better
 from mlakit.calibrate.teacher import CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, load_teacher, logits
-from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.checkpoint import Export, read_json, write_json
 from mlakit.core.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
-from mlakit.core.guard import atomic_folder
+from mlakit.core.guard import atomic_folder, writing
 from mlakit.core.metrics import IGNORE, Quality, QualityMeter, next_token_labels
 
 TRAIN = ("attention", "all")
@@ -144,7 +144,8 @@ class Checkpoints:
 
     def save(self, accelerator, step: int) -> None:
         tmp = self.folder / f".step-{step:07d}.tmp"
-        accelerator.save_state(str(tmp))
+        with writing(tmp):
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(tmp / STATE, {"step": step, "fingerprint": self.fingerprint})
@@ -240,7 +241,7 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
                 ckpt.save(acc, step + 1)
     except KeyboardInterrupt:
         if main and ckpt.latest() is not None:
-            print(f"checkpoint {ckpt.latest()} kept: rerun with --resume to continue", file=sys.stderr)
+            resume_hint(f"checkpoint {ckpt.latest()}")
         raise
     bar.close()
     seconds = time.perf_counter() - t0

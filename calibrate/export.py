@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 from transformers import DeepseekV3Config
 
-from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, read_json, write_json
+from mlakit.core.checkpoint import Export, read_json
 from mlakit.core.deepseek import attention_names, format_attention, plain_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
+from mlakit.core.guard import RECORD
 from mlakit.core.metrics import Quality
 
-RECORD = "mlakit.json"
-SECTION = "calibrate"
 
 
 def load_mla_config(folder: Path) -> DeepseekV3Config:
@@ -57,40 +56,6 @@ def as_stored(i: int, w: MLAWeights, input_gamma: torch.Tensor, hidden: int, dty
     """The weights a loader of OUT will see, rounded to the output dtype."""
     stored = {name: t.to(dtype) for name, t in format_attention(i, w, input_gamma, hidden, native).items()}
     return stored_attention(stored.__getitem__, i, w.kv_b.shape[1], native)
-
-
-class Export:
-    """Write OUT: the tensors given (already in the format), every other tensor copied from CONVERTED,
-    then config and tokenizer files, then mlakit.json with this run's record appended."""
-
-    def __init__(self, converted: Path, folder: Path):
-        self.converted = converted
-        self.folder = folder
-        self.reader = CheckpointReader(converted)
-        self.dtype = self.reader.dtype()
-        self.writer = ShardWriter(folder)
-        self.written: set[str] = set()
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            self.writer.add(name, tensor.detach().to(self.dtype))
-            self.written.add(name)
-
-    def close(self) -> None:
-        """Copy every tensor not given, finish the shards, add config and tokenizer files."""
-        for name in self.reader.names:
-            if name not in self.written:
-                self.writer.add(name, self.reader.get(name))
-        self.writer.close()
-        write_json(self.folder / "config.json", read_json(self.converted / "config.json"))
-        copy_side_files(self.converted, self.folder)
-
-    def record(self, run: dict) -> dict:
-        """Write mlakit.json: CONVERTED's record with this run appended to its calibrate list."""
-        record = read_json(self.converted / RECORD) if (self.converted / RECORD).is_file() else {}
-        record[SECTION] = [*record.get(SECTION, []), run]
-        write_json(self.folder / RECORD, record)
-        return record
 
 
 def keep_better(converted: Path, folder: Path, before: Quality, after: Quality) -> str:

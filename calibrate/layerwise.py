@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -30,18 +29,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mlakit.calibrate.checkpoint import LAYERS
 from mlakit.calibrate.data import Packed
-from mlakit.calibrate.export import Export, stored_attention
+from mlakit.calibrate.export import stored_attention
 from mlakit.calibrate.layers import Student, Teacher
-from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.checkpoint import Export, read_json, save_tensors, write_json
 from mlakit.core.deepseek import format_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights, rms_norm, row_chunks
-from mlakit.core.guard import disk_error
+from mlakit.core.guard import writing
 from mlakit.core.metrics import Quality, QualityMeter, next_token_labels
 
 INPUTS = ("student", "teacher")
@@ -83,10 +81,11 @@ class _Fit:
         return self.student.attention(self.x[rows], w, self.pos[rows], self.norm_eps)
 
     def error(self, w: MLAWeights) -> float:
-        """Relative squared error of the attention output over all calibration rows."""
+        """The attention error over all calibration rows: ||a - target|| / ||target||, the relative error
+        that convert and validate report too."""
         with torch.no_grad():
             err = sum((self.attention(c, w) - self.target[c]).pow(2).sum().item() for c in self.chunks)
-        return err / max(self.energy, 1e-30)
+        return math.sqrt(err / max(self.energy, 1e-30))
 
     def least_squares(self, features: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """argmin_M ||F M - target|| over all rows, F = features(rows), in float64 with a tiny ridge."""
@@ -163,7 +162,7 @@ def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torc
               opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None],
               norm_eps: float | None = None) -> tuple[MLAWeights, dict]:
     """Fit one attention block (plain, or through kv_a_layernorm with `norm_eps`); returns the best
-    weights found and the error of each stage."""
+    weights found, its attention error and that of each stage."""
     fit = _Fit(student, x, pos, target, norm_eps)
     stages = {"converted": w}
     stages["least_squares"] = fit.solve_values(w)
@@ -171,7 +170,7 @@ def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torc
         stages["adam"] = fit.solve_output(fit.adam(stages["least_squares"], opts, gen, tick))
     errors = {name: fit.error(s) for name, s in stages.items()}
     kept = min(errors, key=errors.get)
-    return stages[kept], {"errors": errors, "kept": kept}
+    return stages[kept], {"attn_rel_error": errors[kept], "attn_rel_error_by_stage": errors, "kept": kept}
 
 
 class LayerProgress:
@@ -200,16 +199,12 @@ class LayerProgress:
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], rng: torch.Tensor, report: dict) -> None:
         """Layer i, written under a temporary name and renamed, so that a file present is complete."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / RUN).is_file():
             write_json(self.path / RUN, self.fingerprint)
-        tmp = self._file(i).with_suffix(".tmp")
-        try:
-            save_file({**{k: t.contiguous() for k, t in tensors.items()}, RNG: rng}, str(tmp),
-                      metadata={"report": json.dumps(report)})
-        except OSError as exc:
-            raise disk_error(exc, tmp) from exc
-        os.replace(tmp, self._file(i))
+        save_tensors(self._file(i), {**{k: t.contiguous() for k, t in tensors.items()}, RNG: rng},
+                     metadata={"report": json.dumps(report)})
 
     def load(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
         """Layer i's tensors, the random state after it and its report."""
@@ -284,7 +279,7 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
         fitted_layer = replace(s_layer, attn=MLAWeights(*(t.to(dev) for t in vars(stored).values())))
         reports.append({"layer": i, **report})
         if log and bar.disable:
-            errors = report["errors"]
+            errors = report["attn_rel_error_by_stage"]
             log(f"layer-wise: layer {i + 1}/{teacher.layers} "
                 + ("saved by the interrupted run" if i < resumed else f"in {time.perf_counter() - layer_start:.1f} s")
                 + f", attention error {errors['converted']:.4f} -> {errors[report['kept']]:.4f} ({report['kept']})")

@@ -11,18 +11,21 @@ has already made native, and writes the native model.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from mlakit.calibrate.export import RECORD, Export, as_stored
+from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.layers import Student
-from mlakit.core.checkpoint import read_json, write_json
+from mlakit.core.checkpoint import Export, read_json, write_json
 from mlakit.core.deepseek import (
     LATENT_NORM_EPS,
     NATIVE_METRIC_STEPS,
+    NATIVE_METRIC_TOKENS,
     LatentMoments,
     format_attention,
     native_attention,
@@ -30,17 +33,15 @@ from mlakit.core.deepseek import (
 )
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import linear, rms_norm, row_chunks
-from mlakit.core.guard import atomic_folder, check_output, scratch_folder
-
-# Calibration tokens the latent metric is fitted on (a random subset of them all).
-METRIC_TOKENS = 16384
+from mlakit.core.guard import RECORD, atomic_folder, check_output, output_lock, scratch_folder
 
 
 @torch.no_grad()
 def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: str,
-                 metric_steps: int = NATIVE_METRIC_STEPS) -> list[dict]:
+                 metric_steps: int = NATIVE_METRIC_STEPS, log: Callable[[str], None] | None = None) -> list[dict]:
     """Write CONVERTED (exact format) into `folder` in the native format; per layer, the relative
-    error of the native attention output against the exact one on the calibration windows."""
+    error of the native attention output against the exact one on the calibration windows.
+    A progress bar, or one line per layer to `log` when stderr is not a terminal."""
     seq_len = windows.shape[1]
     student = Student(converted, seq_len, device)
     hidden, rank = student.config.hidden_size, student.config.kv_lora_rank
@@ -51,14 +52,16 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
     export = Export(converted, folder)
     gen = torch.Generator().manual_seed(0)
     reports = []
-    for i in range(student.layers):
+    bar = tqdm(range(student.layers), desc="native latent", unit="layer", leave=False, disable=None)
+    for i in bar:
+        start = time.perf_counter()
         layer = student.layer(i)
         if layer.norm_eps is not None:
             raise MlakitError(f"{converted}: layer {i} is already in the native latent format")
         w = layer.attn
         latents = [linear(rms_norm(h[c], layer.input_norm, student.eps), w.kv_a[:rank]) for c in chunks]
         sample = torch.cat(latents).flatten(0, 1)
-        sample = sample[torch.randperm(len(sample), generator=gen, device="cpu")[:METRIC_TOKENS].to(device)]
+        sample = sample[torch.randperm(len(sample), generator=gen, device="cpu")[:NATIVE_METRIC_TOKENS].to(device)]
         moments = LatentMoments(*native_transform(w.kv_a, rank, sample, metric_steps))
         for c in latents:
             moments.update(c)
@@ -76,23 +79,26 @@ def refit_native(converted: Path, folder: Path, windows: torch.Tensor, device: s
         fitted = replace(layer, attn=stored, norm_eps=LATENT_NORM_EPS)
         for c in chunks:
             h[c] = student.forward_layer(h[c], fitted, pos[c])
+        if log and bar.disable:
+            log(f"native latent: layer {i + 1}/{student.layers} in {time.perf_counter() - start:.1f} s, attention "
+                f"error against the exact format {reports[-1]['attn_rel_error']:.4f}")
     export.close()
     return reports
 
 
 def convert_native(source: str, out: Path, convert: Callable[[str, Path], dict],
                    windows: Callable[[], torch.Tensor], device: str, force: bool,
-                   metric_steps: int = NATIVE_METRIC_STEPS) -> dict:
+                   metric_steps: int = NATIVE_METRIC_STEPS, log: Callable[[str], None] | None = None) -> dict:
     """`convert(source, folder)` into a staging folder beside OUT (exact format), then the native pass
     on the same calibration windows (`windows()`) into OUT; returns the record with the native
     layers' errors."""
     check_output(out, force)
-    with scratch_folder(out, "exact") as stage:
+    with output_lock(out), scratch_folder(out, "exact") as stage:
         exact = stage / "exact"
         convert(source, exact)
         record = read_json(exact / RECORD)
         with atomic_folder(out, force) as tmp:
-            layers = refit_native(exact, tmp, windows(), device, metric_steps)
+            layers = refit_native(exact, tmp, windows(), device, metric_steps, log)
             record["latent"] = {"format": "native", "layers": layers}
             write_json(tmp / RECORD, record)
         return record

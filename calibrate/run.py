@@ -12,15 +12,24 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import mlakit
-from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove
+from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove, resume_hint
 from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
-from mlakit.calibrate.export import RECORD, Export, keep_better, load_mla_config, worse_warning
+from mlakit.calibrate.export import keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student, Teacher
 from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
-from mlakit.core.checkpoint import read_json, resolve_model
+from mlakit.core.checkpoint import Export, read_json, resolve_model
 from mlakit.core.errors import MlakitError
-from mlakit.core.guard import DEMO_DIR, atomic_folder, check_output, check_protected, record_id, scratch_folder
+from mlakit.core.guard import (
+    DEMO_DIR,
+    RECORD,
+    atomic_folder,
+    check_output,
+    check_protected,
+    output_lock,
+    record_id,
+    scratch_folder,
+)
 from mlakit.core.metrics import Quality
 
 MODES = ("layerwise", "distill", "both")
@@ -132,6 +141,12 @@ def calibrate(converted_id: str, out: Path, opts: CalibrateOptions, force: bool 
     teacher_id, revision = _teacher_id(converted, opts.teacher)
     teacher = resolve_model(teacher_id, revision)
     check_output(out.resolve(), force, protect=[converted, teacher])
+    with output_lock(out):
+        return _calibrate(converted_id, converted, teacher_id, teacher, out, opts, device, force, log)
+
+
+def _calibrate(converted_id: str, converted: Path, teacher_id: str, teacher: Path, out: Path, opts: CalibrateOptions,
+               device: str, force: bool, log: Callable[[str], None]) -> Outcome | None:
     tokenizer = _tokenizer(teacher, converted)
     if opts.distill.teacher_topk > len(tokenizer):
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
@@ -196,7 +211,12 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
     if not opts.distill.resume:
         progress.clear()
     export = Export(converted, folder)
-    result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw, progress, log)
+    try:
+        result = calibrate_layerwise(teacher, student, fit_rows, held_out, export, lw, progress, log)
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM as the CLI raises it
+        if progress.done():
+            resume_hint(f"{progress.path} ({progress.done()} of {student.layers} layers)")
+        raise
     export.close()
     kept = keep_better(converted, folder, result.before, result.after)
     if kept == "input":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,13 +26,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from mlakit.calibrate.data import Packed
-from mlakit.core.checkpoint import read_json, write_json
-from mlakit.core.guard import disk_error
+from mlakit.core.checkpoint import read_json, save_tensors, write_json
+from mlakit.core.guard import writing
 from mlakit.core.metrics import IGNORE, QualityMeter, next_token_labels, rest_log_prob, token_kl, top_k_kl
 
 INFO = "info.json"
@@ -148,7 +146,8 @@ def build_cache(load: Callable[[], torch.nn.Module], parts: dict[str, tuple[Pack
         return
     if any(old.get(k) != v for k, v in plan.items()):
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        with writing(folder):
+            folder.mkdir(parents=True)
         write_json(folder / INFO, plan)
     size = plan["chunk_rows"]
     todo = [(name, c) for name, (_, order) in parts.items() for c in range(-(-len(order) // size))]
@@ -162,12 +161,7 @@ def build_cache(load: Callable[[], torch.nn.Module], parts: dict[str, tuple[Pack
             start = time.perf_counter()
             model = model or load()
             tensors, chunk_tail = _chunk(model, rows, index, top_k, batch)
-            tmp = path.with_suffix(".tmp")
-            try:
-                save_file(tensors, str(tmp), metadata={"tail": repr(chunk_tail)})
-            except OSError as exc:
-                raise disk_error(exc, tmp) from exc
-            os.replace(tmp, path)
+            save_tensors(path, tensors, metadata={"tail": repr(chunk_tail)})
             if log:
                 log(f"teacher top-k: chunk {n}/{len(todo)} ({name}, {len(index)} rows) in "
                     f"{time.perf_counter() - start:.1f} s")

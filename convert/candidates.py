@@ -44,7 +44,7 @@ def candidate(plan: Plan, strategy: str, llama3_rope: str) -> Candidate:
         params.update(attention_factor=1.0, mscale=deepseek.YARN_MSCALE, mscale_all_dim=deepseek.YARN_MSCALE)
 
     def target(p: dict) -> tuple[torch.Tensor, dict]:
-        config = deepseek.build_config(plan.spec, plan.shape, p, plan.dtype)
+        config = deepseek.build_config(plan.spec, plan.shape, p, plan.dtype, plan.latent)
         emb = DeepseekV3RotaryEmbedding(DeepseekV3Config(**config))
         if abs(emb.attention_scaling - 1.0) > 1e-12:
             raise AssertionError("output rope must not rescale attention")

@@ -72,6 +72,7 @@ class Work:
     device: str
     text_bytes: int
     sample_rows: int = 0  # rows of calibration text to sample from the source (0: given, or cached)
+    native: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,19 +253,37 @@ def mlp_dtype(device: str, stored: torch.dtype) -> torch.dtype:
     return stored if best[stored] <= best[torch.float32] else torch.float32
 
 
+def native_flops(w: Work, tokens: int) -> tuple[float, float, float]:
+    """FLOPs of one layer of the native format's pass (calibrate/native.py) on `tokens` calibration
+    tokens, as `layer_flops` counts them: the latents and three MLA attention passes (the exact
+    format's output, the native one's, and the one that carries the hidden states), the MLP in
+    float32, and on the host the latent metric's L-BFGS on NATIVE_METRIC_TOKENS latents and the
+    moments of every latent (float64)."""
+    s, m = w.spec, w.shape
+    D, I, L, r = s.hidden, s.intermediate, w.seq_len, m.kv_lora_rank
+    attention = (2 * D * m.heads * m.qk_head + 2 * D * (r + m.qk_rope) + 2 * r * m.heads * (m.qk_nope + m.v_head)
+                 + 2 * L * m.heads * (m.qk_head + m.v_head) + 2 * m.heads * m.v_head * D)
+    passes = tokens * (2 * D * r + 3 * attention + ELEMENTWISE_FLOPS * (D + 3 * m.heads * m.qk_head + I))
+    metric = deepseek.NATIVE_METRIC_STEPS * 6 * deepseek.NATIVE_METRIC_TOKENS * r * r
+    return passes, tokens * 6 * D * I, tokens * 6 * r * r + metric
+
+
 def seconds(w: Work) -> tuple[float, float]:
     """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
     MLP at the rate of the dtype it runs in (`mlp_dtype`), the per-layer linear algebra on the host
-    (float64, at half the float32 rate), and sampling and tokenizing the calibration text."""
+    (float64, at half the float32 rate), sampling and tokenizing the calibration text, and the
+    native format's pass when asked for."""
     device, host = matmul_gflops(w.device), matmul_gflops("cpu")
     run_as = mlp_dtype(w.device, w.layer_dtype)
     mlp_rate = matmul_gflops(w.device, run_as) if run_as != torch.float32 else device
-    total = 0.0
-    for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else []):
-        passes, mlp, algebra = layer_flops(w, rows * w.seq_len, k)
-        total += (passes / device + mlp / mlp_rate) / PASS_EFFICIENCY / 1e9
-        total += algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
-    return w.spec.layers * total + TOKENIZE_SECONDS_PER_BYTE * w.text_bytes + sample_seconds(w, device), device
+    work = [(*layer_flops(w, rows * w.seq_len, k), mlp_rate)
+            for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else [])]
+    if w.native:
+        work.append((*native_flops(w, w.rows * w.seq_len), device))
+    total = sum((passes / device + mlp / rate) / PASS_EFFICIENCY / 1e9 + algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
+                for passes, mlp, algebra, rate in work)
+    tokenize = TOKENIZE_SECONDS_PER_BYTE * w.text_bytes * (2 if w.native else 1)  # the native pass cuts its own windows
+    return w.spec.layers * total + tokenize + sample_seconds(w, device), device
 
 
 def estimate(w: Work) -> Cost:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from mlakit.calibrate.export import RECORD, Export
 from mlakit.core import deepseek
-from mlakit.core.checkpoint import read_json, write_json
-from mlakit.core.guard import atomic_folder, check_output, scratch_folder
+from mlakit.core.checkpoint import Export, read_json, write_json
+from mlakit.core.guard import RECORD, atomic_folder, check_output, scratch_folder
 
 
 def pad_folder(filled: Path, out: Path, rank: int) -> dict:

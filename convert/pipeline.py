@@ -40,7 +40,7 @@ from mlakit.core.forward import (
     row_chunks,
     source_qkv,
 )
-from mlakit.core.guard import atomic_folder, check_output, local_model, record_id
+from mlakit.core.guard import atomic_folder, check_output, local_model, output_lock, record_id
 from mlakit.core.sampling import SampleSettings
 
 
@@ -204,9 +204,14 @@ def _revision(folder: Path) -> str | None:
 
 def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
             log: Callable[[str], None] = print) -> dict:
-    """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT; return the mlakit.json record."""
+    """Convert SOURCE into a DeepSeek-V3 MLA folder at OUT, holding OUT's lock for the run; return the
+    mlakit.json record."""
     check_output(out, force, protect=[local_model(source)])
-    source = record_id(source)
+    with output_lock(out):
+        return _convert(record_id(source), out, opts, force, log)
+
+
+def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Callable[[str], None]) -> dict:
     plan = make_plan(source, opts)
     log(plan.describe())
     reader = plan.reader
@@ -220,9 +225,9 @@ def convert(source: str, out: Path, opts: ConvertOptions, force: bool = False,
     if len(cands) > 1:
         probe = _stream(plan, reader, calib.first(max(1, opts.strategy_tokens // opts.calib_seq_len)),
                         list(cands.values()), opts, None, "choosing rope budget")
-        choice = {s: _mean_sq(rep) for s, rep in probe.items()}
+        choice = {s: _rms_error(rep) for s, rep in probe.items()}
         best = min(choice, key=choice.get)
-        log("rope budget (mean squared attention error on held-out calibration windows): "
+        log("rope budget (attention error on held-out calibration windows, root mean square over layers): "
             + ", ".join(f"{s} {e:.4g}" for s, e in choice.items()) + f" -> {best}")
     else:
         best = plan.strategies[0]
@@ -273,10 +278,11 @@ def calibration_for(source: str, opts: ConvertOptions) -> CalibrationSet:
     return calibration_windows(folder, AutoTokenizer.from_pretrained(folder), opts)
 
 
-def _mean_sq(layers: list[dict]) -> float:
-    """Mean squared attention error over layers, held out where there is a held-out part."""
-    return sum((l["attn_rel_error_held_out"] if l["attn_rel_error_held_out"] is not None
-                else l["attn_rel_error"]) ** 2 for l in layers) / len(layers)
+def _rms_error(layers: list[dict]) -> float:
+    """The layers' attention errors in one number (held out where there is a held-out part), each
+    layer weighted as its squared error."""
+    return math.sqrt(sum((l["attn_rel_error_held_out"] if l["attn_rel_error_held_out"] is not None
+                          else l["attn_rel_error"]) ** 2 for l in layers) / len(layers))
 
 
 def _fmt(x: float | None) -> str:
@@ -294,12 +300,12 @@ def summary(record: dict) -> str:
         f"over all layers, {-kv['reduction_percent']:+}%",
         f"rope budget: {record['rope']['strategy']} (worst relative frequency error "
         f"{record['rope']['max_relative_frequency_error']:.2g}); calibration: {describe(record['calibration'])}",
-        "layer  attn err  held out  o_proj refit  K err   V err   latent err  rank-r optimum  rope energy kept",
+        "layer  attention error  held out  o_proj refit  K err   V err   latent err  rank-r optimum  rope energy kept",
     ]
     for row in record["layers"]:
         refit = f"ridge {row['refit_ridge']:g}" if row["output_refit"] else "no"
         lines.append(
-            f"{row['layer']:>5}  {row['attn_rel_error']:8.4f}  {_fmt(row['attn_rel_error_held_out']):>8}  "
+            f"{row['layer']:>5}  {row['attn_rel_error']:15.4f}  {_fmt(row['attn_rel_error_held_out']):>8}  "
             f"{refit:>12}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
             f"{row['latent_error']:10.4f}  {row['latent_optimum']:14.4f}  {row['rope_energy_kept']:16.4f}"
         )

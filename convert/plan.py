@@ -25,6 +25,7 @@ from mlakit.convert.calibration import sampled_tokens
 from mlakit.core.sampling import BATCH_ROWS, SampleSettings, batches, cache_path, cached_rows
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LATENT_FORMATS = ("exact", "native")
 GiB = 2**30
 
 
@@ -55,6 +56,7 @@ class ConvertOptions:
     output_aware: bool = True
     balance: bool = True
     llama3_rope: str = "yarn"
+    latent: str = "exact"
     strategy_tokens: int = 16384
     # The attention-distance histogram is a per-head distribution over distances: the first windows
     # estimate it as well as all of them, and it costs half of the statistics pass.
@@ -78,6 +80,7 @@ class Plan:
     dtype: torch.dtype
     reader: CheckpointReader
     cost: Cost
+    latent: str = "exact"
     notes: list[str] = field(default_factory=list)
     padded_rank: int | None = None  # the written kv_lora_rank when the latent is zero-padded past `shape`'s
 
@@ -108,7 +111,9 @@ class Plan:
             f"{str(self.reader.dtype()).removeprefix('torch.')}); every weight's shape matches config.json",
             f"  output: kv_lora_rank {shape.kv_lora_rank}, rope dim {shape.qk_rope}, (qk_nope, qk_rope, v) = "
             f"({shape.qk_nope}, {shape.qk_rope}, {shape.v_head}), {out}, rope strategy "
-            f"{self.strategies[0] if len(self.strategies) == 1 else 'chosen among ' + ', '.join(self.strategies)}",
+            f"{self.strategies[0] if len(self.strategies) == 1 else 'chosen among ' + ', '.join(self.strategies)}, "
+            f"{self.latent} latent"
+            + (" (one more pass over the calibration text, counted below)" if self.latent == "native" else ""),
             f"  KV cache per token: {kv['source_elements_per_token_layer']} -> "
             f"{kv['converted_elements_per_token_layer']} elements per layer, {kv['source_bytes_per_token']} -> "
             f"{kv['converted_bytes_per_token']} bytes over all layers in {out} ({-kv['reduction_percent']:+}%)",
@@ -226,6 +231,8 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
                           f"with N dividing the {r // 2} rotary slots")
     if opts.llama3_rope not in ("yarn", "keep"):
         raise MlakitError(f"--llama3-rope {opts.llama3_rope}: choose yarn or keep")
+    if opts.latent not in LATENT_FORMATS:
+        raise MlakitError(f"--latent {opts.latent}: choose {' or '.join(LATENT_FORMATS)}")
     reader = CheckpointReader(folder)
     check_weights(spec, reader)
     n_sampled = sampled_tokens(opts.calib_tokens, opts.calib_text, opts.calib_mix)
@@ -235,7 +242,7 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     sample_rows = 0 if cached else (batches(wanted) - have // BATCH_ROWS) * BATCH_ROWS
     work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
     plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work),
-                padded_rank=padded)
+                opts.latent, padded_rank=padded)
     if n_sampled:
         when = "cached by an earlier run" if cached else \
             f"about {_duration(sample_seconds(work, plan.cost.gflops))} of the estimated time"
@@ -261,4 +268,4 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
-                device=opts.device, text_bytes=text, sample_rows=sample_rows)
+                device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native")

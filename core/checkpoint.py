@@ -14,13 +14,14 @@ import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mlakit.core.errors import MlakitError
-from mlakit.core.guard import disk_error, local_model
+from mlakit.core.guard import RECORD, disk_error, local_model, writing
 
 # Everything but the weights; the weights are fetched second, only the shards the index names (a repo
 # may also ship the same weights in another layout, e.g. Mistral's consolidated.safetensors).
@@ -38,7 +39,7 @@ def resolve_model(source: str, revision: str | None = None) -> Path:
     try:
         local = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS))
         index = local / "model.safetensors.index.json"
-        weights = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        weights = sorted(set(weight_map(index).values())) if index.is_file() else ["model.safetensors"]
         # the snapshot folder is named by its commit: the weights come from the same one
         local = Path(snapshot_download(source, revision=local.name, allow_patterns=weights))
     except MlakitError:
@@ -48,6 +49,20 @@ def resolve_model(source: str, revision: str | None = None) -> Path:
     if not all((local / name).is_file() for name in weights):
         raise MlakitError(f"{source}: the hub repo has no safetensors weights; convert it to safetensors first")
     return local
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a `model.safetensors.index.json`, refusing a shard name that is not a
+    plain relative path inside the folder: an absolute or `../` name would read (or download) a file
+    elsewhere."""
+    names = read_json(index).get("weight_map")
+    if not isinstance(names, dict):
+        raise MlakitError(f"{index}: no weight_map")
+    for shard in set(names.values()):
+        path = PurePosixPath(str(shard))
+        if not shard or path.is_absolute() or ".." in path.parts or "\\" in str(shard):
+            raise MlakitError(f"{index}: shard {shard!r} is not a file inside the model folder; refusing to read it")
+    return names
 
 
 def read_json(path: Path) -> dict:
@@ -107,6 +122,17 @@ def _tensor_info(shard: Path, name: str, entry: dict) -> TensorInfo:
     return TensorInfo(HEADER_DTYPES[entry["dtype"]], tuple(entry["shape"]))
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, checked a slice at a time so that no tensor-sized mask is made
+    (8-bit floats, which isfinite does not take, as float32)."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    step = 2**24
+    return all(bool(torch.isfinite(flat[i : i + step].float() if tensor.element_size() == 1 else flat[i : i + step])
+                    .all()) for i in range(0, flat.numel(), step))
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a model folder (safetensors shards or a single .bin file).
 
@@ -121,7 +147,7 @@ class CheckpointReader:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.is_file():
-            for name, shard in read_json(index)["weight_map"].items():
+            for name, shard in weight_map(index).items():
                 self._where[name] = folder / shard
         elif single.is_file():
             self._where = {name: single for name in _read_header(single)}
@@ -159,15 +185,21 @@ class CheckpointReader:
         return self._info[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped from its shard.
+        """One tensor, memory-mapped from its shard, refused when it holds a NaN or an infinity (which
+        would otherwise surface as a failed eigen-solve after the work, naming no weight).
 
         The handle is closed at once, so the mapping lives exactly as long as the tensor: pages of
         tensors already dropped leave resident memory, which a handle kept open would hold."""
         self.info(name)
         if self._bin is not None:
-            return self._bin[name].clone()
-        with safe_open(self._where[name], "pt") as fh:
-            return fh.get_tensor(name)
+            tensor = self._bin[name].clone()
+        else:
+            with safe_open(self._where[name], "pt") as fh:
+                tensor = fh.get_tensor(name)
+        if not _finite(tensor):
+            raise MlakitError(f"{self._where.get(name, self.folder)}: tensor {name} holds NaN or infinite values; "
+                              "the checkpoint is damaged (download it again) or was saved from a diverged run")
+        return tensor
 
     def dtype(self) -> torch.dtype:
         """The dtype most weight elements are stored in, from the headers."""
@@ -252,9 +284,23 @@ class ShardWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name and renamed, so that a file present is
+    complete; a failed write (a full disk) is one error line."""
+    tmp = path.with_suffix(".tmp")
+    with writing(tmp):
+        save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def json_text(obj: object) -> str:
+    """The JSON files mlakit writes, as text: indented, keys in their order."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: Path, obj: object) -> None:
     try:
-        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        path.write_text(json_text(obj))
     except OSError as exc:
         raise disk_error(exc, path) from exc
 
@@ -272,3 +318,39 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
                 raise disk_error(exc, dst / path.name) from exc
             names.append(path.name)
     return names
+
+
+class Export:
+    """Write OUT from a converted folder: the tensors given, every other tensor copied from CONVERTED,
+    then config and tokenizer files, then mlakit.json with a calibration run's record appended.
+    Every pass that rewrites some layers of a converted model (padding, native latent, calibration)
+    writes through it."""
+
+    def __init__(self, converted: Path, folder: Path):
+        self.converted = converted
+        self.folder = folder
+        self.reader = CheckpointReader(converted)
+        self.dtype = self.reader.dtype()
+        self.writer = ShardWriter(folder)
+        self.written: set[str] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.writer.add(name, tensor.detach().to(self.dtype))
+            self.written.add(name)
+
+    def close(self) -> None:
+        """Copy every tensor not given, finish the shards, add config and tokenizer files."""
+        for name in self.reader.names:
+            if name not in self.written:
+                self.writer.add(name, self.reader.get(name))
+        self.writer.close()
+        write_json(self.folder / "config.json", read_json(self.converted / "config.json"))
+        copy_side_files(self.converted, self.folder)
+
+    def record(self, run: dict) -> dict:
+        """Write mlakit.json: CONVERTED's record with this run appended to its calibrate list."""
+        record = read_json(self.converted / RECORD) if (self.converted / RECORD).is_file() else {}
+        record["calibrate"] = [*record.get("calibrate", []), run]
+        write_json(self.folder / RECORD, record)
+        return record

@@ -24,7 +24,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from mlakit.core.families import SourceSpec
 from mlakit.core.forward import MLAWeights
 
-# transformers builds kv_a_layernorm with its default eps 1e-6; vLLM and SGLang use rms_norm_eps.
+# transformers builds kv_a_layernorm with a fixed eps 1e-6; vLLM, SGLang and llama.cpp use rms_norm_eps. The
+# exact format needs every engine to agree on the latent norm's eps, so its rms_norm_eps is this value
+# (`output_eps`), for every norm.
 LATENT_NORM_EPS = 1e-6
 # The latent's mean square stays below this fraction of eps, so RMSNorm(c) = c / sqrt(eps) to 5e-7.
 LATENT_NORM_MARGIN = 1e-6
@@ -33,6 +35,8 @@ NATIVE_RIDGE = 1e-6
 # L-BFGS iterations and eigenvalue spread of the native format's latent metric.
 NATIVE_METRIC_STEPS = 100
 NATIVE_METRIC_CONDITION = 30.0
+# Calibration latents per layer the native format's latent metric is fitted on (a random subset).
+NATIVE_METRIC_TOKENS = 16384
 # Worst-case mean square of a latent, as a fraction of eps, below which the latent norm is taken as linear.
 LINEAR_REGIME = 1e-2
 # Dtypes the latent-norm trick holds in: fp16 flushes the scaled latent into subnormals.
@@ -97,9 +101,18 @@ def head_dims(source_head_dim: int) -> tuple[int, int]:
     return source_head_dim, source_head_dim
 
 
-def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: torch.dtype) -> dict:
-    """config.json of the converted model (dense DeepSeek-V3, plain q_proj, untied lm_head), with the
-    block of values that only llama.cpp's converter reads."""
+def output_eps(spec: SourceSpec, latent: str) -> float:
+    """rms_norm_eps of the output. The exact format's latent norm is a constant scale only while every
+    engine divides by sqrt(1e-6) (LATENT_NORM_EPS), which makes every other norm use 1e-6 too (what that
+    costs a source trained with another eps: docs/quantization.md). The native format's latent is at a
+    normal scale, where the latent norm's eps is immaterial, so it keeps the source's eps."""
+    return LATENT_NORM_EPS if latent == "exact" else spec.rms_eps
+
+
+def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: torch.dtype,
+                 latent: str = "exact") -> dict:
+    """config.json of the converted model (dense DeepSeek-V3, plain q_proj, untied lm_head) in a latent
+    format, with the block of values that only llama.cpp's converter reads."""
     src = spec.hf_config
     rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     dtype = str(torch_dtype).removeprefix("torch.")
@@ -131,7 +144,7 @@ def build_config(spec: SourceSpec, shape: MLAShape, rope: dict, torch_dtype: tor
         "attention_bias": False,
         "attention_dropout": 0.0,
         "max_position_embeddings": spec.max_positions,
-        "rms_norm_eps": LATENT_NORM_EPS,
+        "rms_norm_eps": output_eps(spec, latent),
         "rope_interleave": True,
         "rope_theta": rope["rope_theta"],
         "rope_scaling": rope_scaling if rope_scaling.get("rope_type", "default") != "default" else None,
@@ -203,13 +216,17 @@ def latent_norm_trick(latent: torch.Tensor, input_gamma: torch.Tensor, hidden: i
 
     The layer input is gamma * n with ||n|| <= sqrt(hidden), so ||latent @ x|| is bounded by
     sqrt(hidden) * ||latent diag(gamma)||_2; alpha keeps mean(c^2) <= margin * eps for every input.
-    Returns the scaled rows and the norm weight sqrt(eps) / alpha that undoes the scale.
+    Returns the scaled rows and the norm weight sqrt(eps) / alpha that undoes the scale, a power of two.
     """
     rank = latent.shape[0]
     bound = torch.linalg.matrix_norm(latent.double() * input_gamma.double().to(latent.device), ord=2).item()
     bound *= math.sqrt(hidden)
-    alpha = math.sqrt(LATENT_NORM_MARGIN * eps * rank) / max(bound, 1e-30)
-    return latent * alpha, torch.full((rank,), math.sqrt(eps) / alpha, dtype=latent.dtype, device=latent.device)
+    largest = math.sqrt(LATENT_NORM_MARGIN * eps * rank) / max(bound, 1e-30)
+    # the norm weight is rounded up to a power of two, exact in bf16 (rounding it would scale every key
+    # and value of the layer by up to 0.4%); alpha only shrinks, so the bound still holds
+    weight = 2.0 ** math.ceil(math.log2(math.sqrt(eps) / largest))
+    alpha = math.sqrt(eps) / weight
+    return latent * alpha, torch.full((rank,), weight, dtype=latent.dtype, device=latent.device)
 
 
 def plain_latent(scaled: torch.Tensor, norm_weight: torch.Tensor, eps: float = LATENT_NORM_EPS) -> torch.Tensor:

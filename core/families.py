@@ -32,6 +32,10 @@ REFUSED = {
     "deepseek_v2": "this is already an MLA model",
 }
 
+# config.json fields every weight's shape depends on: transformers fills a missing one with its class
+# default (hidden_size 4096 for Llama), which need not be this model's, so they must be written out.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
 LAYER_WEIGHTS = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
@@ -83,6 +87,10 @@ def load_spec(folder: Path) -> SourceSpec:
         raise MlakitError(f"unsupported model_type {mtype}: {REFUSED[mtype]}")
     if mtype not in FAMILIES:
         raise MlakitError(f"unsupported model_type {mtype}: mlakit converts {', '.join(sorted(FAMILIES))}")
+    missing = [key for key in SHAPE_FIELDS if key not in raw]
+    if missing:
+        raise MlakitError(f"{folder / 'config.json'}: no {', '.join(missing)}; every weight's shape depends on it, "
+                          "and transformers would assume a default that need not be this model's")
     try:
         cfg = AutoConfig.from_pretrained(folder)
     except Exception as exc:  # strict configs raise several types

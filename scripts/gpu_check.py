@@ -8,8 +8,10 @@ line of its own, all written to a markdown results file:
    map kv_b_proj diag(kv_a_layernorm) kv_a_proj_with_mqa[:rank] (independent of the latent basis,
    which eigen-solvers may pick differently), and the largest raw weight difference (reported);
    tolerance COMPARE_TOLERANCE (relative, Frobenius);
-2. layer-wise calibration of the demo conversion on DEVICE (tokens/s, peak memory);
-3. distillation of the same on DEVICE (bf16 autocast on CUDA; tokens/s, peak memory);
+2. layer-wise calibration of the demo conversion on DEVICE (tokens/s, peak memory), on
+   multi-document rows (the docstrings as one document per paragraph, so that every row packs
+   several: the per-document attention runs on DEVICE);
+3. distillation of the same on DEVICE, same rows (bf16 autocast on CUDA; tokens/s, peak memory);
 4. distillation with the cached top-k teacher on DEVICE (the teacher cache built on DEVICE);
 5. `mlakit validate` of the demo conversion on DEVICE: with `--device cuda` both models are placed
    by accelerate (device_map "auto"); then again with `--max-memory` so small that most layers are
@@ -44,7 +46,7 @@ from mlakit.calibrate.distill import DistillOptions
 from mlakit.calibrate.layerwise import LayerwiseOptions
 from mlakit.calibrate.native import convert_native
 from mlakit.calibrate.run import CalibrateOptions, calibrate
-from mlakit.convert.pipeline import ConvertOptions, convert
+from mlakit.convert.pipeline import ConvertOptions, calibration_for, convert
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import attention_names
 from mlakit.core.text import DEFAULT_TEXT, token_windows
@@ -147,12 +149,13 @@ def convert_both(results: Results, name: str, source: str, args: list[str], sett
     cut = int(0.9 * len(text))
     calib.write_text(text[:cut], encoding="utf-8")
     opts = {d: ConvertOptions(kv_lora_rank=rank, rope_dim=rope, calib_text=[calib], calib_tokens=settings.calib_tokens,
-                              calib_seq_len=settings.seq_len, dtype="fp32", device=d) for d in (device, "cpu")}
+                              calib_seq_len=settings.seq_len, dtype="fp32", device=d, latent="native")
+            for d in (device, "cpu")}
     out = {d: tmp / f"{name}-{d.replace(':', '')}" for d in opts}
     for d in dict.fromkeys((device, "cpu")):
         with results.step(f"convert {name} on {d} ({settings.calib_tokens} calibration tokens, native latent)"):
-            convert_native(source, out[d], lambda s, f, d=d: convert(s, f, opts[d], log=lambda m: None), [calib],
-                           settings.calib_tokens, settings.seq_len, d, force=True)
+            convert_native(source, out[d], lambda s, f, d=d: convert(s, f, opts[d], log=lambda m: None),
+                           lambda d=d: calibration_for(source, opts[d]).windows, d, force=True)
     done = [f for f in out.values() if (f / "config.json").is_file()]
     if len(done) == len(out):
         with results.step(f"compare {name}"):
@@ -160,14 +163,25 @@ def convert_both(results: Results, name: str, source: str, args: list[str], sett
     return done[0] if done else None
 
 
+def documents(tmp: Path) -> Path:
+    """The bundled docstrings as a jsonl file of one document per paragraph: packed rows then hold
+    several documents each, which the calibration must keep apart on the device."""
+    paragraphs = [p for p in DEFAULT_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    path = tmp / "documents.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    return path
+
+
 def calibrate_demo(results: Results, converted: Path, settings: Settings, device: str, tmp: Path) -> None:
     runs = [("layerwise", 0), ("distill", 0), ("distill", 64)]
+    data = documents(tmp)
     for mode, top_k in runs:
-        opts = CalibrateOptions(mode=mode, teacher="demo", tokens=settings.calib_train_tokens,
+        opts = CalibrateOptions(mode=mode, teacher="demo", data=[str(data)], tokens=settings.calib_train_tokens,
                                 eval_tokens=settings.eval_tokens, seq_len=settings.seq_len, batch_size=4, device=device,
                                 layerwise=LayerwiseOptions(steps=settings.layer_steps),
                                 distill=DistillOptions(checkpoint_dir=tmp / f"ckpt-{mode}-{top_k}", teacher_topk=top_k))
-        label = (f"calibrate {mode} on {device}" + (f" (cached top-{top_k} teacher)" if top_k else "")
+        label = (f"calibrate {mode} on {device}, multi-document rows"
+                 + (f" (cached top-{top_k} teacher)" if top_k else "")
                  + (" (bf16 autocast)" if mode == "distill" and device != "cpu" else ""))
         start = time.perf_counter()
         with results.step(label):

@@ -36,13 +36,14 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_llama(folder: Path, *, heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, vocab=256,
-               model_type="llama", tied=True, rope_parameters=None, seed=0, shards=False) -> Path:
+               model_type="llama", tied=True, rope_parameters=None, seed=0, shards=False, rms_norm_eps=1e-6) -> Path:
     """Save a randomly initialized pico source model (fp32) of a family, with a tokenizer."""
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(
         model_type, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         intermediate_size=2 * hidden, num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=512,
-        tie_word_embeddings=tied, rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        tie_word_embeddings=tied, rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=rms_norm_eps)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():

@@ -54,6 +54,15 @@ def test_unsupported_architecture(tmp_path: Path, model_type: str, reason: str) 
     assert model_type in line and reason in line
 
 
+def test_config_without_a_shape_field_names_it(tmp_path: Path) -> None:
+    src = make_llama(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["hidden_size"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    line = convert_fails(str(src), tmp_path / "out")
+    assert "no hidden_size" in line and "implies" not in line
+
+
 def test_sliding_window_in_use(tmp_path: Path) -> None:
     src = make_llama(tmp_path / "src", model_type="mistral")
     cfg = json.loads((src / "config.json").read_text())
@@ -71,18 +80,23 @@ def test_bad_rope_dim(pico: Path, tmp_path: Path, rope_dim: str) -> None:
     assert "--rope-dim" in convert_fails(str(pico), tmp_path / "out", "--rope-dim", rope_dim)
 
 
-def test_fp16_refused_with_reason(pico: Path, tmp_path: Path) -> None:
-    assert "subnormal" in convert_fails(str(pico), tmp_path / "out", "--dtype", "fp16")
+def test_fp16_is_not_offered(pico: Path, tmp_path: Path) -> None:
+    """No choice that is always refused: --help lists bf16 and fp32 only, and fp16 is one error line."""
+    help_text = CliRunner().invoke(main, ["convert", "--help"]).output
+    assert "[bf16|fp32]" in " ".join(help_text.split()) and "fp16|" not in help_text and "|fp16" not in help_text
+    line = convert_fails(str(pico), tmp_path / "out", "--dtype", "fp16")
+    assert "'fp16' is not one of 'bf16', 'fp32'" in line and "--help" in line
 
 
 def test_existing_output_needs_force(pico: Path, tmp_path: Path) -> None:
+    """An earlier output is replaced only with --force; a folder of the user's never (tests/test_safety.py)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("user data")
+    args = ["convert", str(pico), str(out), *FAST, "--rope-dim", "8", "--kv-lora-rank", "16"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (out / "keep").write_text("a file in an earlier output")
     assert "--force" in convert_fails(str(pico), out, "--rope-dim", "8", "--kv-lora-rank", "16")
-    assert (out / "keep").read_text() == "user data"
-    result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST, "--rope-dim", "8",
-                                       "--kv-lora-rank", "16", "--force"])
+    assert (out / "keep").is_file()
+    result = CliRunner().invoke(main, [*args, "--force"])
     assert result.exit_code == 0, result.output
     assert (out / "config.json").is_file() and not (out / "keep").exists()
 
@@ -99,12 +113,66 @@ def test_corrupt_shard_header(pico: Path, tmp_path: Path) -> None:
     assert "corrupt" in convert_fails(str(pico), tmp_path / "out")
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", "sub/../../x.safetensors"])
+def test_shard_names_outside_the_folder_are_refused(tmp_path: Path, shard: str) -> None:
+    src = make_llama(tmp_path / "src", shards=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_bytes((src / next(iter(index["weight_map"].values()))).read_bytes())
+    line = convert_fails(str(src), tmp_path / "out")
+    assert f"shard {shard!r} is not a file inside the model folder" in line
+
+
+def test_hub_shard_names_outside_the_folder_are_not_downloaded(tmp_path: Path, monkeypatch) -> None:
+    from mlakit.core.checkpoint import resolve_model
+    from mlakit.core.errors import MlakitError
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append(allow_patterns)
+        snap = tmp_path / "snapshots" / "c0ffee"
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../../../x"}}))
+        return str(snap)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    with pytest.raises(MlakitError, match="not a file inside the model folder"):
+        resolve_model("someone/model")
+    assert len(calls) == 1, "the weights must not be requested"
+
+
+def test_dependency_floors_that_keep_loading_safe() -> None:
+    """torch >= 2.6: torch.load defaults to weights_only=True; datasets >= 3: no hub loading scripts run."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["datasets"]
+    specifiers = {r.name: r.specifier for r in map(Requirement, wanted)}
+    for name, last_unsafe, first_safe in (("torch", "2.5.1", "2.6.0"), ("datasets", "2.21.0", "3.0.0")):
+        assert not specifiers[name].contains(last_unsafe) and specifiers[name].contains(first_safe), name
+
+
 def test_missing_weight(tmp_path: Path) -> None:
     src = make_llama(tmp_path / "src", shards=True)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     index["weight_map"].pop("model.layers.1.mlp.up_proj.weight")
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "missing" in convert_fails(str(src), tmp_path / "out")
+
+
+def test_non_finite_weight_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = make_llama(tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    line = convert_fails(str(src), tmp_path / "out", "--kv-lora-rank", "16")
+    assert "model.layers.1.self_attn.k_proj.weight" in line and "NaN" in line
 
 
 def test_disk_full(pico: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

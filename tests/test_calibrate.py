@@ -187,6 +187,22 @@ def test_attention_never_crosses_documents_in_either_forward(pair, tmp_path: Pat
         torch.testing.assert_close(both, separate, rtol=1e-5, atol=1e-5)
 
 
+def test_document_pieces_are_made_on_the_device_of_the_rows() -> None:
+    """On CUDA the rows live on the GPU, and a tensor made without naming a device lands on the CPU:
+    joining the two failed for multi-document rows. With meta as the default device, every tensor
+    made without naming its device is a meta tensor, and mixing it with the (CPU) rows fails the same
+    way, so this catches the mistake without a GPU."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    x = torch.arange(12.0).view(2, 6, 1)
+    pieces = [(0, slice(0, 3)), (0, slice(3, 5)), (0, slice(5, 6)), (1, slice(0, 4)), (1, slice(4, 6))]
+    expected = torch.zeros_like(x)
+    for row, piece in pieces:
+        expected[row, piece] = x[row, piece].cumsum(0)
+    with torch.device("meta"):
+        got = per_document(lambda y: y.cumsum(1), x, pos)
+    assert torch.equal(got, expected)
+
+
 # ---- the plain parametrization -------------------------------------------------------------------
 
 def test_plain_parametrization_round_trips_and_matches_transformers(pair) -> None:
@@ -215,6 +231,20 @@ def test_step_rows_cover_every_row_once_per_epoch() -> None:
 
 # ---- layer-wise ----------------------------------------------------------------------------------
 
+def test_layerwise_attention_error_is_the_relative_error(pair) -> None:
+    """One definition everywhere: ||a - target|| / ||target||, as convert and validate report it, not its
+    square (an output 10% too large reads 0.1 / 1.1)."""
+    from mlakit.calibrate.layers import Student
+
+    _, mla = pair
+    student = Student(mla, 32, "cpu")
+    w = student.layer(0).attn
+    x = torch.randn(2, 32, student.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(32).expand(2, 32)
+    target = 1.1 * student.attention(x, w, pos)
+    assert layerwise_module._Fit(student, x, pos, target, None).error(w) == pytest.approx(0.1 / 1.1, rel=1e-4)
+
+
 def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> None:
     src, mla = pair
     out = tmp_path / "cal"
@@ -227,8 +257,8 @@ def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> 
     assert run["mode"] == "layerwise" and run["options"]["inputs"] == "student"
     assert run["after"]["kl"] < run["before"]["kl"]
     for layer in run["layers"]:
-        errors = layer["errors"]
-        assert errors[layer["kept"]] < errors["converted"]
+        errors = layer["attn_rel_error_by_stage"]
+        assert layer["attn_rel_error"] == errors[layer["kept"]] < errors["converted"]
     assert read_record(out)["source"] == read_record(mla)["source"]
     assert_loads_in_stock_transformers(out)
     assert not list(tmp_path.glob(".cal.*"))
@@ -246,7 +276,7 @@ def test_layerwise_on_the_demo_model(tmp_path: Path) -> None:
        "--layer-steps", "10")
     run = read_record(out)["calibrate"][-1]
     assert run["teacher"] == "demo" and run["after"]["kl"] < run["before"]["kl"]
-    assert all(layer["errors"][layer["kept"]] < layer["errors"]["converted"] for layer in run["layers"])
+    assert all(layer["attn_rel_error"] < layer["attn_rel_error_by_stage"]["converted"] for layer in run["layers"])
     assert_loads_in_stock_transformers(out)
 
 
@@ -279,7 +309,9 @@ def test_layerwise_resumes_after_the_last_saved_layer(pair, tmp_path: Path, monk
     resumed = tmp_path / "resumed"
     argv = [resumed if a is None else a for a in args]
     stop_after_saving(monkeypatch, layerwise_module.LayerProgress, "save")
-    assert invoke("calibrate", *argv).exit_code == 130 and not resumed.exists()
+    stopped = invoke("calibrate", *argv)
+    assert stopped.exit_code == 130 and not resumed.exists()
+    assert f"{tmp_path / 'resumed.ckpt' / LAYERS} (1 of 2 layers) kept: rerun with --resume" in stopped.output
     assert (tmp_path / "resumed.ckpt" / LAYERS / "layer-00000.safetensors").is_file()
     monkeypatch.undo()
     one_line_error(invoke("calibrate", *argv), "--resume")
@@ -560,6 +592,44 @@ def test_packed_data_is_removed_however_the_run_ends(pair, tmp_path: Path, monke
     monkeypatch.setattr(data_module, "open", lambda path, mode: FullDisk(), raising=False)
     one_line_error(invoke("calibrate", mla, tmp_path / "full", *small(src)), "disk full while writing")
     assert not list(tmp_path.glob(".*")) and not (tmp_path / "full").exists()
+
+
+def ends_in_one_error_line(result, *words: str) -> None:
+    """Progress lines may come first; the run ends in one error line, with no traceback."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert lines and [line for line in lines if line.startswith("error: ")] == lines[-1:], result.output
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def test_a_full_disk_while_saving_progress_is_one_line(pair, tmp_path: Path, monkeypatch) -> None:
+    """Saved layers and the teacher cache (safetensors, which raises its own error type) and
+    distillation checkpoints (torch.save through accelerate, a RuntimeError) fail on a full disk
+    with one error line, like every other write."""
+    import safetensors.torch
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    src, mla = pair
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "serialize_file", full)
+        ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "a", *small(src), "--layer-steps", "1"),
+                               "disk full while writing", LAYERS)
+        ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "b", *small(src), *DISTILL, "--teacher-topk", "8"),
+                               "disk full while writing", CACHE)
+
+    def torch_save_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(Accelerator, "save_state", torch_save_fails)
+    ends_in_one_error_line(invoke("calibrate", mla, tmp_path / "c", *small(src), *DISTILL, "--save-every", "1"),
+                           "cannot write", ".step-0000001.tmp", "unexpected pos")
+    assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".ckpt")]
 
 
 def test_resume_refuses_checkpoints_of_another_run(pair, tmp_path: Path, monkeypatch) -> None:

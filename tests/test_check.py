@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import byte_tokenizer
+from conftest import byte_tokenizer, make_llama
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -111,7 +111,6 @@ def test_latent_widths_vllm_refuses_fail_for_vllm_only(tmp_path: Path, rank: int
     ({"attention_bias": True}, {"attention_bias"}),
     ({"hidden_act": "gelu"}, {"hidden_act"}),
     ({"rope_interleave": False}, {"rope_interleave"}),
-    ({"rms_norm_eps": 1e-5}, {"rms_norm_eps"}),
     ({"tie_word_embeddings": True}, {"untied lm_head"}),
     ({"qk_nope_head_dim": 32}, {"vLLM prefill head dims", "weight shapes"}),
     ({"initializer_range": "wide"}, {"config"}),
@@ -120,19 +119,26 @@ def test_each_broken_config_rule_fails(good: Path, tmp_path: Path, config: dict,
     assert failing(broken_copy(good, tmp_path, config)) == rules
 
 
+def exact(tensors: dict[str, torch.Tensor]) -> None:
+    """The good folder's weights in the exact latent format (its random latent is at a natural scale)."""
+    for i in range(2):
+        p = f"model.layers.{i}."
+        kv_a, gamma = tensors[p + "self_attn.kv_a_proj_with_mqa.weight"], tensors[p + "input_layernorm.weight"]
+        rank = tensors[p + "self_attn.kv_a_layernorm.weight"].shape[0]
+        latent, norm = deepseek.latent_norm_trick(kv_a[:rank], gamma, 64)
+        tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[rank:]])
+        tensors[p + "self_attn.kv_a_layernorm.weight"] = norm
+
+
+def test_rms_norm_eps_is_fixed_by_the_exact_format_only(good: Path, tmp_path: Path) -> None:
+    """The native format keeps a source's eps (1e-5 here); the exact one fails without 1e-6."""
+    assert failing(broken_copy(good, tmp_path, {"rms_norm_eps": 1e-5})) == set()
+    assert failing(broken_copy(good, tmp_path / "exact", {"rms_norm_eps": 1e-5}, weights=exact)) == {"rms_norm_eps"}
+
+
 def test_fp16_fails_the_exact_format_only(good: Path, tmp_path: Path) -> None:
     """A random model's latent is at a natural scale (native); scaled by the exact trick, fp16 fails it."""
     assert failing(broken_copy(good, tmp_path, {"dtype": "float16"})) == set()
-
-    def exact(tensors: dict[str, torch.Tensor]) -> None:
-        for i in range(2):
-            p = f"model.layers.{i}."
-            kv_a, gamma = tensors[p + "self_attn.kv_a_proj_with_mqa.weight"], tensors[p + "input_layernorm.weight"]
-            rank = tensors[p + "self_attn.kv_a_layernorm.weight"].shape[0]
-            latent, norm = deepseek.latent_norm_trick(kv_a[:rank], gamma, 64)
-            tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[rank:]])
-            tensors[p + "self_attn.kv_a_layernorm.weight"] = norm
-
     folder = broken_copy(good, tmp_path / "exact", {"dtype": "float16"}, weights=exact)
     result = check_folder(folder)
     assert {r.rule for r in result.failures} == {"dtype"}
@@ -248,6 +254,16 @@ def test_cli_prints_every_rule_and_exits_by_outcome(good: Path, tmp_path: Path) 
     assert bad.exit_code == 1 and "FAIL  rope_interleave" in bad.output
     assert [line for line in bad.output.splitlines() if line.startswith("error: ")] == [
         f"error: {tmp_path / 'broken'}: 1 rule(s) fail"]
+
+
+def test_cli_says_a_source_model_is_not_an_mla_folder(tmp_path: Path) -> None:
+    """A plain Llama is not a folder that fails rules but no MLA folder at all: one line says so,
+    with no engine verdicts."""
+    result = CliRunner().invoke(main, ["check", str(make_llama(tmp_path / "llama"))])
+    assert result.exit_code == 1 and "fails" not in result.output and "transformers:" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'llama'} is not an MLA model (model_type llama, architectures ['LlamaForCausalLM']); "
+        "convert it first with `mlakit convert`"]
 
 
 def test_yarn_without_original_length_fails_where_it_is_not_inferred(good: Path, tmp_path: Path) -> None:

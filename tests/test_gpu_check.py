@@ -22,7 +22,9 @@ def test_device_check_runs_on_the_cpu_in_its_tiny_form(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert "PASS demo equals the CPU conversion" in text and "0 failure(s)" in text
-    for step in ("convert demo on cpu", "calibrate layerwise on cpu", "calibrate distill on cpu",
-                 "calibrate distill on cpu (cached top-64 teacher)", "validate demo on cpu, loaded whole"):
+    for step in ("convert demo on cpu", "calibrate layerwise on cpu, multi-document rows",
+                 "calibrate distill on cpu, multi-document rows",
+                 "calibrate distill on cpu, multi-document rows (cached top-64 teacher)",
+                 "validate demo on cpu, loaded whole"):
         assert f"- time {step}" in text, text
     assert "tokens/s" in text

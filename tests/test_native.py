@@ -1,5 +1,6 @@
-"""The native latent format: it survives weight quantization where the exact format does not, its
-approximation error is bounded, and calibration reads and writes it."""
+"""The native latent format: it survives weight quantization, check's verdicts match what quantization
+does, its approximation error is bounded, it keeps the source's rms_norm_eps, and calibration reads and
+writes it."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ ARGS = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--dtype", "fp32", "
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """A pico source and its exact and native conversions."""
+    """A pico source trained, as SmolLM2 and Mistral are, with rms_norm_eps 1e-5, and its exact and native
+    conversions."""
     tmp = tmp_path_factory.mktemp("native")
-    src = make_llama(tmp / "src", tied=False)
+    src = make_llama(tmp / "src", tied=False, rms_norm_eps=1e-5)
     for latent in ("exact", "native"):
         result = CliRunner().invoke(main, ["convert", str(src), str(tmp / latent), *ARGS, "--latent", latent])
         assert result.exit_code == 0, result.output
@@ -51,15 +53,19 @@ def _attention(folder: Path, scheme: str | None, x: torch.Tensor) -> torch.Tenso
                          cfg.v_head_dim, cos, sin, norm_eps=LATENT_NORM_EPS)
 
 
-@pytest.mark.parametrize("scheme,bound", [("f16", 1e-3), ("q8_0", 2e-2)])
-def test_native_latent_survives_quantization_the_exact_one_does_not(pair, scheme: str, bound: float) -> None:
-    _, exact, native = pair
+def _quantized_error(folder: Path, scheme: str) -> float:
+    """Relative change of layer 0's attention output when every attention weight is quantized."""
     x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0))
-    errors = {}
-    for name, folder in (("exact", exact), ("native", native)):
-        ref = _attention(folder, None, x)
-        errors[name] = ((_attention(folder, scheme, x) - ref).norm() / ref.norm()).item()
-    assert errors["native"] < bound < errors["exact"], errors
+    ref = _attention(folder, None, x)
+    return ((_attention(folder, scheme, x) - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("scheme,bound", [("f16", 2e-3), ("q8_0", 3e-2), ("fp8", 0.1), ("int8", 3e-2)])
+def test_native_latent_survives_quantization(pair, scheme: str, bound: float) -> None:
+    """Every weight at a normal scale: quantizing the attention weights moves the output by what the
+    scheme's rounding costs any such weights (measured on this pico model: f16 5.4e-4, q8_0 1.5e-2,
+    fp8 6.8e-2, int8 1.6e-2)."""
+    assert _quantized_error(pair[2], scheme) < bound
 
 
 def test_native_conversion_stays_close_to_the_exact_one(pair) -> None:
@@ -78,6 +84,16 @@ def test_native_conversion_stays_close_to_the_exact_one(pair) -> None:
     assert all(row["attn_rel_error"] < 0.1 for row in record["latent"]["layers"])
 
 
+def test_only_the_exact_format_fixes_rms_norm_eps(pair) -> None:
+    """The exact format needs 1e-6 for its latent norm in every engine, hence for every norm; the native
+    one keeps the source's eps, and check holds only the exact format to 1e-6."""
+    src, exact, native = pair
+    eps = {folder: json.loads((folder / "config.json").read_text())["rms_norm_eps"] for folder in pair}
+    assert (eps[src], eps[exact], eps[native]) == (1e-5, 1e-6, 1e-5)
+    for folder in (exact, native):  # (the pico head dims miss vLLM's prefill set, unrelated to eps)
+        assert "rms_norm_eps" not in {rule.rule for rule in check_folder(folder).failures}
+
+
 def test_formats_are_told_apart_by_their_weights(pair) -> None:
     _, exact, native = pair
     for folder, linear in ((exact, True), (native, False)):
@@ -86,12 +102,17 @@ def test_formats_are_told_apart_by_their_weights(pair) -> None:
         assert latent_is_linear(kv_a, reader.get("model.layers.1.input_layernorm.weight"), 64) is linear
 
 
-def test_check_says_which_quantization_each_format_survives(pair) -> None:
+def test_check_verdicts_follow_what_quantization_does(pair) -> None:
+    """check's verdict per scheme, read from the weights alone, is what the quantized attention shows: a
+    scheme passes exactly when it moves the attention output by less than 10%, in either format (the
+    exact format's latent rows are lost under f16, q8_0 and fp8 today: 0.67, 1.0, 1.0)."""
     _, exact, native = pair
-    for folder, survives in ((exact, {"int8"}), (native, set(SCHEMES))):
+    for folder in (exact, native):
         rules = {r.rule: r for r in check_folder(folder).rules}
-        assert {s for s in SCHEMES if rules[f"quantize {s}"].status == "pass"} == survives, rules
         assert rules["latent format"].detail.startswith("native" if folder == native else "exact")
+        for scheme in SCHEMES:
+            error = _quantized_error(folder, scheme)
+            assert (rules[f"quantize {scheme}"].status == "pass") == (error < 0.1), (folder.name, scheme, error)
 
 
 @pytest.mark.parametrize("mode", ["layerwise", "distill"])

@@ -109,3 +109,19 @@ def test_the_matmul_rate_is_timed_on_one_thread_and_scaled() -> None:
     threads = torch.get_num_threads()
     assert matmul_gflops.__wrapped__("cpu") > 0
     assert torch.get_num_threads() == threads
+
+
+def test_the_native_pass_is_in_the_plan_and_prints_its_progress(pico: Path, tmp_path: Path) -> None:
+    """--latent native runs a second pass over the calibration text: the plan's time counts it, and it
+    reports every layer as it goes (one line per layer when stderr is not a terminal)."""
+    from mlakit.convert.plan import ConvertOptions, make_plan
+
+    opts = ConvertOptions(kv_lora_rank=16, rope_dim=8, calib_tokens=1024, calib_seq_len=128, rope_strategy="fold")
+    exact = make_plan(str(pico), opts)
+    native = make_plan(str(pico), ConvertOptions(**{**vars(opts), "latent": "native"}))
+    assert "native latent (one more pass" in native.describe() and "exact latent" in exact.describe()
+    assert native.cost.seconds > exact.cost.seconds
+    result = CliRunner().invoke(main, ["convert", str(pico), str(tmp_path / "out"), *FAST, "--latent", "native"])
+    assert result.exit_code == 0, result.output
+    progress = [line for line in result.output.splitlines() if line.startswith("native latent: layer ")]
+    assert [line.split(" in ")[0] for line in progress] == ["native latent: layer 1/2", "native latent: layer 2/2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from test_validate import pair, prompts, validated  # noqa: F401  (module fixtur
 
 from mlakit.cli import main
 from mlakit.validate import push as push_module
-from mlakit.validate.card import base_model, model_card
+from mlakit.validate.card import base_model, model_card, public, public_name
 
 REPO = "someone/pico-mla"
 
@@ -73,16 +74,39 @@ def test_base_model_only_for_hub_ids(tmp_path: Path) -> None:
     assert base_model(str(tmp_path)) is None and base_model("demo") is None and base_model("./a/b") is None
 
 
-def test_dry_run_lists_files_and_writes_nothing(folder: Path) -> None:
-    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_lists_files_shows_the_card_and_writes_nothing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (folder / "README.md").write_text("my own notes")
+    before = tree(folder)
+    monkeypatch.setattr(push_module, "get_token", lambda: None)
     result = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run"])
     assert result.exit_code == 0, result.output
-    listed = [line.split()[0] for line in result.output.splitlines() if line.startswith("  ")]
+    listed = [m[1] for m in re.finditer(r"^  (\S+) +[\d.]+ (?:B|KiB|MiB|GiB)", result.output, re.MULTILINE)]
     assert listed[0] == "README.md"
     assert {"config.json", "model.safetensors", "mlakit.json", "report/report.json", "report/memory.png"} <= set(listed)
     assert not any(name.startswith(".") for name in listed)
+    card = model_card(REPO, public(json.loads((folder / "report" / "report.json").read_text())))
+    assert card in result.output, "the dry run shows the card it would upload"
+    assert "no Hugging Face token is set" in result.output
     assert "nothing written or uploaded" in result.output and "uploaded:" not in result.output
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
+    assert tree(folder) == before
+
+
+def test_dry_run_card_names_the_hub_source(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source read from the hub cache is named by its hub id: base_model in the front matter."""
+    cached = "/home/someone/.cache/huggingface/hub/models--owner--pico/snapshots/0123abc"
+    for name in ("mlakit.json", "report/report.json"):
+        record = json.loads((folder / name).read_text())
+        (record.get("conversion") or record)["source"]["id"] = cached
+        (folder / name).write_text(json.dumps(record))
+    monkeypatch.setattr(push_module, "get_token", lambda: "hf_test")
+    result = CliRunner().invoke(main, ["push", str(folder), REPO, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "base_model: owner/pico" in result.output and "/home/someone" not in result.output
+    assert "no Hugging Face token" not in result.output
 
 
 def test_no_token_is_one_line_and_writes_nothing(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +118,10 @@ def test_no_token_is_one_line_and_writes_nothing(folder: Path, monkeypatch: pyte
     assert not (folder / "README.md").exists()
 
 
-def test_upload_calls_create_repo_then_upload_folder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_is_one_commit_with_the_card_and_leaves_the_folder_alone(
+        folder: Path, validated: tuple[dict, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    (folder / "README.md").write_text("my own notes")
+    before = tree(folder)
     calls = []
 
     class Commit:
@@ -102,23 +129,44 @@ def test_upload_calls_create_repo_then_upload_folder(folder: Path, monkeypatch: 
 
     def record(name):
         def method(self, *args, **kwargs):
-            calls.append((name, args, kwargs, (folder / "README.md").is_file()))
-            return Commit() if name == "upload_folder" else None
+            calls.append((name, args, kwargs))
+            return Commit() if name == "create_commit" else None
         return method
 
-    for name in ("create_repo", "create_branch", "upload_folder"):
+    for name in ("create_repo", "create_branch", "create_commit"):
         monkeypatch.setattr(HfApi, name, record(name))
     monkeypatch.setattr(push_module, "get_token", lambda: "hf_test")
     result = CliRunner().invoke(main, ["push", str(folder), REPO, "--private", "--revision", "v1"])
     assert result.exit_code == 0, result.output
-    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [c[0] for c in calls] == ["create_repo", "create_branch", "create_commit"]
     assert calls[0][1] == (REPO,) and calls[0][2] == {"private": True, "exist_ok": True}
     assert calls[1][2] == {"branch": "v1", "exist_ok": True}
-    upload = calls[2][2]
-    assert upload["repo_id"] == REPO and Path(upload["folder_path"]) == folder and upload["revision"] == "v1"
-    assert ".*" in upload["ignore_patterns"] and calls[2][3], "README.md must be written before the upload"
+    (repo, operations), options = calls[2][1], calls[2][2]
+    assert repo == REPO and options["revision"] == "v1"
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    assert not any(name.startswith(".") or "/." in name for name in uploaded)
+    assert set(uploaded) == set(before) - {".report.tmp-x/junk"}
+    assert front_matter(uploaded["README.md"].decode())["library_name"] == "transformers"
     assert result.output.strip().endswith(f"uploaded: {Commit.commit_url}")
-    assert front_matter((folder / "README.md").read_text())["library_name"] == "transformers"
+    assert tree(folder) == before, "push must not write into the user's folder"
+    # no local path goes public: the records name the local source by its folder name only
+    _, report_dir = validated
+    local = str(report_dir.parent.parent)
+    for name in ("README.md", "mlakit.json", "report/report.json", "report/report.md"):
+        text = uploaded[name].decode()
+        assert local not in text and "/tmp/" not in text, name
+    assert json.loads(uploaded["mlakit.json"])["source"]["id"] == "src"
+    assert json.loads(uploaded["report/report.json"])["converted"]["folder"] == "mla"
+
+
+def test_public_names() -> None:
+    assert public_name("/home/me/models/llama-mla") == "llama-mla"
+    assert public_name("/home/me/.cache/huggingface/hub/models--meta-llama--Llama-3.2-1B/snapshots/c0ffee") == \
+        "meta-llama/Llama-3.2-1B"
+    assert public({"id": "/a/b/src", "text": "bundled docstrings, /home/me/x.txt", "n": 3, "repo": "owner/name",
+                   "rows": ["~/data/train.jsonl", "hub:wikitext"]}) == {
+        "id": "src", "text": "bundled docstrings, x.txt", "n": 3, "repo": "owner/name",
+        "rows": ["train.jsonl", "hub:wikitext"]}
 
 
 class StubHub(BaseHTTPRequestHandler):
@@ -151,6 +199,8 @@ class StubHub(BaseHTTPRequestHandler):
 
 
 def test_hf_endpoint_is_honored_and_a_refused_upload_is_reported(folder: Path) -> None:
+    (folder / "README.md").write_text("my own notes")
+    before = tree(folder)
     StubHub.seen = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -173,6 +223,7 @@ def test_hf_endpoint_is_honored_and_a_refused_upload_is_reported(folder: Path) -
     assert auth == "Bearer hf_stub_token"
     assert body["name"] == "pico-mla" and body["organization"] == "someone" and body["visibility"] == "private"
     assert len(paths) > create + 1, "the upload itself must have been attempted against the stub"
+    assert tree(folder) == before, "a failed upload leaves the user's folder as it was"
 
 
 def test_refuses_a_folder_without_a_report(folder: Path) -> None:

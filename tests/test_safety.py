@@ -78,6 +78,71 @@ def test_calibrate_and_validate_refuse_to_replace_their_inputs(pair, tmp_path: P
     assert (tree(mla), tree(src)) == before
 
 
+# ---- --force replaces only what mlakit wrote -----------------------------------------------------
+
+def test_force_never_empties_a_folder_that_is_not_an_mlakit_output(pair, pico: Path, tmp_path: Path) -> None:
+    src, mla = pair
+    mine = tmp_path / "userdir"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    line = one_error(invoke("convert", pico, mine, *FAST, "--force"))
+    assert "not an output of mlakit" in line and "mlakit.json" in line, line
+    line = one_error(invoke("calibrate", mla, mine, "--teacher", src, *CALIB, "--force"))
+    assert "not an output of mlakit" in line, line
+    line = one_error(invoke("convert", pico, mine, *FAST, "--force", "--latent", "native"))
+    assert "not an output of mlakit" in line, line
+    assert tree(mine) == {"thesis.txt": b"years of work"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("convert", pico, empty, *FAST, "--force")
+    assert result.exit_code == 0 and (empty / "mlakit.json").is_file(), result.output
+
+
+def test_force_onto_a_file_is_refused_and_leaves_nothing_behind(pico: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile.txt"
+    afile.write_text("notes")
+    line = one_error(invoke("convert", pico, afile, *FAST, "--force"))
+    assert "is a file" in line, line
+    assert afile.read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "pico"]
+
+
+def test_out_that_appears_while_a_run_writes_is_not_replaced(tmp_path: Path) -> None:
+    """Checked again at the rename: without --force an OUT made meanwhile stays; with it, only if it is
+    an mlakit output."""
+    from mlakit.core.errors import MlakitError
+    from mlakit.core.guard import atomic_folder
+
+    out = tmp_path / "out"
+    for force, made in ((False, "mlakit.json"), (True, "thesis.txt")):
+        with pytest.raises(MlakitError, match="appeared while|not an output of mlakit"):
+            with atomic_folder(out, force=force) as tmp:
+                (tmp / "mlakit.json").write_text("{}")
+                out.mkdir(exist_ok=True)
+                (out / made).write_text("someone else's")
+        assert tree(out) == {made: b"someone else's"}
+        shutil.rmtree(out)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not DEMO_AVAILABLE, reason="bundled demo model missing")
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "mlakit", "convert", "demo", str(out), "--rope-strategy", "fold"],
+                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.*")):
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it began writing"
+        time.sleep(0.02)
+    try:
+        line = one_error(invoke("convert", "demo", out, "--calib-tokens", "512", "--calib-seq-len", "256"))
+        assert "another mlakit run" in line and str(first.pid) in line, line
+        assert first.poll() is None, "the first run must still be writing"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ---- cleanup removes only what mlakit made -------------------------------------------------------
 
 def test_distillation_cleans_only_its_own_checkpoint_files(pair, tmp_path: Path) -> None:
@@ -259,3 +324,17 @@ def test_bad_arguments_fail_before_torch_is_imported(tmp_path: Path) -> None:
                               text=True, timeout=120)
         assert done.stdout.strip() == "exit 1 False False", (args, done.stdout, done.stderr)
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_missing_text_files_fail_before_torch_is_imported(tmp_path: Path) -> None:
+    """As README promises: a --calib-text, --text or --prompts file that is not there is one line at once."""
+    code = ("import sys\nfrom mlakit.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    print('exit', exc.code, 'torch' in sys.modules)\n")
+    for args in (["convert", "demo", "out", "--calib-text", "nope.txt"],
+                 ["validate", "demo", "demo", "--text", "nope.txt"], ["validate", "demo", "demo", "--prompts", "nope"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=ENV, capture_output=True,
+                              text=True, timeout=120)
+        assert done.stdout.strip() == "exit 2 False", (args, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], done.stderr

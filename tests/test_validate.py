@@ -98,8 +98,9 @@ def test_top_k_kl_is_a_lower_bound_equal_at_full_vocabulary() -> None:
 
 def test_divergence_positions() -> None:
     assert metrics.divergence([1, 2, 3], [1, 2, 3]) is None
-    assert metrics.divergence([1, 2, 3], [1, 5, 3]) == 1
-    assert metrics.divergence([1, 2], [1, 2, 7]) == 2
+    assert metrics.divergence([1, 2, 3], [1, 5, 3]) == 2  # counted from 1: the second token differs
+    assert metrics.divergence([7, 2], [1, 2]) == 1
+    assert metrics.divergence([1, 2], [1, 2, 7]) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,7 +113,8 @@ def test_measured_cache_equals_the_formula(any_model: Path, dtype: torch.dtype) 
     if cfg["model_type"] == "llama":
         assert per_token == 2 * 2 * 16 * 2 * dtype.itemsize  # 2 x kv_heads x head_dim x layers x bytes
     else:
-        assert per_token == (32 + 64) * 2 * dtype.itemsize  # (kv_lora_rank + rope) x layers x bytes
+        width = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+        assert per_token == width * cfg["num_hidden_layers"] * dtype.itemsize  # (kv_lora_rank + rope) x layers x bytes
 
 
 def test_attention_error_matches_transformers_modules(pair: tuple[Path, Path]) -> None:
@@ -159,9 +161,15 @@ def test_report_has_every_listed_key_and_bounded_numbers(validated: tuple[dict, 
 def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path]) -> None:
     _, folder = validated
     assert sorted(p.name for p in folder.iterdir()) == ["layer_error.png", "memory.png", "report.json", "report.md"]
+    text = (folder / "report.md").read_text()
     for png in ("memory.png", "layer_error.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"]({png})" in (folder / "report.md").read_text()
+        assert f"]({png})" in text
+    assert "columns are each measured on its own text and windows" in text
+    report = json.loads((folder / "report.json").read_text())
+    for g in report["generation"]:
+        if g["diverges_at"] is not None:
+            assert f"first differs at generated token {g['diverges_at']} (counted from 1)" in text
     assert not list(folder.parent.glob(".report.tmp-*"))
 
 
@@ -190,10 +198,10 @@ def test_refuses_a_converted_folder_that_fails_check(pair: tuple[Path, Path], tm
     src, mla = pair
     bad = _copy(mla, tmp_path)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["rms_norm_eps"] = 1e-5
+    cfg["num_nextn_predict_layers"] = 1
     (bad / "config.json").write_text(json.dumps(cfg))
     line = validate_fails(src, bad)
-    assert "fails check (rms_norm_eps" in line and not (bad / "report").exists()
+    assert "fails check (no MTP layers" in line and not (bad / "report").exists()
 
 
 def test_refuses_different_tokenizers(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -228,7 +236,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(pair: tuple[Path, Path
     src, mla = pair
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
-    assert "not an mlakit report" in validate_fails(src, mla, "--report", str(tmp_path / "notes"))
+    assert "not an output of mlakit" in validate_fails(src, mla, "--report", str(tmp_path / "notes"))
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
@@ -288,9 +296,9 @@ def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path,
     assert "- mode: layerwise, teacher `demo`" in text
     assert f"{run['data']['held_out_tokens']} held-out tokens" in text and '"fit_tokens": 2048' in text
     assert f"perplexity {run['before']['student_ppl']:.4f} -> {run['after']['student_ppl']:.4f}" in text
-    labels = "| layer | calibrated model, evaluation text (validate) | one-shot conversion before calibration, " \
-             "its calibration text (convert) |"
-    assert labels in text
+    labels = "| layer | calibrated model, evaluation text, 1024 tokens in windows of 256 (validate) | one-shot " \
+             "conversion before calibration, its calibration text, 4096 tokens in windows of 256 (convert) |"
+    assert labels in text and "not a before/after pair" in text
     # the demo: 4 heads of 64, 2 kv heads, hidden 256, vocab 2048, tied; MLA heads: nope 64, rope 64, v padded to 128
     params = report["parameters"]
     assert sum(params["source_attention_per_layer"].values()) == 4 * 64 * 256 * 2 + 2 * 2 * 64 * 256  # 196,608
@@ -305,18 +313,24 @@ def test_calibrated_demo_report_names_each_stage(demo_mla: Path, tmp_path: Path,
     assert "kv_b_proj holds every head's own up-projection" in text
 
 
-def test_layer_series_say_which_model_and_text() -> None:
+def test_layer_series_say_which_model_text_and_windows() -> None:
+    """The two series differ in text and windows (and after calibration in weights): each label says what
+    it measured, and the report says they are not a before/after pair."""
     layers = [{"layer": 0, "attn_rel_error": 0.1}]
-    converted = {"layers": layers, "conversion": {"layers": [{"layer": 0, "attn_rel_error": 0.2}]}}
+    text = {"seq_len": 512, "layer_tokens": 2048}
+    conversion = {"layers": [{"layer": 0, "attn_rel_error": 0.2}], "calibration": {"tokens": 32768, "seq_len": 256}}
+    converted = {"layers": layers, "text": text, "conversion": conversion}
     assert [label for label, _ in layer_series(converted)] == [
-        "converted model, evaluation text (validate)", "converted model, its calibration text (convert)"]
-    calibrated = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "calibrated"}]}}
-    assert layer_series(calibrated) == [("calibrated model, evaluation text (validate)", [0.1]),
-                                        ("one-shot conversion before calibration, its calibration text (convert)",
-                                         [0.2])]
-    unchanged = {**converted, "conversion": {**converted["conversion"], "calibrate": [{"kept": "input"}]}}
+        "converted model, evaluation text, 2048 tokens in windows of 512 (validate)",
+        "converted model, its calibration text, 32768 tokens in windows of 256 (convert)"]
+    calibrated = {**converted, "conversion": {**conversion, "calibrate": [{"kept": "calibrated"}]}}
+    assert layer_series(calibrated) == [
+        ("calibrated model, evaluation text, 2048 tokens in windows of 512 (validate)", [0.1]),
+        ("one-shot conversion before calibration, its calibration text, 32768 tokens in windows of 256 (convert)",
+         [0.2])]
+    unchanged = {**converted, "conversion": {**conversion, "calibrate": [{"kept": "input"}]}}
     assert layer_series(unchanged) == layer_series(converted)
-    assert layer_series({"layers": layers, "conversion": None}) == [layer_series(converted)[0]]
+    assert layer_series({**converted, "conversion": None}) == [layer_series(converted)[0]]
 
 
 def test_parameters_and_break_even_of_the_pico_pair(validated: tuple[dict, Path]) -> None:

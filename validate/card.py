@@ -1,5 +1,5 @@
 """The model card (README.md) that push uploads: hub metadata, what was converted, how to serve it,
-and the validation report with its plots."""
+and the validation report with its plots; and what of the records may go public."""
 
 from __future__ import annotations
 
@@ -14,7 +14,31 @@ from mlakit.validate.check import FAILS
 from mlakit.validate.report import render_markdown
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# A folder of the Hugging Face cache: .../models--OWNER--NAME/snapshots/COMMIT
+HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 REPORT_DIR = "report"
+# Records join several names with this (calibration texts, --data values).
+NAME_SEPARATOR = ", "
+
+
+def public_name(path: str) -> str:
+    """A local path as it may be published: the hub id of a folder in the hub cache, else its last name,
+    so that no home directory or folder layout leaves the machine."""
+    cached = HUB_CACHE.search(path)
+    return f"{cached[1]}/{cached[2]}" if cached else Path(path).name or path
+
+
+def public(value: object) -> object:
+    """A record (mlakit.json, report.json) with every absolute local path, whole string or one of its
+    comma-separated names, made a `public_name`; everything else as it is."""
+    if isinstance(value, dict):
+        return {key: public(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public(item) for item in value]
+    if isinstance(value, str) and any(part.startswith(("/", "~")) for part in value.split(NAME_SEPARATOR)):
+        return NAME_SEPARATOR.join(public_name(part) if part.startswith(("/", "~")) else part
+                                   for part in value.split(NAME_SEPARATOR))
+    return value
 
 
 def base_model(source_id: str) -> str | None:

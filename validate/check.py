@@ -125,12 +125,21 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
         _rule("rope_interleave", cfg["rope_interleave"] is True, (*NATIVE, "mlx"), f"{cfg['rope_interleave']}",
               "must be true (vLLM, llama.cpp and MLX always rotate interleaved pairs; MLX: mlx_lm/models/"
               "deepseek_v3.py:112 traditional=True)"),
-        _rule("rms_norm_eps", cfg["rms_norm_eps"] == deepseek.LATENT_NORM_EPS, NATIVE, f"{cfg['rms_norm_eps']:g}",
-              f"must be {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses {deepseek.LATENT_NORM_EPS:g} in "
-              "transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)"),
         _rule("untied lm_head", cfg["tie_word_embeddings"] is False, SERVING,
               f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM does not tie)"),
     ]
+
+
+def _eps_rule(cfg: dict, exact: bool) -> Rule:
+    """The exact format needs rms_norm_eps to be the eps transformers fixes for kv_a_layernorm, since the
+    other engines use rms_norm_eps for it and its output is latent / sqrt(eps); the native format's
+    latent is at a normal scale, where that eps is immaterial (`deepseek.output_eps`)."""
+    eps = cfg["rms_norm_eps"]
+    if not exact:
+        return Rule("rms_norm_eps", "pass", NATIVE, f"{eps:g}: the native latent's norm does not depend on it")
+    return _rule("rms_norm_eps", eps == deepseek.LATENT_NORM_EPS, NATIVE, f"{eps:g}",
+                 f"the exact latent format needs {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses "
+                 f"{deepseek.LATENT_NORM_EPS:g} in transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)")
 
 
 def _llamacpp_rules(raw: dict, cfg: dict) -> list[Rule]:
@@ -225,10 +234,10 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
     return rules
 
 
-def _latent_rules(folder: Path, cfg: dict, dtype: str | None) -> list[Rule]:
+def _latent_rules(folder: Path, cfg: dict, dtype: str | None) -> tuple[list[Rule], bool]:
     """The latent format (read from layer 0's weights), the dtypes it holds in, and for each weight
     quantization scheme whether the latent rows survive it as well as the rope rows beside them
-    (on up to QUANT_CHECK_LAYERS layers spread over the depth)."""
+    (on up to QUANT_CHECK_LAYERS layers spread over the depth); and whether the format is exact."""
     reader = CheckpointReader(folder)
     rank, layers, hidden = cfg["kv_lora_rank"], cfg["num_hidden_layers"], cfg["hidden_size"]
     kv_a = {i: reader.get(deepseek.attention_names(i)["kv_a_proj_with_mqa"]).float()
@@ -253,7 +262,7 @@ def _latent_rules(folder: Path, cfg: dict, dtype: str | None) -> list[Rule]:
                "the latent rows lose more than the other weights; quality will drop")
         rules.append(_rule(f"quantize {scheme}", ok, ALL, f"{quant.SCHEME_NAMES[scheme]}: latent rows lose "
                            f"{latent:.2%}, rope rows {rope:.2%}", why, warn=True))
-    return rules
+    return rules, exact
 
 
 def check_folder(folder: Path) -> CheckResult:
@@ -274,8 +283,11 @@ def check_folder(folder: Path) -> CheckResult:
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     weight_rules = _weight_rules(folder, cfg)
     rules += _llamacpp_rules(raw, cfg) + _rope_rules(raw, cfg) + _shape_rules(deepseek.mla_shape(cfg)) + weight_rules
+    exact = True  # unless the weights show otherwise, the strict rule
     if weight_rules[0].status == "pass":
-        rules += _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
+        latent_rules, exact = _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
+        rules += latent_rules
+    rules.append(_eps_rule(cfg, exact))
     rules.append(_rule("tokenizer", has_tokenizer, (*NATIVE, "mlx"), "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
@@ -285,10 +297,7 @@ def require_mla(folder: Path, name: str) -> CheckResult:
     """The check of a folder that validate or push works on; refuse one that is not MLA or fails a rule
     of transformers (what validate runs). A folder that a serving engine refuses, such as a latent
     width vLLM does not take, still validates; the model card says which engines serve it."""
-    result = check_folder(folder)
-    if result.rules[0].status == "fail":
-        raise MlakitError(f"{name} is not an MLA model ({result.rules[0].detail.split(':')[0]}); convert it first "
-                          "with `mlakit convert`")
+    result = _mla_folder(folder, name)
     blocking = [r for r in result.failures if "transformers" in r.engines]
     if blocking:
         first = blocking[0]
@@ -297,6 +306,16 @@ def require_mla(folder: Path, name: str) -> CheckResult:
     return result
 
 
+def _mla_folder(folder: Path, name: str) -> CheckResult:
+    """The check of a folder, refused in one line when it is not a DeepSeek-V3 folder at all (a
+    source model, say): then no engine verdict is meaningful."""
+    result = check_folder(folder)
+    if result.rules[0].status == "fail":
+        raise MlakitError(f"{name} is not an MLA model ({result.rules[0].detail.split(':')[0]}); convert it first "
+                          "with `mlakit convert`")
+    return result
+
+
 def check_model(name: str) -> CheckResult:
     """`mlakit check NAME`: a local folder or a hub id."""
-    return check_folder(resolve_model(name))
+    return _mla_folder(resolve_model(name), name)

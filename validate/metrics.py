@@ -117,10 +117,11 @@ def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
 
 
 def divergence(a: list[int], b: list[int]) -> int | None:
-    """First generated position where two greedy continuations differ; None when they are equal."""
+    """The first generated token at which two greedy continuations differ, counted from 1 (1: the very
+    first token differs); None when they are equal."""
     if a == b:
         return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return 1 + next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @dataclass

@@ -23,9 +23,13 @@ from mlakit.core.errors import MlakitError  # noqa: E402
 from mlakit.core.guard import atomic_folder  # noqa: E402
 from mlakit.validate.check import ENGINE_NAMES  # noqa: E402
 
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
 MEMORY_PNG = "memory.png"
 LAYER_PNG = "layer_error.png"
 COLORS = {"source": "#7f7f7f", "converted": "#1f77b4"}
+# What error lines call the report folder: an earlier report there is replaced, nothing else is.
+REPORT_TARGET = "--report folder"
 
 
 def _scale(max_bytes: float) -> tuple[float, str]:
@@ -89,36 +93,50 @@ def plot_memory(report: dict, path: Path) -> None:
 
 
 def layer_series(report: dict) -> list[tuple[str, list[float]]]:
-    """The per-layer errors to show, each labelled with the model and the text it was measured on.
+    """The per-layer errors to show, each labelled with the model, the text and the windows it was
+    measured on.
 
     convert records its errors in mlakit.json and calibrate copies that record, so for a calibrated
-    folder those are the one-shot conversion's, not the validated model's."""
+    folder those are the one-shot conversion's, not the validated model's; and they are measured on
+    other text in other windows, so the two series are never a before/after pair."""
     conversion = report.get("conversion") or {}
     calibrated = any(run.get("kept") != "input" for run in conversion.get("calibrate", []))
     this = "calibrated model" if calibrated else "converted model"
-    series = [(f"{this}, evaluation text (validate)", [row["attn_rel_error"] for row in report["layers"]])]
+    text = report.get("text", {})
+    series = [(f"{this}, evaluation text, {text.get('layer_tokens', '?')} tokens in windows of "
+               f"{text.get('seq_len', '?')} (validate)", [row["attn_rel_error"] for row in report["layers"]])]
     at_convert = [row["attn_rel_error"] for row in conversion.get("layers", [])]
     if len(at_convert) == len(series[0][1]):
         before = "one-shot conversion before calibration" if calibrated else this
-        series.append((f"{before}, its calibration text (convert)", at_convert))
+        calib = conversion.get("calibration", {})
+        series.append((f"{before}, its calibration text, {calib.get('tokens', '?')} tokens in windows of "
+                       f"{calib.get('seq_len', '?')} (convert)", at_convert))
     return series
 
 
+# Under the per-layer plot and table: why the series may not be read as before and after.
+NOT_BEFORE_AFTER = ("each measured on its own text and windows (and, after calibration, on other weights): not a "
+                    "before/after pair")
+
+
 def plot_layers(report: dict, path: Path) -> None:
-    """Per-layer relative attention error, one bar per series of `layer_series`."""
+    """Per-layer relative attention error, one panel per series of `layer_series`, each titled with what
+    it measures, so that side-by-side bars never read as a before/after comparison."""
     series = layer_series(report)
     idx = np.arange(len(series[0][1]))
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(idx) + 2), 3.8), dpi=120)
-    for j, ((label, errors), color) in enumerate(zip(series, (COLORS["converted"], "#ff7f0e"))):
-        ax.bar(idx + (j - (len(series) - 1) / 2) * width, errors, width, color=color, label=label)
-    ax.set_xticks(idx)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("||attn_conv - attn_src|| / ||attn_src||")
-    ax.set_title("Per-layer attention error, fed the source's hidden states")
-    ax.set_ylim(0, max([1e-12] + [e for _, errors in series for e in errors]) * 1.45)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    top = max([1e-12] + [e for _, errors in series for e in errors]) * 1.15
+    fig, axes = plt.subplots(1, len(series), figsize=(max(6.0, 0.45 * len(idx) + 2) * len(series), 3.8), dpi=120,
+                             squeeze=False)
+    for ax, (label, errors), color in zip(axes[0], series, (COLORS["converted"], "#ff7f0e")):
+        ax.bar(idx, errors, 0.7, color=color)
+        ax.set_xticks(idx)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("||attn_conv - attn_src|| / ||attn_src||")
+        ax.set_title("\n".join(textwrap.wrap(label, 60)), fontsize=9)
+        ax.set_ylim(0, top)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Per-layer attention error, each layer fed the source's hidden states"
+                 + (f"\npanels {NOT_BEFORE_AFTER}" if len(series) > 1 else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -165,13 +183,14 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
     series = layer_series(report)
     lines += ["", f"{h}# Per-layer attention error", "", f"![per-layer attention error]({images}{LAYER_PNG})", "",
               "Relative error of each layer's attention output against the source's, both fed the source's "
-              "hidden states.", "",
+              "hidden states" + (f"; the columns are {NOT_BEFORE_AFTER}." if len(series) > 1 else "."), "",
               "| layer | " + " | ".join(label for label, _ in series) + " |", "|---:|" + "---:|" * len(series)]
     lines += [f"| {i} | " + " | ".join(f"{errors[i]:.4g}" for _, errors in series) + " |"
               for i in range(len(series[0][1]))]
     lines += ["", f"{h}# Greedy generation", ""]
     for g in report["generation"]:
-        where = "identical" if g["diverges_at"] is None else f"first differs at generated token {g['diverges_at']}"
+        where = ("identical" if g["diverges_at"] is None else
+                 f"first differs at generated token {g['diverges_at']} (counted from 1)")
         lines += [f"Prompt `{g['prompt']}`: {where}.", "", "| model | continuation |", "|---|---|",
                   f"| source | {_cell(g['source'])} |", f"| converted | {_cell(g['converted'])} |", ""]
     lines += [f"{h}# Serving check", "", "| rule | status | detail |", "|---|---|---|"]
@@ -290,14 +309,14 @@ def _calibrate_lines(run: dict) -> list[str]:
 def write_report(out: Path, report: dict) -> None:
     """report.json, report.md and the PNGs, renamed into `out` only once all are written."""
     report = {**report, "plots": [MEMORY_PNG, LAYER_PNG]}
-    with atomic_folder(out, force=True) as tmp:
+    with atomic_folder(out, force=True, marker=REPORT_JSON, what=REPORT_TARGET) as tmp:
         try:
             plot_memory(report, tmp / MEMORY_PNG)
             plot_layers(report, tmp / LAYER_PNG)
-            (tmp / "report.md").write_text(render_markdown(report))
+            (tmp / REPORT_MD).write_text(render_markdown(report))
         except OSError as exc:
             raise MlakitError(f"cannot write the report into {out.parent}: {exc.strerror or exc}") from exc
-        write_json(tmp / "report.json", report)
+        write_json(tmp / REPORT_JSON, report)
 
 
 def summary(report: dict) -> str:
@@ -314,5 +333,6 @@ def summary(report: dict) -> str:
         f"{human_bytes(kv['converted_bytes_per_token'])} ({-kv['reduction_percent']:+.1f}%), measured "
         f"{'equal to' if kv['measured_matches'] else 'DIFFERENT FROM'} the formula",
         f"attention error per layer: worst {worst['attn_rel_error']:.4g} (layer {worst['layer']})",
-        "greedy generation diverges at token: " + ", ".join("never" if d is None else str(d) for d in diverged),
+        "greedy generation, first differing generated token (counted from 1): "
+        + ", ".join("never" if d is None else str(d) for d in diverged),
     ])

@@ -28,7 +28,7 @@ from mlakit.core.guard import check_output, check_protected
 from mlakit.core.text import Corpus, load_corpus, token_windows
 from mlakit.validate import cache, metrics, weights
 from mlakit.validate.check import require_mla
-from mlakit.validate.report import write_report
+from mlakit.validate.report import REPORT_JSON, REPORT_TARGET, write_report
 
 # The demo trains on the first 90% of the bundled text, so by default validation reads the rest.
 HELD_OUT_FRACTION = 0.1
@@ -177,9 +177,7 @@ def check_report_target(out: Path, inputs: list[Path]) -> None:
     """Refuse a folder that is or holds a model read (inside CONVERTED is its default place), an unwritable
     place, or an existing folder that is not an earlier report (it would be replaced)."""
     check_protected(out, inputs, "--report", nest_ok=True)
-    if out.exists() and not (out / "report.json").is_file():
-        raise MlakitError(f"{out} exists and is not an mlakit report; choose another --report folder")
-    check_output(out, force=True)
+    check_output(out, force=True, marker=REPORT_JSON, what=REPORT_TARGET)
 
 
 def _load(folder: Path, name: str, device: torch.device, max_memory: dict[int | str, str] | None) -> PreTrainedModel:
@@ -211,7 +209,7 @@ def run_pass(folder: Path, name: str, windows: torch.Tensor, tmp: Path, opts: Va
                 if b == 0:
                     torch.save([h[:keep].cpu() for h in out.hidden_states[:-1]], tmp / "hidden.pt")
             else:
-                ref = metrics.Reference(**torch.load(tmp / f"ref-{b}.pt", map_location=x.device))
+                ref = metrics.Reference(**torch.load(tmp / f"ref-{b}.pt", map_location=x.device, weights_only=True))
                 scores.append(metrics.compare(ref, out.logits, x))
             del out
     result = Pass(
@@ -269,7 +267,8 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
         log("per-layer attention error")
         layer_start = time.perf_counter()
         errors = metrics.attention_errors(
-            torch.load(tmp / "hidden.pt"), spec, CheckpointReader(src_dir), src.rotary, CheckpointReader(conv_dir),
+            torch.load(tmp / "hidden.pt", weights_only=True), spec, CheckpointReader(src_dir), src.rotary,
+            CheckpointReader(conv_dir),
             mla_shape(conv_cfg), conv_cfg["rms_norm_eps"], conv.rotary, device)
         layer_seconds = time.perf_counter() - layer_start
     conversion = read_json(conv_dir / "mlakit.json") if (conv_dir / "mlakit.json").is_file() else None
@@ -277,6 +276,7 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
         "source": _model_entry(source, src, src_dir),
         "converted": _model_entry(converted, conv, conv_dir),
         "text": {"name": corpus.name, "sha256": corpus.sha256, "tokens": windows.numel(), "seq_len": opts.seq_len,
+                 "layer_tokens": min(windows.shape[0], max(1, opts.layer_tokens // opts.seq_len)) * opts.seq_len,
                  "kl_reference": "full vocabulary" if metrics.keep_top_k(windows.numel(), spec.vocab) is None
                  else f"source top-{metrics.TOP_K} plus the rest as one bucket (a lower bound)"},
         **metrics.summarize(conv.scores),
