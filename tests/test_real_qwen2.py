@@ -54,7 +54,8 @@ def test_rope_step_keeps_the_first_layers_of_a_real_qwen2() -> None:
     qk_nope, v_head = deepseek.head_dims(spec.head_dim)
     shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, opts.rope_dim, v_head, opts.kv_lora_rank)
     # make_plan would also time matmuls for its estimate; candidate() reads only these fields
-    cand = candidate(SimpleNamespace(spec=spec, shape=shape, dtype=torch.float32), "fold", opts.llama3_rope)
+    cand = candidate(SimpleNamespace(spec=spec, shape=shape, dtype=torch.float32, latent="exact"), "fold",
+                     opts.llama3_rope)
     tokenizer = AutoTokenizer.from_pretrained(QWEN)
     calib = token_windows(tokenizer, load_corpus(None).text, opts.calib_tokens, opts.calib_seq_len, spread=True)
     code = token_windows(tokenizer, Path(inspect.__file__).read_text(encoding="utf-8"), 1024, 256,
