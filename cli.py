@@ -105,12 +105,12 @@ def main() -> None:
 @click.option("--rope-dim", type=int, default=64, show_default=True,
               help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
-              help="Text file(s) for calibration statistics (repeatable). Default: text sampled from SOURCE itself "
-                   "(cached), which stands for everything the model does; a text of one kind fits the model to "
-                   "that kind.")
+              help="Text file(s) for calibration statistics (repeatable), instead of the default set: half text "
+                   "sampled from SOURCE itself (cached), half a bundled mix of prose, code and fifteen languages. "
+                   "A text of one kind fits the model to that kind.")
 @click.option("--calib-mix", is_flag=True,
-              help="With --calib-text: calibrate on half that text and half text sampled from SOURCE, to serve "
-                   "that text well without losing the rest.")
+              help="With --calib-text: calibrate on half that text and half the default set, to serve that text "
+                   "well without losing the rest.")
 @click.option("--calib-temperature", type=float, default=1.0, show_default=True,
               help="Sampling temperature of the calibration text sampled from SOURCE.")
 @click.option("--calib-seed", type=int, default=0, show_default=True,

@@ -1,5 +1,7 @@
-"""The calibration windows of a conversion: text sampled from the source model (the default), the
-user's text, or both; and the share of them held out to choose and to report on.
+"""The calibration windows of a conversion: by default half text sampled from the source model and
+half the bundled mix of prose, code and fifteen languages (data/README.md); or the user's text, or
+the user's text and the default set half and half; and the share of them held out to choose and
+to report on.
 
 Every choice a conversion makes from data (the o_proj refit and its ridge, the rope strategy) is
 judged on held-out windows that were not fitted on, so that a choice that only fits the
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mlakit.core.sampling import SampleSettings, sample_windows
-from mlakit.core.text import bos_token, load_corpus, token_windows
+from mlakit.core.text import MIX_TEXT, bos_token, load_corpus, token_windows
 
 
 @dataclass
@@ -52,26 +54,32 @@ def held_out_split(windows: torch.Tensor, share: float) -> tuple[torch.Tensor, i
     return torch.cat([windows[keep], windows[held]]), len(held)
 
 
-def sampled_tokens(tokens: int, text: list[Path] | None, mix: bool) -> int:
-    """How many of the calibration tokens are sampled from the model: all without text, half with
-    text and `mix`, else none."""
-    return tokens if not text else tokens // 2 if mix else 0
+def token_shares(tokens: int, text: list[Path] | None, mix: bool) -> tuple[int, int, int]:
+    """(the user's text, the bundled mix, sampled) calibration tokens. The default set is half the
+    bundled mix and half text sampled from the model; `text` replaces it, or with `mix` takes half
+    of the tokens and leaves the default set the other half."""
+    if text and not mix:
+        return tokens, 0, 0
+    default = tokens // 2 if text else tokens
+    bundled = default // 2
+    return tokens - default, bundled, default - bundled
 
 
 def calibration_set(folder: Path, tokenizer, *, text: list[Path] | None, mix: bool, tokens: int, seq_len: int,
                     bos: bool, sampling: SampleSettings, held_out: float, device: str,
                     log: Callable[[str], None] | None = None) -> CalibrationSet:
-    """The windows a conversion calibrates on: `text` if given (mixed half and half with the model's
-    own samples when `mix`), else samples of the model; with the held-out share moved to the end."""
+    """The windows a conversion calibrates on (`token_shares` says how many of each source), rows of
+    the sources interleaved, with the held-out share moved to the end."""
     parts, sources = [], []
-    n_sampled = sampled_tokens(tokens, text, mix)
-    if text:
-        corpus = load_corpus(text)
-        ids = token_windows(tokenizer, corpus.text, tokens - n_sampled, seq_len, spread=True,
-                            lead=bos_token(tokenizer) if bos else None)
-        parts.append(ids)
-        sources.append({"kind": "text", "text": corpus.name, "sha256": corpus.sha256, "tokens": int(ids.numel()),
-                        "bos": bos})
+    n_text, n_bundled, n_sampled = token_shares(tokens, text, mix)
+    for paths, n, lead in ((text, n_text, bos), ([MIX_TEXT], n_bundled, False)):
+        if n:
+            corpus = load_corpus(paths)
+            ids = token_windows(tokenizer, corpus.text, n, seq_len, spread=True,
+                                lead=bos_token(tokenizer) if lead else None)
+            parts.append(ids)
+            sources.append({"kind": "text", "text": corpus.name, "sha256": corpus.sha256, "tokens": int(ids.numel()),
+                            "bos": lead})
     if n_sampled:
         ids, record = sample_windows(folder, tokenizer, sampling, max(1, n_sampled // seq_len), device, log)
         parts.append(ids)

@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 from mlakit.convert import rope
+from mlakit.convert.calibration import token_shares
 from mlakit.convert.cost import Cost, Work, estimate, sample_seconds
 from mlakit.core import deepseek, engines
 from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import SourceSpec, check_weights, load_spec
 from mlakit.core.guard import positive
-from mlakit.convert.calibration import sampled_tokens
 from mlakit.core.sampling import BATCH_ROWS, SampleSettings, batches, cache_path, cached_rows
+from mlakit.core.text import MIX_TEXT
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LATENT_FORMATS = ("exact", "native")
@@ -45,8 +46,9 @@ class ConvertOptions:
     calib_seed: int = 0
     # Share of the calibration windows held out to choose the o_proj refit and the rope strategy.
     held_out: float = 0.125
-    # Shrinkage of each layer's input second moment towards its diagonal (0: none).
-    shrink: float = 0.0
+    # Shrinkage of each layer's input second moment towards its diagonal (0: none); 0.5 measured best
+    # of 0, 0.2 and 0.5 on unseen text (docs/real-models.md).
+    shrink: float = 0.5
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"
@@ -235,7 +237,7 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError(f"--latent {opts.latent}: choose {' or '.join(LATENT_FORMATS)}")
     reader = CheckpointReader(folder)
     check_weights(spec, reader)
-    n_sampled = sampled_tokens(opts.calib_tokens, opts.calib_text, opts.calib_mix)
+    _, n_bundled, n_sampled = token_shares(opts.calib_tokens, opts.calib_text, opts.calib_mix)
     wanted = max(1, n_sampled // opts.calib_seq_len) if n_sampled else 0
     have = cached_rows(cache_path(folder, SampleSettings(opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)))
     cached = have >= wanted
@@ -246,8 +248,8 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     if n_sampled:
         when = "cached by an earlier run" if cached else \
             f"about {_duration(sample_seconds(work, plan.cost.gflops))} of the estimated time"
-        plan.notes.append(f"calibration: {n_sampled} tokens sampled from the model ({when}); --calib-text "
-                          "calibrates on your own text instead")
+        plan.notes.append(f"calibration: {n_bundled} tokens of the bundled mix and {n_sampled} sampled from the "
+                          f"model ({when}); --calib-text calibrates on your own text instead")
     plan.notes += [rank_note] if rank_note else []
     if padded is None and shape.kv_elements_per_token_layer() >= spec.kv_elements_per_token_layer():
         plan.notes.append("warning: the MLA cache is not smaller than the source's; lower --kv-lora-rank")
@@ -265,6 +267,7 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     probe = max(1, min(rows, opts.strategy_tokens // opts.calib_seq_len)) if len(strategies) > 1 else 0
     head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
     text = sum(Path(p).stat().st_size for p in opts.calib_text or [] if Path(p).is_file())
+    text += MIX_TEXT.stat().st_size if token_shares(opts.calib_tokens, opts.calib_text, opts.calib_mix)[1] else 0
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,

@@ -12,6 +12,8 @@ from mlakit.core.errors import MlakitError
 from mlakit.core.guard import DEMO_DIR
 
 DEFAULT_TEXT = DEMO_DIR / "docstrings.txt"
+# The bundled half of the default calibration set (its sources and licences: data/README.md).
+MIX_TEXT = DEMO_DIR.parent / "data" / "calibration_mix.txt"
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ def load_corpus(paths: list[Path] | None = None) -> Corpus:
     text = "\n\n".join(parts)
     if not text.strip():
         raise MlakitError(f"{', '.join(map(str, paths))}: the text is empty")
-    name = ", ".join("bundled docstrings" if Path(p) == DEFAULT_TEXT else str(p) for p in paths)
+    bundled = {DEFAULT_TEXT: "bundled docstrings", MIX_TEXT: "bundled calibration mix"}
+    name = ", ".join(bundled.get(Path(p), str(p)) for p in paths)
     return Corpus(text, name, hashlib.sha256(text.encode()).hexdigest())
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import make_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlakit.convert.calibration import CalibrationSet, _interleave, held_out_split
+from mlakit.convert.calibration import CalibrationSet, _interleave, calibration_set, held_out_split
 from mlakit.core.sampling import (
     BATCH_ROWS,
     PROMPTS,
@@ -80,6 +80,25 @@ def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
     assert cached_rows(cache_path(pico_source, settings)) == 2 * BATCH_ROWS
     other, record = sample_windows(pico_source, tokenizer, SampleSettings(seq_len=32, seed=4), 4)
     assert not record["cached"] and not torch.equal(ids, other)
+
+
+@pytest.mark.parametrize("text, mix, expected", [
+    (False, False, [("bundled calibration mix", 256), ("sampled from the source model", 256)]),
+    (True, True, [("user", 256), ("bundled calibration mix", 128), ("sampled from the source model", 128)]),
+    (True, False, [("user", 512)]),
+])
+def test_the_default_set_and_what_replaces_it(pico_source: Path, tmp_path: Path, text: bool, mix: bool,
+                                              expected: list[tuple[str, int]]) -> None:
+    """Without text: half the bundled mix, half sampled; a user's text replaces them, or with `mix`
+    takes half and leaves the default set the other half; each source recorded with its tokens."""
+    user = tmp_path / "user.txt"
+    user.write_text("A text of the user's own, long enough for several windows. " * 200, encoding="utf-8")
+    calib = calibration_set(pico_source, AutoTokenizer.from_pretrained(pico_source), text=[user] if text else None,
+                            mix=mix, tokens=512, seq_len=64, bos=False, sampling=SampleSettings(seq_len=64),
+                            held_out=0.125, device="cpu")
+    got = [("user" if s.get("text") == str(user) else s.get("text", s["kind"]), s["tokens"])
+           for s in calib.record["sources"]]
+    assert got == expected and calib.windows.shape == (8, 64) and calib.held_out == 1
 
 
 def _kl_on(src: Path, out: Path, windows: torch.Tensor) -> float:
