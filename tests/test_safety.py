@@ -124,15 +124,23 @@ def test_out_that_appears_while_a_run_writes_is_not_replaced(tmp_path: Path) -> 
         assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def convert_demo_until(tmp_path: Path, pattern: str) -> subprocess.Popen:
+    """`mlakit convert demo TMP_PATH/out` in a subprocess, returned once a file matching PATTERN
+    appears in TMP_PATH (the run is then writing)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlakit", "convert", "demo", str(tmp_path / "out"),
+                             "--rope-strategy", "fold"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(pattern)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it began writing"
+        time.sleep(0.02)
+    return proc
+
+
 @pytest.mark.skipif(not DEMO_AVAILABLE, reason="bundled demo model missing")
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-m", "mlakit", "convert", "demo", str(out), "--rope-strategy", "fold"],
-                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".out.*")):
-        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it began writing"
-        time.sleep(0.02)
+    first = convert_demo_until(tmp_path, ".out.*")
     try:
         line = one_error(invoke("convert", "demo", out, "--calib-tokens", "512", "--calib-seq-len", "256"))
         assert "another mlakit run" in line and str(first.pid) in line, line
@@ -165,12 +173,7 @@ def test_distillation_cleans_only_its_own_checkpoint_files(pair, tmp_path: Path)
 @pytest.mark.skipif(not DEMO_AVAILABLE, reason="bundled demo model missing")
 def test_sigterm_removes_the_temporary_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "mlakit", "convert", "demo", str(out), "--rope-strategy", "fold"],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".out.tmp-*")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its folder appeared"
-        time.sleep(0.02)
+    proc = convert_demo_until(tmp_path, ".out.tmp-*")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
