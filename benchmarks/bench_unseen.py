@@ -20,6 +20,9 @@ of calibration text included unless it came from the cache (then marked).
     python benchmarks/bench_unseen.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
         --shakespeare shakespeare.txt --sotu sotu.txt --ranks 128 \\
         --config defaults --config "docstrings:calib_text=mlakit/demo/docstrings.txt"
+
+With --folder NAME=PATH (repeatable) it evaluates existing conversions of --model too, and without
+--config only those.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging
 
 from mlakit.convert.pipeline import ConvertOptions, convert
-from mlakit.core.checkpoint import resolve_model
+from mlakit.core.checkpoint import read_json, resolve_model
 from mlakit.core.families import load_spec
 from mlakit.core.text import DEFAULT_TEXT, token_windows
 
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--folder", action="append", default=[], metavar="NAME=PATH",
+                    help="also evaluate an existing conversion of --model (e.g. one `mlakit calibrate` wrote)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,8 +127,21 @@ def main() -> None:
           + " | ".join(f"{k} vs source" for k in sets) + " | worst |")
     print("|---|---|---:|---:|" + "---:|" * (len(sets) + 1), flush=True)
     src_cache = spec.kv_elements_per_token_layer()
+
+    def row(name: str, out: Path, seconds: str) -> None:
+        ppl = perplexity(out, pairs)
+        shape = read_json(out / "mlakit.json")["shape"]
+        share = 100 * (shape["kv_lora_rank"] + shape["qk_rope"]) / src_cache
+        ratios = [p / b - 1 for p, b in zip(ppl, base)]
+        cells = " | ".join(f"{100 * r:+.1f}%" for r in ratios)
+        print(f"| {name} | {shape['kv_lora_rank']} + {shape['qk_rope']} | {share:.0f}% | {seconds} | {cells} | "
+              f"{100 * max(ratios):+.1f}% |", flush=True)
+
+    for item in args.folder:
+        name, _, path = item.partition("=")
+        row(name, Path(path).expanduser(), "-")
     with tempfile.TemporaryDirectory() as tmp:
-        for rank in args.ranks:
+        for rank in args.ranks if args.config or not args.folder else []:
             for name, kw in map(parse_config, args.config or ["defaults"]):
                 opts = ConvertOptions(**{"kv_lora_rank": rank, "dtype": "fp32", **kw})
                 out = Path(tmp) / "out"
@@ -131,14 +149,7 @@ def main() -> None:
                 record = convert(args.model, out, opts, force=True, log=lambda m: None)
                 seconds = time.perf_counter() - start
                 cached = any(s.get("cached") for s in record["calibration"]["sources"])
-                ppl = perplexity(out, pairs)
-                shape = record["shape"]
-                share = 100 * (shape["kv_lora_rank"] + shape["qk_rope"]) / src_cache
-                ratios = [p / b - 1 for p, b in zip(ppl, base)]
-                cells = " | ".join(f"{100 * r:+.1f}%" for r in ratios)
-                print(f"| {name} | {shape['kv_lora_rank']} + {shape['qk_rope']} | {share:.0f}% | "
-                      f"{seconds:.0f}{' (cached text)' if cached else ''} | {cells} | {100 * max(ratios):+.1f}% |",
-                      flush=True)
+                row(name, out, f"{seconds:.0f}{' (cached text)' if cached else ''}")
 
 
 if __name__ == "__main__":
