@@ -12,6 +12,14 @@ The source's hidden states feed each layer by default (teacher-forced; measured 
 docs/calibrate.md); `inputs="student"` feeds the student's own, from its already calibrated
 layers. Memory holds one layer of each model.
 
+The least squares of step 1 has heads x kv_lora_rank unknowns per output dim. Up to JOINT_COLUMNS
+it is one float64 solve; beyond, `_Fit.blockwise` iterates over groups of heads, so that memory
+grows with the head count, not its square: for 64 heads at rank 512 (a 70B shape, hidden 8192) the
+joint solve held four 8 GiB matrices (32 GiB), the groups' factors take 1 GiB and the iterates
+4 GiB. JOINT_COLUMNS is 4096 (256 MiB for the joint matrix and its factor) because the iteration is
+slow on attention features, whose heads attend alike: the joint solve is kept while it is small,
+and the groups are as large as it.
+
 Each finished layer is saved (`LayerProgress`), so that an interrupted stage resumes after the last
 one: the saved layers are replayed (forward passes only) and fitting continues with the random
 state it had, which gives the weights of an uninterrupted run.
@@ -19,6 +27,7 @@ state it had, which gives the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -44,8 +53,12 @@ from mlakit.core.metrics import Quality, QualityMeter, next_token_labels
 
 INPUTS = ("student", "teacher")
 RIDGE = 1e-6
+JOINT_COLUMNS = 4096  # least-squares unknowns per output dim solved at once (the module docstring says why)
+ITERATIONS = 50  # the blockwise solve stops after this many iterations,
+TOLERANCE = 1e-5  # or at one that improves its objective by less than this fraction
 RUN = "run.json"  # the fingerprint of the run whose layers LayerProgress holds
 RNG = "rng_state"  # the layer files' entry for the random state after the layer
+Features = Callable[[slice, slice], torch.Tensor]  # (rows, heads) -> (rows, seq, heads x columns per head)
 
 
 @dataclass
@@ -68,17 +81,37 @@ class LayerwiseResult:
 
 
 class _Fit:
-    """One layer's fitting problem: normed inputs x, target attention output, the student's attention."""
+    """One layer's fitting problem: normed inputs x, target attention output, the student's attention.
+
+    `joint_columns` bounds the least-squares systems solved at once (see `least_squares`)."""
 
     def __init__(self, student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor,
-                 norm_eps: float | None):
+                 norm_eps: float | None, joint_columns: int = JOINT_COLUMNS):
         self.student, self.x, self.pos, self.target, self.norm_eps = student, x, pos, target, norm_eps
+        self.joint_columns = joint_columns
         self.chunks = row_chunks(x.shape[0], x.shape[1], student.dims[0] * max(x.shape[1], student.dims[3]))
         self.energy = sum(target[c].pow(2).sum().item() for c in self.chunks)
 
-    def attention(self, rows, w: MLAWeights) -> torch.Tensor:
-        """The student's attention on calibration rows, in its latent format."""
-        return self.student.attention(self.x[rows], w, self.pos[rows], self.norm_eps)
+    def attention(self, rows, w: MLAWeights, heads: int | None = None) -> torch.Tensor:
+        """The student's attention on calibration rows, in its latent format; `heads` when w holds only
+        that many heads (their q and kv_b rows)."""
+        student = self.student
+        if heads is not None and heads != student.dims[0]:
+            student = copy.copy(student)  # Student.attention reads its head count from dims
+            student.dims = (heads, *student.dims[1:])
+        return student.attention(self.x[rows], w, self.pos[rows], self.norm_eps)
+
+    def head_outputs(self, rows, w: MLAWeights, heads: slice, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Heads `heads` of w before o_proj (o_proj probed with the identity), whose output o_proj maps
+        linearly; `values` (per head v_head x rank) replace those heads' value rows of kv_b."""
+        n_heads, nope, _, v = self.student.dims
+        n = heads.stop - heads.start
+        kv_b = w.kv_b.view(n_heads, nope + v, -1)[heads]
+        if values is not None:
+            kv_b = torch.cat([kv_b[:, :nope], values], 1)
+        probe = MLAWeights(w.q.view(n_heads, -1, w.q.shape[1])[heads].flatten(0, 1), w.kv_a, w.kv_norm,
+                           kv_b.flatten(0, 1), torch.eye(n * v, device=w.o.device))
+        return self.attention(rows, probe, n)
 
     def error(self, w: MLAWeights) -> float:
         """The attention error over all calibration rows: ||a - target|| / ||target||, the relative error
@@ -87,46 +120,132 @@ class _Fit:
             err = sum((self.attention(c, w) - self.target[c]).pow(2).sum().item() for c in self.chunks)
         return math.sqrt(err / max(self.energy, 1e-30))
 
-    def least_squares(self, features: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """argmin_M ||F M - target|| over all rows, F = features(rows), in float64 with a tiny ridge."""
+    def normal_equations(self, features: Features, heads: slice,
+                         target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F^T F and F^T target over all rows for the features of `heads`, in float64."""
         gram = rhs = None
         for c in self.chunks:
-            f = features(c).flatten(0, 1).double()
-            t = self.target[c].flatten(0, 1).double()
-            gram = f.T @ f if gram is None else gram + f.T @ f
-            rhs = f.T @ t if rhs is None else rhs + f.T @ t
-        ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-30)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.solve(gram + ridge * eye, rhs).float()
+            f = features(c, heads).flatten(0, 1).double()
+            t = target[c].flatten(0, 1).double()
+            if gram is None:
+                gram, rhs = f.T @ f, f.T @ t
+            else:
+                gram.addmm_(f.T, f)
+                rhs.addmm_(f.T, t)
+        return gram, rhs
+
+    def least_squares(self, features: Features, heads: int, width: int) -> torch.Tensor:
+        """argmin_M ||F M - target||^2 + ridge ||M||^2 over all rows, F = features(rows, heads) with `width`
+        columns per head and ridge = RIDGE times the mean diagonal of F^T F; float64 solves.
+
+        Up to `joint_columns` columns it is one solve; beyond, `blockwise`, whose memory does not grow
+        with the square of the head count."""
+        group = max(1, self.joint_columns // width)
+        if heads > group:
+            return self.blockwise(features, heads, width)[0]
+        gram, rhs = self.normal_equations(features, slice(0, heads), self.target)
+        gram.diagonal().add_(RIDGE * gram.diagonal().mean().clamp_min(1e-30))
+        return torch.linalg.solve(gram, rhs).float()
+
+    def blockwise(self, features: Features, heads: int, width: int,
+                  iterations: int = ITERATIONS) -> tuple[torch.Tensor, list[float]]:
+        """`least_squares` without the whole Gram: conjugate gradients from M = 0, preconditioned with
+        the exact inverse of each group's diagonal block (groups of at most `joint_columns // width`
+        heads, at least one). Each iteration is one pass over the rows and steps to the minimum along
+        its direction, so the objective never increases; it stops when an iteration improves the
+        objective by less than TOLERANCE of its value, or after `iterations`. Returns M and the
+        objective ||F M - target||^2 + ridge ||M||^2 before and after each iteration.
+
+        Memory: the groups' Cholesky factors (columns x joint_columns float64 values in all), four
+        float32 matrices of M's size and one row chunk's features."""
+        group = max(1, self.joint_columns // width)
+        groups = [slice(h, min(h + group, heads)) for h in range(0, heads, group)]
+        cols = [slice(g.start * width, g.stop * width) for g in groups]
+        with torch.no_grad():
+            r = self.target.new_empty(heads * width, self.target.shape[-1])
+            blocks = []
+            for g, k in zip(groups, cols):
+                block, rhs = self.normal_equations(features, g, self.target)
+                blocks.append(block)
+                r[k] = rhs
+            del rhs
+            # the whole system's ridge: RIDGE times its mean diagonal
+            ridge = RIDGE * max(sum(b.diagonal().sum().item() for b in blocks) / (heads * width), 1e-30)
+            for i, block in enumerate(blocks):
+                block.diagonal().add_(ridge)
+                blocks[i] = torch.linalg.cholesky(block)
+
+            def precondition(v: torch.Tensor) -> torch.Tensor:
+                z = torch.empty_like(v)
+                for f, k in zip(blocks, cols):
+                    z[k] = torch.cholesky_solve(v[k].double(), f)
+                return z
+
+            def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+                return (a * b).sum(dtype=torch.float64).item()
+
+            m = torch.zeros_like(r)
+            p = precondition(r)
+            rz = dot(r, p)
+            objective = [self.energy]
+            for _ in range(iterations):
+                q = self.gram_times(features, groups, cols, p).add_(p, alpha=ridge)
+                pr, pq = dot(p, r), dot(p, q)
+                if pr <= 0:  # nothing left to fit (a zero target, or exact convergence)
+                    break
+                m.add_(p, alpha=pr / pq)
+                r.sub_(q, alpha=pr / pq)
+                del q
+                objective.append(objective[-1] - pr * pr / pq)
+                if objective[-2] - objective[-1] < TOLERANCE * objective[-2]:
+                    break
+                z = precondition(r)
+                rz, previous = dot(r, z), rz
+                p = z.add_(p, alpha=rz / previous)
+        return m, objective
+
+    def gram_times(self, features: Features, groups: list[slice], cols: list[slice], p: torch.Tensor) -> torch.Tensor:
+        """F^T F p over all rows, from one chunk's features at a time."""
+        q = torch.zeros_like(p)
+        for c in self.chunks:
+            fs = [features(c, g).flatten(0, 1) for g in groups]
+            u = sum(f @ p[k] for f, k in zip(fs, cols))
+            for f, k in zip(fs, cols):
+                q[k] += f.T @ u
+        return q
 
     def solve_output(self, w: MLAWeights) -> MLAWeights:
-        """o_proj given everything else: the attention output before o_proj is probed with o = I."""
-        probe = MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, torch.eye(w.o.shape[1], device=w.o.device))
-        o = self.least_squares(lambda c: self.attention(c, probe)).T
+        """o_proj given everything else, from the heads' outputs before o_proj."""
+        heads, v = self.student.dims[0], self.student.dims[3]
+        o = self.least_squares(lambda c, hs: self.head_outputs(c, w, hs), heads, v).T
         return MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b, o.contiguous())
+
+    def value_features(self, w: MLAWeights) -> Features:
+        """Per head, the attention-weighted latent P_h c: the output of value rows that copy the latent,
+        in blocks of v_head latent dims."""
+        v = self.student.dims[3]
+        rank = w.kv_b.shape[1]
+
+        def features(c: slice, heads: slice) -> torch.Tensor:
+            n = heads.stop - heads.start
+            parts = []
+            for start in range(0, rank, v):
+                m = min(v, rank - start)
+                copies = torch.zeros(n, v, rank, device=w.kv_b.device)
+                diag = torch.arange(m, device=copies.device)
+                copies[:, diag, start + diag] = 1.0
+                parts.append(self.head_outputs(c, w, heads, copies).unflatten(-1, (n, v))[..., :m])
+            return torch.cat(parts, -1).flatten(-2)
+
+        return features
 
     def solve_values(self, w: MLAWeights) -> MLAWeights:
         """kv_b's value rows and o_proj jointly, given the attention pattern and the latent."""
         heads, nope, _, v = self.student.dims
         rank, hidden = w.kv_b.shape[1], w.o.shape[0]
         kv_b = w.kv_b.view(heads, nope + v, rank)
-
-        def features(c: slice) -> torch.Tensor:
-            """Per head, the attention-weighted latent P_h c: the output of value rows that copy the latent."""
-            parts = []
-            for start in range(0, rank, v):
-                m = min(v, rank - start)
-                copy = torch.zeros(heads, v, rank, device=w.kv_b.device)
-                diag = torch.arange(m, device=copy.device)
-                copy[:, diag, start + diag] = 1.0
-                probe = MLAWeights(w.q, w.kv_a, w.kv_norm, torch.cat([kv_b[:, :nope], copy], 1).reshape(-1, rank),
-                                   torch.eye(heads * v, device=w.o.device))
-                out = self.attention(c, probe)
-                parts.append(out.unflatten(-1, (heads, v))[..., :m])
-            return torch.cat(parts, -1).flatten(-2)
-
         with torch.no_grad():
-            m = self.least_squares(features).view(heads, rank, hidden)
+            m = self.least_squares(self.value_features(w), heads, rank).view(heads, rank, hidden)
         u, s, vh = torch.linalg.svd(m.transpose(1, 2), full_matrices=False)  # (heads, hidden, k)
         k = min(v, s.shape[1])
         root = s[:, :k].sqrt()

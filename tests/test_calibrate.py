@@ -34,6 +34,7 @@ from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import plain_attention
+from mlakit.core.forward import MLAWeights
 from mlakit.core.errors import MlakitError, Terminated
 from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
 from mlakit.core.text import DEFAULT_TEXT
@@ -243,6 +244,63 @@ def test_layerwise_attention_error_is_the_relative_error(pair) -> None:
     pos = torch.arange(32).expand(2, 32)
     target = 1.1 * student.attention(x, w, pos)
     assert layerwise_module._Fit(student, x, pos, target, None).error(w) == pytest.approx(0.1 / 1.1, rel=1e-4)
+
+
+def test_blockwise_least_squares_reaches_the_joint_solution() -> None:
+    """Conjugate gradients over one-head groups, on features whose heads are alike (correlation 0.8),
+    end within 1e-4 of the joint solve's relative error, and the objective, measured at every
+    iterate, never increases and is the one the solver tracks."""
+    heads, width, hidden = 4, 8, 12
+    gen = torch.Generator().manual_seed(0)
+    feats = (torch.randn(6, 16, 1, width, generator=gen)
+             + 0.5 * torch.randn(6, 16, heads, width, generator=gen)).flatten(-2)
+    target = feats @ torch.randn(heads * width, hidden, generator=gen) + 0.3 * torch.randn(6, 16, hidden, generator=gen)
+    ridge = layerwise_module.RIDGE * feats.pow(2).sum().item() / (heads * width)
+
+    def features(rows: slice, group: slice) -> torch.Tensor:
+        return feats[rows][..., group.start * width : group.stop * width]
+
+    def objective(m: torch.Tensor) -> float:
+        return ((feats @ m - target).pow(2).sum() + ridge * m.pow(2).sum()).item()
+
+    def error(m: torch.Tensor) -> float:
+        return ((feats @ m - target).norm() / target.norm()).item()
+
+    def fit(joint_columns: int) -> object:
+        student = types.SimpleNamespace(dims=(heads, width, width, width))  # all that the chunks read
+        return layerwise_module._Fit(student, feats, torch.arange(16).expand(6, 16), target, None, joint_columns)
+
+    joint = fit(heads * width).least_squares(features, heads, width)
+    blockwise = fit(width)
+    m, tracked = blockwise.blockwise(features, heads, width)
+    assert torch.equal(blockwise.least_squares(features, heads, width), m)
+    measured = [objective(blockwise.blockwise(features, heads, width, k)[0]) for k in range(len(tracked))]
+    assert all(b <= a for a, b in zip(measured, measured[1:])), measured
+    assert tracked == pytest.approx(measured, rel=1e-4)
+    assert error(blockwise.blockwise(features, heads, width, 1)[0]) > 1.01 * error(joint)  # one step is not enough
+    assert error(m) == pytest.approx(error(joint), rel=1e-4)
+
+
+def test_blockwise_values_probe_each_head_group_as_the_joint_solve_does(pair) -> None:
+    """The features of a group of heads are those heads' columns of all heads' features, and
+    solve_values through one-head groups ends within 1e-4 of the joint solve's error."""
+    from mlakit.calibrate.layers import Student
+
+    _, mla = pair
+    student = Student(mla, 32, "cpu")
+    w = student.layer(0).attn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, student.config.hidden_size, generator=gen)
+    pos = torch.arange(32).expand(4, 32)
+    noisy = MLAWeights(w.q + 0.3 * torch.randn(w.q.shape, generator=gen), w.kv_a, w.kv_norm, w.kv_b, w.o)
+    target = student.attention(x, noisy, pos)
+    heads, rank = student.dims[0], student.config.kv_lora_rank
+    joint = layerwise_module._Fit(student, x, pos, target, None)
+    features = joint.value_features(w)
+    rows = joint.chunks[0]
+    torch.testing.assert_close(features(rows, slice(1, 3)), features(rows, slice(0, heads))[..., rank : 3 * rank])
+    blockwise = layerwise_module._Fit(student, x, pos, target, None, joint_columns=rank)
+    assert blockwise.error(blockwise.solve_values(w)) == pytest.approx(joint.error(joint.solve_values(w)), rel=1e-4)
 
 
 def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> None:
