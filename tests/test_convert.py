@@ -92,7 +92,8 @@ def test_output_obeys_the_format_contract(tmp_path: Path) -> None:
     record = json.loads((tmp_path / "out" / "mlakit.json").read_text())
     assert record["kv_cache"]["converted_elements_per_token_layer"] == 32 + 64
     assert len(record["layers"]) == 2
-    assert [s["kind"] for s in record["calibration"]["sources"]] == ["sampled from the source model"]
+    assert [s.get("text", s["kind"]) for s in record["calibration"]["sources"]] == \
+        ["bundled calibration mix", "sampled from the source model"]
     _, converted = load_pair(src, tmp_path / "out")
     assert converted.dtype == torch.bfloat16
     assert not list(tmp_path.glob(".out.tmp-*"))

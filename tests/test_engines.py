@@ -111,7 +111,10 @@ def test_zero_padded_latent_gives_the_same_logits(converted: dict[str, Path], tm
     assert json.loads((padded / "config.json").read_text())["kv_lora_rank"] == 512
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     ref = _logits(converted[latent], ids)
-    torch.testing.assert_close(_logits(padded, ids), ref, rtol=1e-5, atol=1e-5)
+    # fp32 rounding only: the native format's norm weights are rescaled by sqrt(512 / 192), which
+    # moves the last bits of the normalized latent (measured: up to 1.2e-5 on one logit of 24576)
+    tol = 1e-5 if latent == "exact" else 5e-5
+    torch.testing.assert_close(_logits(padded, ids), ref, rtol=1e-5, atol=tol)
     result = check_folder(padded)
     assert not result.failures, result.table()
     assert {r.rule: r.detail for r in result.rules}["latent format"].startswith(latent)
