@@ -27,10 +27,11 @@ HIDDEN, HEADS, HEAD_DIM, LAYERS = 64, 4, 16, 2
 CALIB = dict(calib_tokens=2048, calib_seq_len=128, dtype="fp32")
 
 
-def make_qwen2(rope_theta: float, seed: int = 0) -> Qwen2ForCausalLM:
-    """A random fp32 MQA Qwen2 (one kv head) whose biases are as large as its projections' outputs."""
+def make_qwen2(rope_theta: float, seed: int = 0, kv_heads: int = 1, bias_std: float = 1.0,
+               qk_std: float = 0.2) -> Qwen2ForCausalLM:
+    """A random fp32 Qwen2 (MQA by default) whose biases are as large as its projections' outputs."""
     torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=1,
+    cfg = Qwen2Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
                       intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, vocab_size=256,
                       max_position_embeddings=512, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
@@ -38,11 +39,11 @@ def make_qwen2(rope_theta: float, seed: int = 0) -> Qwen2ForCausalLM:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
-                p.normal_(0, 1.0)
+                p.normal_(0, bias_std)
             elif p.dim() == 1:
                 p.normal_(1.0, 0.05)
             else:
-                p.normal_(0, 0.2)
+                p.normal_(0, qk_std if "q_proj" in name or "k_proj" in name else 0.2)
     return model
 
 
@@ -234,21 +235,9 @@ def test_large_k_bias_with_two_kv_heads_converts_closely(tmp_path: Path) -> None
     through which absorption can carry it, less exactly on tokens the calibration text never has.
     With the full latent (only the rope step loses), every layer's attention error and the logits'
     error on random bytes stay small."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=2,
-                      intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, vocab_size=256,
-                      max_position_embeddings=512, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = make_qwen2(1e6, kv_heads=2, bias_std=0.5, qk_std=0.5)
     slow = [6, 7, 14, 15]  # the two lowest frequencies, both halves of the rotate-half pairs
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif p.dim() == 1:
-                p.normal_(1.0, 0.05)
-            else:
-                p.normal_(0, 0.5 if "q_proj" in name or "k_proj" in name else 0.2)
         emb = model.model.embed_tokens.weight
         emb[:, 0] = 8.0
         emb[128:, 0] += 2.0 * torch.randn(128)  # bytes the calibration text has none of
