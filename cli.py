@@ -139,7 +139,7 @@ def main() -> None:
 @click.option("--latent", type=click.Choice(["exact", "native"]), default="exact", show_default=True,
               help="exact: the latent scaled so small that kv_a_layernorm is linear (exact in bf16 and fp32, but "
                    "f16, GGUF q8_0 and per-tensor fp8 weights destroy it). native: every weight at a normal scale, "
-                   "kv_a_layernorm normalizing, kv_b_proj refitted on the calibration text (one more pass; survives "
+                   "kv_a_layernorm normalizing, kv_b_proj refitted on the calibration latents of each layer (survives "
                    "those quantizations, approximate: +3.7% perplexity on SmolLM2-135M). See docs/quantization.md.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never when it is, holds or lies in SOURCE).")
@@ -162,7 +162,7 @@ def convert(source: str, out: Path, **kw) -> None:
     if not isinstance(rank, str):
         positive("--kv-lora-rank", rank, "the rank")
     _start(out)
-    from mlakit.convert.plan import ConvertOptions, make_plan, pad_rank
+    from mlakit.convert.plan import ConvertOptions, make_plan
 
     opts = ConvertOptions(
         kv_lora_rank=rank, rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
@@ -177,30 +177,11 @@ def convert(source: str, out: Path, **kw) -> None:
     if kw["dry_run"]:
         click.echo(make_plan(record_id(source), opts).describe())
         return
-    from mlakit.calibrate.native import convert_native, native_summary
-    from mlakit.convert.pad import convert_padded, pad_summary
-    from mlakit.convert.pipeline import calibration_for, summary
     from mlakit.convert.pipeline import convert as run
+    from mlakit.convert.pipeline import summary
 
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
-
-    def produce(src: str, folder: Path, force: bool) -> dict:
-        if opts.latent == "native":
-            return convert_native(src, folder, lambda s, f: run(s, f, opts, force=True, log=log),
-                                  lambda: calibration_for(src, opts).windows, opts.device, force, log=log)
-        return run(src, folder, opts, force=force, log=log)
-
-    padded = pad_rank(record_id(source), opts)
-    if padded:
-        record = convert_padded(record_id(source), out, lambda src, folder: produce(src, folder, True), padded,
-                                kw["force"])
-    else:
-        record = produce(record_id(source), out, kw["force"])
+    record = run(record_id(source), out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     click.echo(summary(record))
-    if kw["latent"] == "native":
-        click.echo(native_summary(record))
-    if padded:
-        click.echo(pad_summary(record))
     click.echo(f"wrote {out}")
 
 

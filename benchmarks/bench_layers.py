@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from bench_quality import methods
 from transformers import AutoTokenizer
 
-from mlakit.convert import rope
 from mlakit.convert.attention import convert_attention, unpadded
 from mlakit.convert.candidates import candidate
 from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
@@ -47,7 +46,6 @@ from mlakit.core import deepseek
 from mlakit.core.checkpoint import CheckpointReader, resolve_model
 from mlakit.core.families import SourceLayer, SourceSpec, load_spec, read_layer
 from mlakit.core.forward import (
-    MLAWeights,
     attend,
     attention_distance_histogram,
     linear,

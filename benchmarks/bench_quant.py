@@ -17,7 +17,7 @@ Latent variants:
     calibrated the same trick with the largest scale the calibration text allows: max over its
                tokens of the latent's mean square, times 16 (a 4x safety factor on its norm), kept
                at 1e-3 eps so that the norm's relative error stays below 5e-4
-    native     the native format (calibrate/native.py): latent at its natural scale, the norm
+    native     the native format (`convert --latent native`): latent at its natural scale, the norm
                normalizing, a fitted latent metric, kv_b_proj refitted by least squares
     native, no metric   the same without the metric (plain latent directions)
 
@@ -32,16 +32,17 @@ import argparse
 import math
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from mlakit.calibrate.native import refit_native
 from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import resolve_model
-from mlakit.core.deepseek import LATENT_NORM_EPS, NATIVE_METRIC_STEPS
+from mlakit.core.deepseek import LATENT_NORM_EPS
+from mlakit.core.latent import NATIVE_METRIC_STEPS
 from mlakit.core.text import DEFAULT_TEXT, token_windows
 from mlakit.validate.quant import SCHEMES
 
@@ -133,9 +134,8 @@ def main() -> None:
             calibrated(tmp / "exact", tmp / "calibrated", calib_windows)
             folders["calibrated"] = tmp / "calibrated"
         for name, steps in NATIVE.items():
-            if name in args.variants:  # what `convert --latent native` does after the exact conversion
-                (tmp / name).mkdir()
-                refit_native(tmp / "exact", tmp / name, calib_windows, "cpu", steps)
+            if name in args.variants:
+                convert(args.model, tmp / name, replace(opts, latent="native", native_metric_steps=steps), log=quiet)
                 folders[name] = tmp / name
         print(f"model {args.model}, kv_lora_rank {args.kv_lora_rank}, rope dim {args.rope_dim}; calibration on the "
               f"first 90% of {args.text.name} ({args.calib_tokens} tokens), evaluation on the last 10% "

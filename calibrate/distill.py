@@ -28,7 +28,8 @@ from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import keep_better
 from mlakit.calibrate.teacher import CachedTeacher, LiveTeacher, build_cache, cache_fingerprint, load_teacher, logits
 from mlakit.core.checkpoint import Export, read_json, write_json
-from mlakit.core.deepseek import attention_names, format_attention, latent_is_linear, plain_latent
+from mlakit.core.deepseek import attention_names
+from mlakit.core.latent import format_attention, latent_is_linear, plain_latent
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
 from mlakit.core.guard import atomic_folder, writing

@@ -4,7 +4,7 @@ In the exact format, kv_a_proj_with_mqa's latent rows are scaled down so far tha
 acts as a constant scale (the latent-norm trick, README "How the conversion works"). Optimizers
 cannot work on those rows (their size is set by the trick, not by the function), so training sees
 the plain rows (`plain_attention`, no latent norm) and `format_attention` re-applies the trick with
-the final input norm when writing OUT. In the native format (calibrate/native.py) the stored
+the final input norm when writing OUT. In the native format (`latent.fit_native`) the stored
 weights are already at a natural scale: training runs them as stored, through the norm, and they
 are written back as they are.
 """
@@ -18,10 +18,10 @@ import torch
 from transformers import DeepseekV3Config
 
 from mlakit.core.checkpoint import Export, read_json
-from mlakit.core.deepseek import attention_names, format_attention, plain_attention
+from mlakit.core.deepseek import attention_names
+from mlakit.core.latent import format_attention, plain_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights
-from mlakit.core.guard import RECORD
 from mlakit.core.metrics import Quality
 
 

@@ -45,7 +45,7 @@ from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import stored_attention
 from mlakit.calibrate.layers import Student, Teacher
 from mlakit.core.checkpoint import Export, read_json, save_tensors, write_json
-from mlakit.core.deepseek import format_attention
+from mlakit.core.latent import format_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights, rms_norm, row_chunks
 from mlakit.core.guard import writing

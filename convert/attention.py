@@ -20,31 +20,38 @@ from mlakit.core.forward import MLAWeights
 def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAShape, stats: SecondMoment,
                       dist: torch.Tensor | None, cand: Candidate, opts: ConvertOptions) -> tuple[MLAWeights, dict]:
     """One layer's attention as MLA: RoRoPE, joint latent, per-head up-projections, q scaling.
-    Returns plain weights (kv_a_layernorm as identity) and the layer's fit numbers."""
+
+    The factorization runs in float64 on the device of the layer's statistics (the conversion's
+    --device, where the pipeline already holds the layer and `dist`), so that with a GPU its
+    products and eigensolvers run there instead of on copies on the host. Returns plain weights
+    (kv_a_layernorm as identity) in float32 on the host, where the writer takes them, and the
+    layer's fit numbers."""
     H, G, d, D = spec.heads, spec.kv_heads, spec.head_dim, spec.hidden
+    dev = stats.device
+    layer = layer.to(dev)
     raw, mean = stats.sigma, stats.mean
-    q = rope.to_complex(absorb_bias(layer.q.cpu(), _cpu(layer.q_bias), raw, mean), H)
-    k = rope.to_complex(layer.k.cpu(), G)
+    q = rope.to_complex(absorb_bias(layer.q, layer.q_bias, raw, mean), H)
+    k = rope.to_complex(layer.k, G)
     k_bias_rows, residual = None, 0.0
     if layer.k_bias is not None:
-        k_bias_rows = rope.to_complex(absorb_bias(layer.k.cpu(), layer.k_bias.cpu(), raw, mean), G) - k
+        k_bias_rows = rope.to_complex(absorb_bias(layer.k, layer.k_bias, raw, mean), G) - k
         residual = absorb_residual(raw, mean)
-    v = absorb_bias(layer.v.cpu(), _cpu(layer.v_bias), raw, mean)
+    v = absorb_bias(layer.v, layer.v_bias, raw, mean)
     sigma = stats.shrunk(opts.shrink)
     split = rope.rorope(
         k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
-        complex_pca=opts.complex_pca, dist=dist.cpu() if dist is not None else None, k_bias_rows=k_bias_rows,
+        complex_pca=opts.complex_pca, dist=dist.to(dev) if dist is not None else None, k_bias_rows=k_bias_rows,
         bias_residual=residual,
     )
     k_nope = rope.to_real(split.k_nope).reshape(G * d, D)
-    group_of = torch.arange(H) // (H // G)
+    group_of = torch.arange(H, device=dev) // (H // G)
     k_metric = v_metric = None
     if opts.output_aware:
         q_nope_real = rope.to_real(split.q_nope)  # (H, d, D)
         # E[q q^T] per head: H d^2 D^2 multiply-adds (68 G at 8B shapes), a weighting, so float32 suffices
         q32 = q_nope_real.float()
         per_head_q = (q32 @ sigma.float() @ q32.transpose(1, 2)).double()
-        o_heads = layer.o.cpu().double().view(D, H, d).permute(1, 2, 0)  # (H, d, D)
+        o_heads = layer.o.double().view(D, H, d).permute(1, 2, 0)  # (H, d, D)
         per_head_o = o_heads @ o_heads.transpose(1, 2)
         k_metric = torch.block_diag(*[per_head_q[group_of == g].sum(0) for g in range(G)])
         v_metric = torch.block_diag(*[per_head_o[group_of == g].sum(0) for g in range(G)])
@@ -55,21 +62,17 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
     k_up = F.pad(latent.k_up.view(G, d, -1)[group_of], (0, 0, 0, shape.qk_nope - d))
     v_up = F.pad(latent.v_up.view(G, d, -1)[group_of], (0, 0, 0, shape.v_head - d))
-    o = F.pad(layer.o.cpu().double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
+    o = F.pad(layer.o.double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
     weights = MLAWeights(
-        q=q_rows.float(),
-        kv_a=torch.cat([latent.down, rope.to_interleaved(split.k_rot)]).float(),
+        q=q_rows.float().cpu(),
+        kv_a=torch.cat([latent.down, rope.to_interleaved(split.k_rot)]).float().cpu(),
         kv_norm=torch.ones(shape.kv_lora_rank),
-        kv_b=torch.cat([k_up, v_up], dim=1).reshape(-1, shape.kv_lora_rank).float(),
-        o=o.float(),
+        kv_b=torch.cat([k_up, v_up], dim=1).reshape(-1, shape.kv_lora_rank).float().cpu(),
+        o=o.float().cpu(),
     )
     info = {"k_error": latent.k_error, "v_error": latent.v_error, "latent_error": latent.error,
             "latent_optimum": latent.optimum, "rope_energy_kept": split.energy_kept}
     return weights, info
-
-
-def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.cpu()
 
 
 def unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:

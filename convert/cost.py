@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mlakit.core import deepseek
+from mlakit.core.latent import NATIVE_METRIC_STEPS, NATIVE_METRIC_TOKENS
 from mlakit.core.checkpoint import TensorInfo
 from mlakit.core.families import SourceSpec
 from mlakit.core.forward import ACTIVATION_BYTES, row_chunks
@@ -73,6 +74,7 @@ class Work:
     text_bytes: int
     sample_rows: int = 0  # rows of calibration text to sample from the source (0: given, or cached)
     native: bool = False
+    held_out: float = 0.0  # share of the rows held out
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,12 @@ def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
     refit = REFIT_TEMPORARIES * F64 * hd * hd
     mlp = F32 * chunk * 4 * D + it * chunk * (3 * I + 2 * D)
     attention = ATTENTION_TEMPORARIES * F64 * hd * D
-    cuda = w.device.startswith("cuda")  # then the layer is read, and the rope step and latent run, on the host
-    copies = F32 * (2 * D * hd + 2 * D * kv) if cuda else 0  # host copies of the projections
+    cuda = w.device.startswith("cuda")  # then the layer is read on the host, and runs on the device
     built = k * converted  # kept on the host; the fit runs an unpadded copy on the device
     fitting = held + k * (unpadded + normal) + mlp_copy + (0 if cuda else built)
     on_host = built if cuda else 0
     return [_Step(carried // 2 + source, source if cuda else 0), _Step(held + statistics),
-            _Step(held, copies + (k - 1) * converted + attention),
+            _Step(held + attention, (k - 1) * converted),
             _Step(fitting + max(fit, refit), on_host), _Step(fitting + k * refitted + mlp, on_host)]
 
 
@@ -253,36 +254,39 @@ def mlp_dtype(device: str, stored: torch.dtype) -> torch.dtype:
     return stored if best[stored] <= best[torch.float32] else torch.float32
 
 
-def native_flops(w: Work, tokens: int) -> tuple[float, float, float]:
-    """FLOPs of one layer of the native format's pass (calibrate/native.py) on `tokens` calibration
-    tokens, as `layer_flops` counts them: the latents and three MLA attention passes (the exact
-    format's output, the native one's, and the one that carries the hidden states), the MLP in
-    float32, and on the host the latent metric's L-BFGS on NATIVE_METRIC_TOKENS latents and the
-    moments of every latent (float64)."""
+def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, float]:
+    """FLOPs of one layer's native latent fit (pipeline._native_layer), as `layer_flops` counts them:
+    the latents of the `tokens` fitting tokens, two MLA attention passes (exact and native output) on
+    the `held_out` tokens and the latent metric's L-BFGS on NATIVE_METRIC_TOKENS latents (float32),
+    and as linear algebra the moments of every latent (float64)."""
     s, m = w.spec, w.shape
-    D, I, L, r = s.hidden, s.intermediate, w.seq_len, m.kv_lora_rank
+    D, L, r = s.hidden, w.seq_len, m.kv_lora_rank
     attention = (2 * D * m.heads * m.qk_head + 2 * D * (r + m.qk_rope) + 2 * r * m.heads * (m.qk_nope + m.v_head)
                  + 2 * L * m.heads * (m.qk_head + m.v_head) + 2 * m.heads * m.v_head * D)
-    passes = tokens * (2 * D * r + 3 * attention + ELEMENTWISE_FLOPS * (D + 3 * m.heads * m.qk_head + I))
-    metric = deepseek.NATIVE_METRIC_STEPS * 6 * deepseek.NATIVE_METRIC_TOKENS * r * r
-    return passes, tokens * 6 * D * I, tokens * 6 * r * r + metric
+    metric = NATIVE_METRIC_STEPS * 6 * min(tokens, NATIVE_METRIC_TOKENS) * r * r
+    passes = tokens * 2 * D * r + held_out * (2 * attention + ELEMENTWISE_FLOPS * (D + 2 * m.heads * m.qk_head)) + metric
+    return passes, 0.0, tokens * 6 * r * r
 
 
 def seconds(w: Work) -> tuple[float, float]:
     """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
-    MLP at the rate of the dtype it runs in (`mlp_dtype`), the per-layer linear algebra on the host
-    (float64, at half the float32 rate), sampling and tokenizing the calibration text, and the
-    native format's pass when asked for."""
-    device, host = matmul_gflops(w.device), matmul_gflops("cpu")
+    MLP at the rate of the dtype it runs in (`mlp_dtype`), the per-layer linear algebra in float64 on
+    the conversion device too (a CPU's float64 at half its float32 rate; a GPU's, from 1/64 of it to
+    all of it, measured), sampling and tokenizing the calibration text, and the native latent fit
+    when asked for."""
+    device = matmul_gflops(w.device)
+    algebra_rate = ALGEBRA_EFFICIENCY * (matmul_gflops(w.device, torch.float64) if w.device.startswith("cuda")
+                                         else device / 2)
     run_as = mlp_dtype(w.device, w.layer_dtype)
     mlp_rate = matmul_gflops(w.device, run_as) if run_as != torch.float32 else device
     work = [(*layer_flops(w, rows * w.seq_len, k), mlp_rate)
             for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else [])]
     if w.native:
-        work.append((*native_flops(w, w.rows * w.seq_len), device))
-    total = sum((passes / device + mlp / rate) / PASS_EFFICIENCY / 1e9 + algebra / (ALGEBRA_EFFICIENCY * host / 2) / 1e9
+        held = int(w.rows * w.held_out) * w.seq_len
+        work.append((*native_flops(w, w.rows * w.seq_len - held, held or w.rows * w.seq_len), device))
+    total = sum((passes / device + mlp / rate) / PASS_EFFICIENCY / 1e9 + algebra / algebra_rate / 1e9
                 for passes, mlp, algebra, rate in work)
-    tokenize = TOKENIZE_SECONDS_PER_BYTE * w.text_bytes * (2 if w.native else 1)  # the native pass cuts its own windows
+    tokenize = TOKENIZE_SECONDS_PER_BYTE * w.text_bytes
     return w.spec.layers * total + tokenize + sample_seconds(w, device), device
 
 

@@ -13,7 +13,8 @@ import torch
 
 
 class SecondMoment:
-    """Running E[x x^T] and E[x] of a layer input, in float64."""
+    """Running E[x x^T] and E[x] of a layer input, in float64, on the device of the passes that
+    measure it: the factorization reads them there (`device`)."""
 
     def __init__(self, dim: int, device: str | torch.device = "cpu"):
         self.xx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
@@ -29,12 +30,16 @@ class SecondMoment:
         self.count += flat.shape[0]
 
     @property
+    def device(self) -> torch.device:
+        return self.xx.device
+
+    @property
     def sigma(self) -> torch.Tensor:
-        return self.xx.cpu() / max(self.count, 1)
+        return self.xx / max(self.count, 1)
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.x.cpu() / max(self.count, 1)
+        return self.x / max(self.count, 1)
 
     def shrunk(self, amount: float) -> torch.Tensor:
         """sigma pulled towards its diagonal by `amount` (0: as measured, 1: the diagonal alone).
@@ -73,7 +78,7 @@ def absorb_residual(sigma: torch.Tensor, mean: torch.Tensor) -> float:
 
 def _constant_fit(sigma: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """The c of least E(c^T x - 1)^2: sigma^-1 mean, with a ridge of 1e-6 of the mean input energy."""
-    ridge = 1e-6 * sigma.diagonal().mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype)
+    ridge = 1e-6 * sigma.diagonal().mean() * torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
     return torch.linalg.solve(sigma.double() + ridge.double(), mean.double())
 
 
@@ -96,10 +101,11 @@ def _rel_error(full: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) ->
     return max(0.0, torch.einsum("ij,jk,ik->", diff, sigma, diff).item() / max(den, 1e-300)) ** 0.5
 
 
-def _sqrt_and_inverse(metric: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric square root of a PSD error metric and its inverse (identity when None)."""
+def _sqrt_and_inverse(metric: torch.Tensor | None, n: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a PSD error metric and its inverse (identity on `device` when None)."""
     if metric is None:
-        eye = torch.eye(n, dtype=torch.float64)
+        eye = torch.eye(n, dtype=torch.float64, device=device)
         return eye, eye
     vals, vecs = torch.linalg.eigh(metric.double())
     vals = vals.clamp_min(0) + 1e-6 * vals.clamp_min(0).mean().clamp_min(1e-300)
@@ -115,10 +121,10 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     Eckart-Young optimum of E||Y x - Y' x||^2; otherwise those of the weights alone (plain SVD).
     `k_metric` and `v_metric` weight the errors by what they cost downstream (E[q q^T] for keys,
     W_o^T W_o for values), so the optimum is taken in that metric. `balance` then scales K to V's
-    output energy so that neither dominates the budget."""
+    output energy so that neither dominates the budget. Runs on the inputs' device."""
     k, v, sigma = k.double(), v.double(), sigma.double()
-    wk, wk_inv = _sqrt_and_inverse(k_metric, k.shape[0])
-    wv, wv_inv = _sqrt_and_inverse(v_metric, v.shape[0])
+    wk, wk_inv = _sqrt_and_inverse(k_metric, k.shape[0], k.device)
+    wv, wv_inv = _sqrt_and_inverse(v_metric, v.shape[0], v.device)
     kw, vw = wk @ k, wv @ v
     k_energy = torch.einsum("ij,jk,ik->", kw, sigma, kw).item()
     v_energy = torch.einsum("ij,jk,ik->", vw, sigma, vw).item()

@@ -3,7 +3,9 @@ MLA by `attention.py` for the rope candidates of `candidates.py`.
 
 Calibration hidden states are carried through the source layers (as GPTQ does): each layer is
 read, measured on its inputs, converted, written, and run to produce the next layer's inputs, so
-memory holds one layer plus the embeddings and the calibration activations.
+memory holds one layer plus the embeddings and the calibration activations. The latent format
+(exact or native, `core/latent.py`) and any zero padding of the latent to an engine's width are
+applied to each layer as it is written: one pass, one output folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan
-from mlakit.core import deepseek
+from mlakit.core import latent
+from mlakit.core.deepseek import LATENT_NORM_EPS
 from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, resolve_model, write_json
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import layer_name, read_layer
@@ -33,6 +36,8 @@ from mlakit.core.forward import (
     MLAWeights,
     attend,
     attention_distance_histogram,
+    linear,
+    mla_attention,
     mla_heads,
     mlp,
     rms_norm,
@@ -71,10 +76,11 @@ def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: 
     chunks = Chunks(fit, held)
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
     run_mlp_as = mlp_dtype(dev, reader.dtype())
+    native = writer is not None and plan.latent == "native"
     bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
     for i in bar:
         weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts,
-                                                       run_mlp_as, reports)
+                                                       run_mlp_as, reports, native)
         if writer:
             start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
@@ -85,7 +91,8 @@ def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: 
             row = reports[cands[0].strategy][-1]
             log(f"{desc}: layer {i + 1}/{spec.layers} in {sum(seconds.values()):.1f} s, attention error "
                 f"{row['attn_rel_error']:.4f} (held out {_fmt(row['attn_rel_error_held_out'])}), latent error "
-                f"{row['latent_error']:.4f}")
+                f"{row['latent_error']:.4f}"
+                + (f", native latent against exact {row['native_error']:.4f}" if native else ""))
     return reports
 
 
@@ -103,13 +110,13 @@ class Chunks:
 
 def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: Chunks,
                    tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
-                   opts: ConvertOptions, mlp_dtype: torch.dtype,
-                   reports: dict[str, list[dict]]) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
+                   opts: ConvertOptions, mlp_dtype: torch.dtype, reports: dict[str, list[dict]],
+                   native: bool = False) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
     """Convert layer i for every candidate (rope step and latent from the fitting rows' statistics,
     then o_proj refitted by least squares to the source attention's output, with the ridge, or no
     refit, that does best on the held-out rows), append their reports, advance `hidden` through the
-    source layer in place, and return the first candidate's weights, the layer's input norm and
-    the seconds each part took.
+    source layer in place, and return the first candidate's weights (plain, or with `native` in the
+    native latent format, `_native_layer`), the layer's input norm and the seconds each part took.
 
     A function of its own so that the source layer and the unchosen weights are freed before the
     next layer is read: peak memory is one layer's, whatever the depth."""
@@ -158,17 +165,48 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
                                   norm_eps=None, scale=shape.qk_head**-0.5)
                 fits[key][sl in chunks.held].update(heads, ref)
         chosen = {key: _choose_output(fit, held, on_device[key].o, opts) for key, (fit, held) in fits.items()}
+        for c in cands:
+            o, row = chosen[c.strategy]
+            weights, info = built[c.strategy]
+            if row["output_refit"]:
+                weights.o = padded_columns(o, spec, shape).float().cpu()
+            reports[c.strategy].append({"layer": i, **row, **info})
+        lap("error pass")
+        result = built[cands[0].strategy][0]
+        if native:
+            result, reports[cands[0].strategy][-1]["native_error"] = _native_layer(
+                plan, i, result, layer.input_norm, hidden, chunks, tables[cands[0].strategy], opts)
+            lap("native latent")
         for sl, ref in zip(chunks.all, refs):
             h = hidden[sl] + ref
             hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps).to(mlp_dtype), *mlp_weights).float()
-        lap("error pass")
-    for c in cands:
-        o, row = chosen[c.strategy]
-        weights, info = built[c.strategy]
-        if row["output_refit"]:
-            weights.o = padded_columns(o, spec, shape).float().cpu()
-        reports[c.strategy].append({"layer": i, **row, **info})
-    return built[cands[0].strategy][0], layer.input_norm.cpu(), seconds
+        lap("next inputs")
+    return result, layer.input_norm.cpu(), seconds
+
+
+def _native_layer(plan: Plan, i: int, w: MLAWeights, input_norm: torch.Tensor, hidden: torch.Tensor,
+                  chunks: Chunks, rope: tuple[torch.Tensor, torch.Tensor],
+                  opts: ConvertOptions) -> tuple[MLAWeights, float]:
+    """Plain weights `w` in the native latent format (`latent.fit_native` on the latents of the fitting
+    rows), and the relative error of its attention output, as stored in the output dtype, against the
+    exact format's on the held-out rows (the fitting rows when none are held out)."""
+    spec, shape, dev = plan.spec, plan.shape, opts.device
+    plain = MLAWeights(*(t.to(dev) for t in vars(w).values()))
+    rank = shape.kv_lora_rank
+    inputs = lambda sl: rms_norm(hidden[sl], input_norm, spec.rms_eps)  # noqa: E731
+    native = latent.fit_native(plain, [linear(inputs(sl), plain.kv_a[:rank]) for sl in chunks.fit],
+                               opts.native_metric_steps, seed=i)
+    stored = MLAWeights(*(t.to(plan.dtype).float() for t in vars(native).values()))
+    exact, served = unpadded(plain, spec, shape), unpadded(stored, spec, shape)
+    err = energy = 0.0
+    for sl in chunks.held or chunks.fit:
+        x = inputs(sl)
+        run = lambda m, eps: mla_attention(x, m, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim,  # noqa: E731
+                                           *rope, norm_eps=eps, scale=shape.qk_head**-0.5)
+        ref = run(exact, None)
+        err += (run(served, LATENT_NORM_EPS) - ref).pow(2).sum().item()
+        energy += ref.pow(2).sum().item()
+    return MLAWeights(*(t.cpu() for t in vars(native).values())), math.sqrt(err / max(energy, 1e-300))
 
 
 def _choose_output(fit: LeastSquares, held: LeastSquares, prior: torch.Tensor,
@@ -190,9 +228,12 @@ def _choose_output(fit: LeastSquares, held: LeastSquares, prior: torch.Tensor,
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
                  input_gamma: torch.Tensor) -> None:
-    tensors = deepseek.format_attention(i, w, input_gamma, plan.spec.hidden)
+    """Layer i in the plan's latent format, its latent zero-padded to the plan's padded rank if any."""
+    tensors = latent.format_attention(i, w, input_gamma, plan.spec.hidden, native=plan.latent == "native")
     for key in ("gate", "up", "down", "input_norm", "post_norm"):
         tensors[layer_name(i, key)] = reader.get(layer_name(i, key))
+    if plan.padded_rank:
+        tensors = latent.pad_latent(tensors, i, plan.padded_rank)
     for name, t in tensors.items():
         writer.add(name, t.to(plan.dtype))
 
@@ -239,15 +280,17 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
         head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
         writer.add("lm_head.weight", reader.get(head).to(plan.dtype))
         writer.close()
-        write_json(tmp / "config.json", cand.config)
+        write_json(tmp / "config.json", {**cand.config, "kv_lora_rank": plan.served_shape.kv_lora_rank})
         copy_side_files(plan.folder, tmp)
         record = {
             "mlakit_version": mlakit.__version__,
             "source": {"id": source, "revision": opts.revision or _revision(plan.folder),
                        "model_type": plan.spec.model_type, "dtype": str(reader.dtype()).removeprefix("torch.")},
-            "shape": plan.shape.as_dict(),
+            "shape": plan.served_shape.as_dict(),
             "kv_cache": plan.cache_summary(),
             "dtype": opts.dtype,
+            "latent": {"format": plan.latent,
+                       **({"metric_steps": opts.native_metric_steps} if plan.latent == "native" else {})},
             "rope": {"strategy": best, "rope_parameters": cand.config["rope_parameters"],
                      "max_relative_frequency_error": cand.freq_error,
                      "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
@@ -258,6 +301,8 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
             "calibration": calib.record,
             "layers": layers,
         }
+        if plan.padded_rank:
+            record["latent_padding"] = {"filled": plan.shape.kv_lora_rank, "kv_lora_rank": plan.padded_rank}
         write_json(tmp / "mlakit.json", record)
     return record
 
@@ -272,8 +317,8 @@ def calibration_windows(folder: Path, tokenizer, opts: ConvertOptions,
 
 
 def calibration_for(source: str, opts: ConvertOptions) -> CalibrationSet:
-    """The calibration set a conversion of SOURCE with these options uses (the native pass's too);
-    sampled windows come from the cache that the conversion filled."""
+    """The calibration set a conversion of SOURCE with these options uses; sampled windows come from
+    the cache that the conversion filled."""
     folder = resolve_model(source, opts.revision)
     return calibration_windows(folder, AutoTokenizer.from_pretrained(folder), opts)
 
@@ -309,4 +354,13 @@ def summary(record: dict) -> str:
             f"{refit:>12}  {row['k_error']:6.4f}  {row['v_error']:6.4f}  "
             f"{row['latent_error']:10.4f}  {row['latent_optimum']:14.4f}  {row['rope_energy_kept']:16.4f}"
         )
+    if record["latent"]["format"] == "native":
+        errors = [row["native_error"] for row in record["layers"]]
+        lines.append(f"native latent: kv_b_proj refitted to the normalized latent; attention error against the "
+                     f"exact format {sum(errors) / len(errors):.4f} mean, {max(errors):.4f} worst layer")
+    if "latent_padding" in record:
+        pad = record["latent_padding"]
+        lines.append(f"latent zero-padded from {pad['filled']} to kv_lora_rank {pad['kv_lora_rank']} (exact): the "
+                     f"cache holds {kv['converted_elements_per_token_layer']} elements per token and layer, the "
+                     f"source's {kv['source_elements_per_token_layer']}")
     return "\n".join(lines)

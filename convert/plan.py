@@ -22,6 +22,7 @@ from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolv
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import SourceSpec, check_weights, load_spec
 from mlakit.core.guard import positive
+from mlakit.core.latent import NATIVE_METRIC_STEPS
 from mlakit.core.sampling import BATCH_ROWS, SampleSettings, batches, cache_path, cached_rows
 from mlakit.core.text import MIX_TEXT
 
@@ -59,6 +60,8 @@ class ConvertOptions:
     balance: bool = True
     llama3_rope: str = "yarn"
     latent: str = "exact"
+    # L-BFGS iterations of the native format's latent metric (0: the plain latent directions).
+    native_metric_steps: int = NATIVE_METRIC_STEPS
     strategy_tokens: int = 16384
     # The attention-distance histogram is a per-head distribution over distances: the first windows
     # estimate it as well as all of them, and it costs half of the statistics pass.
@@ -115,7 +118,7 @@ class Plan:
             f"({shape.qk_nope}, {shape.qk_rope}, {shape.v_head}), {out}, rope strategy "
             f"{self.strategies[0] if len(self.strategies) == 1 else 'chosen among ' + ', '.join(self.strategies)}, "
             f"{self.latent} latent"
-            + (" (one more pass over the calibration text, counted below)" if self.latent == "native" else ""),
+            + (" (fitted per layer in the same pass, counted below)" if self.latent == "native" else ""),
             f"  KV cache per token: {kv['source_elements_per_token_layer']} -> "
             f"{kv['converted_elements_per_token_layer']} elements per layer, {kv['source_bytes_per_token']} -> "
             f"{kv['converted_bytes_per_token']} bytes over all layers in {out} ({-kv['reduction_percent']:+}%)",
@@ -182,14 +185,6 @@ def _engine_notes(shape: deepseek.MLAShape) -> list[str]:
             continue  # a kernel of an engine that refuses the shape anyway is not worth a line
         lines.append(f"{'refused' if rule.fatal else 'warning'}: {rule.name}: {rule.detail(shape)}")
     return lines
-
-
-def pad_rank(source: str, opts: ConvertOptions) -> int | None:
-    """The kv_lora_rank the conversion's latent will be zero-padded to, or None: known from config.json
-    alone, so that the command line can stage the conversion before padding it."""
-    if not isinstance(opts.kv_lora_rank, str):
-        return None
-    return _rank(load_spec(resolve_model(source, opts.revision)), opts.rope_dim, opts.kv_lora_rank)[1]
 
 
 def make_plan(source: str, opts: ConvertOptions) -> Plan:
@@ -271,4 +266,5 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
-                device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native")
+                device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native",
+                held_out=opts.held_out)

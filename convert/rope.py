@@ -15,10 +15,10 @@ import torch
 STRATEGIES = ("fold", "even", "high")  # foldN (N slots per group) is valid too
 
 
-def interleave_permutation(dim: int) -> torch.Tensor:
+def interleave_permutation(dim: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """Indices p with interleaved[j] = rotate_half[p[j]]: pair (i, i + dim/2) becomes (2i, 2i + 1)."""
-    half = dim // 2
-    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    half = torch.arange(dim // 2, device=device)
+    return torch.stack([half, half + dim // 2], dim=1).flatten()
 
 
 def to_complex(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def to_real(rows: torch.Tensor) -> torch.Tensor:
 
 def to_interleaved(rows: torch.Tensor) -> torch.Tensor:
     """(..., F, D) complex rows -> (..., 2F, D) real rows in interleaved layout."""
-    return to_real(rows)[..., interleave_permutation(2 * rows.shape[-2]), :]
+    return to_real(rows)[..., interleave_permutation(2 * rows.shape[-2], rows.device), :]
 
 
 def slot_groups(n_freq: int, n_slots: int, strategy: str) -> list[tuple[list[int], list[int]]]:
@@ -100,12 +100,12 @@ def llama3_as_yarn(llama3: dict, kept_freq: torch.Tensor, yarn_freq: Callable[[d
 
 
 def expected_rotation(dist: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """E[exp(-1j * w * (t - s))] under each head's attention distance distribution.
+    """E[exp(-1j * w * (t - s))] under each head's attention distance distribution, on dist's device.
 
     dist: (H, L) attention mass at distance 0..L-1 (any scale); freqs: (...,) -> (H, ...)."""
     p = dist.double() / dist.double().sum(-1, keepdim=True)
-    delta = torch.arange(dist.shape[-1], dtype=torch.float64)
-    phase = torch.exp(-1j * freqs.double().reshape(-1, 1) * delta)  # (n, L)
+    delta = torch.arange(dist.shape[-1], dtype=torch.float64, device=dist.device)
+    phase = torch.exp(-1j * freqs.to(dist.device).double().reshape(-1, 1) * delta)  # (n, L)
     return (p.to(torch.complex128) @ phase.T).reshape(dist.shape[0], *freqs.shape)
 
 
@@ -158,32 +158,35 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
     (variance 1 - |E[R]|^2 under the query heads' energies, v) is mostly noise once absorbed. Each
     channel keeps the share v / (v + bias_residual) of its bias, which minimizes the sum of the two
     errors (the bias's lost rotation, (1 - share)^2 v, and the absorption's, share^2 residual).
+
+    Runs on the device of `k`, where every tensor argument must be (the frequencies may be on the host).
     """
     groups, n_freq, _ = k.shape
-    heads = q.shape[0]
-    group_of = torch.arange(heads) // (heads // groups)
+    heads, dev = q.shape[0], k.device
+    group_of = torch.arange(heads, device=dev) // (heads // groups)
     sig = sigma.double()
-    lost = torch.ones(heads, n_freq, dtype=torch.complex128)
-    channel_weight = torch.ones(groups, n_freq, dtype=torch.float64)
-    bias_share = torch.ones(groups, n_freq, dtype=torch.float64)
+    lost = torch.ones(heads, n_freq, dtype=torch.complex128, device=dev)
+    channel_weight = torch.ones(groups, n_freq, dtype=torch.float64, device=dev)
+    bias_share = torch.ones(groups, n_freq, dtype=torch.float64, device=dev)
     if dist is not None:
         lost = expected_rotation(dist, src_freq).conj()
         q_energy = (_times_real(q, sig) * q.conj()).sum(-1).real
         head_weight = q_energy * (1 - lost.abs() ** 2).clamp_min(0)
-        channel_weight = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, head_weight)
-        group_energy = torch.zeros(groups, n_freq, dtype=torch.float64).index_add_(0, group_of, q_energy)
+        channel_weight = torch.zeros_like(bias_share).index_add_(0, group_of, head_weight)
+        group_energy = torch.zeros_like(bias_share).index_add_(0, group_of, q_energy)
         variance = channel_weight / group_energy.clamp_min(1e-300)
         bias_share = variance / (variance + bias_residual).clamp_min(1e-300)
     k_rot_src = k if k_bias_rows is None else k + bias_share[..., None] * k_bias_rows
     k_nope = k.clone()
     n_slots = sum(len(slots) for _, slots in slot_freqs)
-    k_rot = torch.zeros(n_slots, k.shape[-1], dtype=k.dtype)
-    q_rot = torch.zeros(heads, n_slots, q.shape[-1], dtype=q.dtype)
+    k_rot = torch.zeros(n_slots, k.shape[-1], dtype=k.dtype, device=dev)
+    q_rot = torch.zeros(heads, n_slots, q.shape[-1], dtype=q.dtype, device=dev)
     kept = total = 0.0
     flat = k_rot_src.reshape(groups * n_freq, -1)
     cov_all = _times_real(flat, sig) @ flat.conj().T  # every (kv head, frequency) pair at once
     for fs, ms in slot_freqs:
-        idx = (torch.arange(groups)[:, None] * n_freq + torch.tensor(fs)[None, :]).reshape(-1)
+        fs_t = torch.tensor(fs, device=dev)
+        idx = (torch.arange(groups, device=dev)[:, None] * n_freq + fs_t[None, :]).reshape(-1)
         rows = flat[idx]
         cov = cov_all[idx][:, idx]
         total += cov.diagonal().real.sum().item()
@@ -192,7 +195,7 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
         weighted = root[:, None] * cov * root[None, :]
         top = principal_directions(weighted if complex_pca else weighted.real, len(ms)).to(torch.complex128)
         nope_rows = k[:, fs].reshape(groups * len(fs), -1)
-        freq_of = torch.tensor(fs).repeat(groups)
+        freq_of = fs_t.repeat(groups)
         # components go to slots in order of their energy-weighted mean source frequency
         order = (top.abs() ** 2 * freq_of[:, None]).sum(0).argsort()
         for m, j in zip(ms, order.tolist()):
@@ -203,7 +206,7 @@ def rorope(k: torch.Tensor, q: torch.Tensor, sigma: torch.Tensor, src_freq: torc
             k_rot[m] = read.conj() @ rows
             nope_rows = nope_rows - load[:, None] * (read.conj() @ nope_rows)
             load_g = load.view(groups, len(fs))[group_of]  # (H, |fs|)
-            mismatch = torch.ones(heads, len(fs), dtype=torch.complex128)
+            mismatch = torch.ones(heads, len(fs), dtype=torch.complex128, device=dev)
             if dist is not None:
                 mismatch = expected_rotation(dist, src_freq[fs] - tgt_freq[m]).conj()
             q_rot[:, m] = ((load_g.conj() * mismatch)[..., None] * q[:, fs]).sum(1)

@@ -7,7 +7,9 @@ line of its own, all written to a markdown results file:
    CPU, fp32, same settings; compare the two: logits on held-out text, each layer's composed latent
    map kv_b_proj diag(kv_a_layernorm) kv_a_proj_with_mqa[:rank] (independent of the latent basis,
    which eigen-solvers may pick differently), and the largest raw weight difference (reported);
-   tolerance COMPARE_TOLERANCE (relative, Frobenius);
+   tolerance COMPARE_TOLERANCE (relative, Frobenius). Each conversion must run every layer's
+   factorization (rope step, latent: `convert_attention`) on its own device: the devices of the
+   tensors its products and eigensolvers take are counted, with the seconds it took;
 2. layer-wise calibration of the demo conversion on DEVICE (tokens/s, peak memory), on
    multi-document rows (the docstrings as one document per paragraph, so that every row packs
    several: the per-document attention runs on DEVICE);
@@ -18,7 +20,10 @@ line of its own, all written to a markdown results file:
    offloaded to CPU memory, which must give the same perplexities and KL (COMPARE_TOLERANCE);
 6. when `import vllm` works: the converted demo served by vLLM, prompt log-probabilities compared
    with transformers', unquantized and with vLLM's fp8 weights (and, for comparison, the exact
-   latent format with fp8 weights).
+   latent format with fp8 weights);
+7. on a DEVICE other than the CPU, when pytest is installed: the exactness tests' cases on DEVICE
+   (tests/test_exact.py, and the MQA conversion of tests/test_convert.py), which the test suite
+   runs on every device it sees.
 
     bash scripts/gpu_check.sh                              # full form, on a GPU
     bash scripts/gpu_check.sh --device cpu --tiny          # reduced form on the CPU (the test suite's)
@@ -27,7 +32,9 @@ line of its own, all written to a markdown results file:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import importlib.util
 import json
 import resource
 import subprocess
@@ -35,23 +42,27 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from mlakit.calibrate.distill import DistillOptions
 from mlakit.calibrate.layerwise import LayerwiseOptions
-from mlakit.calibrate.native import convert_native
 from mlakit.calibrate.run import CalibrateOptions, calibrate
-from mlakit.convert.pipeline import ConvertOptions, calibration_for, convert
+from mlakit.convert import pipeline
+from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import attention_names
 from mlakit.core.text import DEFAULT_TEXT, token_windows
 from mlakit.validate.run import ValidateOptions, validate
 
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = Path.home() / ".cache" / "mlakit" / "SmolLM2-135M-Instruct"
 COMPARE_TOLERANCE = 1e-3
 # vLLM serves in bf16: prompt log-probs agree with transformers' fp32 ones to bf16 accuracy.
@@ -113,6 +124,39 @@ class Results:
         path.write_text("\n".join([*header, *self.lines, "", f"{self.failed} failure(s)"]) + "\n")
 
 
+# The factorization's heavy calls: where their tensors are is where it runs.
+FACTORIZATION_CALLS = {torch.matmul, torch.Tensor.matmul, torch.einsum, torch.linalg.eigh, torch.linalg.eigvalsh,
+                       torch.linalg.solve}  # `a @ b` reaches a mode as Tensor.matmul
+
+
+class _CallDevices(TorchFunctionMode):
+    """Counts the tensors that FACTORIZATION_CALLS take, per device type."""
+
+    def __init__(self, seen: collections.Counter):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args: tuple = (), kwargs: dict | None = None):
+        if func in FACTORIZATION_CALLS:
+            self.seen.update(a.device.type for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def factorization_devices() -> Iterator[collections.Counter]:
+    """A counter that, while open, counts per device type the tensors that every layer's factorization
+    (`convert_attention`, as the pipeline calls it) takes into its products and eigensolvers."""
+    seen: collections.Counter = collections.Counter()
+    original = pipeline.convert_attention
+
+    def watched(*args, **kwargs):
+        with _CallDevices(seen):
+            return original(*args, **kwargs)
+
+    with mock.patch.object(pipeline, "convert_attention", watched):
+        yield seen
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -153,14 +197,36 @@ def convert_both(results: Results, name: str, source: str, args: list[str], sett
             for d in (device, "cpu")}
     out = {d: tmp / f"{name}-{d.replace(':', '')}" for d in opts}
     for d in dict.fromkeys((device, "cpu")):
-        with results.step(f"convert {name} on {d} ({settings.calib_tokens} calibration tokens, native latent)"):
-            convert_native(source, out[d], lambda s, f, d=d: convert(s, f, opts[d], log=lambda m: None),
-                           lambda d=d: calibration_for(source, opts[d]).windows, d, force=True)
+        record = None
+        with (results.step(f"convert {name} on {d} ({settings.calib_tokens} calibration tokens, native latent)"),
+              factorization_devices() as seen):
+            record = convert(source, out[d], opts[d], force=True, log=lambda m: None)
+        if record is not None:
+            factorization = sum(row["seconds"]["rope and latent"] for row in record["layers"])
+            results.verdict(f"{name}'s factorization on {d}", set(seen) == {torch.device(d).type},
+                            f"tensors its products and eigensolvers took, per device: {dict(seen)}; "
+                            f"{factorization:.2f} s over all layers")
     done = [f for f in out.values() if (f / "config.json").is_file()]
     if len(done) == len(out):
         with results.step(f"compare {name}"):
             compare(results, name, out[device], out["cpu"], text[cut:], settings.seq_len)
     return done[0] if done else None
+
+
+def exactness_tests(results: Results, device: str) -> None:
+    """The exactness tests' cases on DEVICE (their ids name it), in a pytest run of their own."""
+    kind = torch.device(device).type
+    if importlib.util.find_spec("pytest") is None:
+        results.add(f"- SKIP exactness tests on {kind}: pytest is not installed here")
+        return
+    with results.step(f"exactness tests on {kind}"):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", kind,
+                               "tests/test_exact.py", "tests/test_convert.py"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+        results.verdict(f"exactness tests on {kind}", proc.returncode == 0, last)
+        if proc.returncode:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
 
 
 def documents(tmp: Path) -> Path:
@@ -302,6 +368,8 @@ def main() -> None:
             validate_demo(results, demo, settings, args.device, tmp)
             if args.device.startswith("cuda"):
                 vllm_check(results, demo, exact_demo(results, args.device, tmp, settings))
+        if args.device != "cpu":
+            exactness_tests(results, args.device)
     results.add(f"- total {time.perf_counter() - start:.0f} s")
     results.write(args.results, header)
     print(f"wrote {args.results}")

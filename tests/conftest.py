@@ -13,6 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from mlakit.core.guard import DEMO_DIR
 
 DEMO_AVAILABLE = (DEMO_DIR / "model.safetensors").is_file()
+# The conversion's devices here: the factorization's exactness is proven on each.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -33,7 +33,7 @@ from mlakit.calibrate.layers import Teacher
 from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
 from mlakit.core.checkpoint import CheckpointReader
-from mlakit.core.deepseek import plain_attention
+from mlakit.core.latent import plain_attention
 from mlakit.core.forward import MLAWeights
 from mlakit.core.errors import MlakitError, Terminated
 from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl

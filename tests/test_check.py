@@ -18,6 +18,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from mlakit.cli import main
 from mlakit.core import deepseek, engines
+from mlakit.core.latent import latent_norm_trick
 from mlakit.core.errors import MlakitError
 from mlakit.validate.check import ALL, SOURCES, Rule, check_folder, require_mla
 
@@ -129,7 +130,7 @@ def exact(tensors: dict[str, torch.Tensor]) -> None:
         p = f"model.layers.{i}."
         kv_a, gamma = tensors[p + "self_attn.kv_a_proj_with_mqa.weight"], tensors[p + "input_layernorm.weight"]
         rank = tensors[p + "self_attn.kv_a_layernorm.weight"].shape[0]
-        latent, norm = deepseek.latent_norm_trick(kv_a[:rank], gamma, 64)
+        latent, norm = latent_norm_trick(kv_a[:rank], gamma, 64)
         tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.cat([latent, kv_a[rank:]])
         tensors[p + "self_attn.kv_a_layernorm.weight"] = norm
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DEMO_AVAILABLE, make_llama
+from conftest import DEMO_AVAILABLE, DEVICES, make_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM, DynamicCache
 
@@ -36,10 +36,13 @@ def load_pair(src: Path, out: Path) -> tuple[torch.nn.Module, DeepseekV3ForCausa
     return source, converted.eval()
 
 
-def test_mqa_full_latent_is_exact_prefill_and_cached_decode(tmp_path: Path) -> None:
-    """MQA with rope dim = head dim and a full latent: every step of the conversion is exact."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_mqa_full_latent_is_exact_prefill_and_cached_decode(tmp_path: Path, device: str) -> None:
+    """MQA with rope dim = head dim and a full latent: every step of the conversion is exact, with
+    the passes and the factorization on each device."""
     src = make_llama(tmp_path / "mqa", kv_heads=1, tied=False)
-    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--latent", "exact")
+    run_convert(src, tmp_path / "out", "--rope-dim", "16", "--kv-lora-rank", "16", "--latent", "exact",
+                "--device", device)
     source, converted = load_pair(src, tmp_path / "out")
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():

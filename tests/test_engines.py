@@ -16,7 +16,6 @@ from conftest import make_llama
 from transformers import AutoModelForCausalLM
 
 from mlakit.cli import main
-from mlakit.convert.pad import pad_folder
 from mlakit.core import deepseek, engines
 from mlakit.core.deepseek import MLAShape
 from mlakit.validate.check import check_folder
@@ -101,11 +100,15 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("latent", ["exact", "native"])
 def test_zero_padded_latent_gives_the_same_logits(converted: dict[str, Path], tmp_path: Path, latent: str) -> None:
-    """Padding the latent from 192 to 512 changes nothing a model computes: zero rows and columns, and
-    in the native format the norm weights rescaled for the mean over more dims."""
+    """`--kv-lora-rank vllm-cpu` on a source that fills 192 latent dims: the conversion at 192, padded as
+    each layer is written to 512 (the CPU backend's only width), computes what the unpadded one does:
+    zero rows and columns, and in the native format the norm weights rescaled for the mean over more
+    dims."""
     padded = tmp_path / "padded"
-    padded.mkdir()
-    record = pad_folder(converted[latent], padded, 512)
+    result = CliRunner().invoke(main, ["convert", str(converted["src"]), str(padded), *FAST, "--kv-lora-rank", "vllm-cpu",
+                                       "--latent", latent])
+    assert result.exit_code == 0, result.output
+    record = json.loads((padded / "mlakit.json").read_text())
     assert record["latent_padding"] == {"filled": 192, "kv_lora_rank": 512}
     assert record["kv_cache"]["converted_elements_per_token_layer"] == 576
     assert json.loads((padded / "config.json").read_text())["kv_lora_rank"] == 512

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES
 from transformers import DeepseekV3Config, LlamaConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -13,6 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from mlakit.convert import rope
 from mlakit.convert.factorize import joint_latent
 from mlakit.core import deepseek, forward
+from mlakit.core.latent import latent_norm_trick, plain_latent
 from mlakit.core.families import SourceLayer, SourceSpec
 from mlakit.core.forward import (
     MLAWeights,
@@ -51,16 +53,17 @@ def _scores(q: torch.Tensor, k: torch.Tensor, freq: torch.Tensor, t: int, s: int
     return (q.conj() * k * torch.exp(-1j * freq * (t - s))).real.sum(-1)
 
 
-def test_rorope_split_keeps_every_score_before_truncation() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_rorope_split_keeps_every_score_before_truncation(device: str) -> None:
     """Rotating keys across kv heads per frequency and folding the rotation into the queries
     changes no score, as long as every component keeps its rotation."""
     torch.manual_seed(0)
     H, G, F, D = 6, 3, 8, 24
-    k = torch.randn(G, F, D, dtype=torch.complex128)
-    q = torch.randn(H, F, D, dtype=torch.complex128)
-    x = torch.randn(200, D)
+    k = torch.randn(G, F, D, dtype=torch.complex128).to(device)
+    q = torch.randn(H, F, D, dtype=torch.complex128).to(device)
+    x = torch.randn(200, D).to(device)
     sigma = x.T @ x / 200
-    freq = 10000.0 ** (-torch.arange(F) / F)
+    freq = (10000.0 ** (-torch.arange(F) / F)).to(device)
     for complex_pca in (True, False):
         split = rope.rorope(k, q, sigma, freq, freq, rope.slot_groups(F, F, "fold"), complex_pca=complex_pca)
         xt, xs = x[0], x[1]
@@ -73,57 +76,66 @@ def test_rorope_split_keeps_every_score_before_truncation() -> None:
         assert 0.0 < split.energy_kept <= 1.0
 
 
-def test_complex_pca_keeps_at_least_the_real_energy() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_complex_pca_keeps_at_least_the_real_energy(device: str) -> None:
     torch.manual_seed(1)
-    k = torch.randn(4, 8, 16, dtype=torch.complex128)
-    x = torch.randn(300, 16) @ torch.randn(16, 16)
+    k = torch.randn(4, 8, 16, dtype=torch.complex128).to(device)
+    x = (torch.randn(300, 16) @ torch.randn(16, 16)).to(device)
     sigma = x.T @ x / 300
     freq = torch.ones(8)
-    args = (k, torch.randn(4, 8, 16, dtype=torch.complex128), sigma, freq, freq, rope.slot_groups(8, 8, "fold"))
+    q = torch.randn(4, 8, 16, dtype=torch.complex128).to(device)
+    args = (k, q, sigma, freq, freq, rope.slot_groups(8, 8, "fold"))
     assert rope.rorope(*args, complex_pca=True).energy_kept >= rope.rorope(*args, complex_pca=False).energy_kept - 1e-12
 
 
-def test_expected_rotation_of_a_fixed_distance() -> None:
-    dist = torch.zeros(2, 10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_expected_rotation_of_a_fixed_distance(device: str) -> None:
+    """On the histogram's device, from frequencies on the host (as the conversion has them)."""
+    dist = torch.zeros(2, 10, device=device)
     dist[0, 3] = 5.0
     dist[1, 0] = 1.0
     freq = torch.tensor([0.1, 1.0])
     e = rope.expected_rotation(dist, freq)
-    torch.testing.assert_close(e[0], torch.exp(-1j * freq.double() * 3))
-    torch.testing.assert_close(e[1], torch.ones(2, dtype=torch.complex128))
+    torch.testing.assert_close(e[0], torch.exp(-1j * freq.double() * 3).to(device))
+    torch.testing.assert_close(e[1], torch.ones(2, dtype=torch.complex128, device=device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy,slots", [("fold", 4), ("even", 4), ("high", 2), ("fold2", 4)])
-def test_expected_rotation_is_exact_when_every_head_attends_at_one_distance(strategy: str, slots: int) -> None:
+def test_expected_rotation_is_exact_when_every_head_attends_at_one_distance(strategy: str, slots: int,
+                                                                             device: str) -> None:
     """With a distance histogram that is one-hot at delta for every head, E[R(delta)] is R(delta) itself:
     a query-key pair at that distance gets the source's score to float precision, although fewer
-    slots than source frequencies keep their rotation and every other component loses it."""
+    slots than source frequencies keep their rotation and every other component loses it. The
+    frequencies stay on the host, as the conversion has them."""
     torch.manual_seed(4)
     H, G, F, D, L, delta = 4, 2, 8, 16, 12, 5
-    k = torch.randn(G, F, D, dtype=torch.complex128)
-    q = torch.randn(H, F, D, dtype=torch.complex128)
-    x = torch.randn(200, D)
+    k = torch.randn(G, F, D, dtype=torch.complex128).to(device)
+    q = torch.randn(H, F, D, dtype=torch.complex128).to(device)
+    x = torch.randn(200, D).to(device)
     freq = 10000.0 ** (-torch.arange(F) / F)
-    dist = torch.zeros(H, L)
+    dist = torch.zeros(H, L, device=device)
     dist[:, delta] = 3.0
     tgt = freq[rope.kept_frequencies(F, slots, strategy)]
     split = rope.rorope(k, q, x.T @ x / 200, freq, tgt, rope.slot_groups(F, slots, strategy), dist=dist)
+    freq, tgt = freq.to(device), tgt.to(device)
     for t in (delta, delta + 4):
         xt, xs = x[t], x[t - delta]
         for h in range(H):
             ref = _scores(q[h] @ xt.to(q.dtype), k[h // 2] @ xs.to(k.dtype), freq, t, t - delta)
             rot = _scores(split.q_rot[h] @ xt.to(q.dtype), split.k_rot @ xs.to(k.dtype), tgt, t, t - delta)
             nope = _scores(split.q_nope[h] @ xt.to(q.dtype), split.k_nope[h // 2] @ xs.to(k.dtype),
-                           torch.zeros(F), t, t - delta)
+                           torch.zeros(F, device=device), t, t - delta)
             torch.testing.assert_close(rot + nope, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_gqa_is_already_mla_at_full_rank() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_gqa_is_already_mla_at_full_rank(device: str) -> None:
     """The joint latent at full rank reproduces every head's key and value: GQA is MLA."""
     torch.manual_seed(2)
     G, d, D = 2, 8, 32
-    k, v = torch.randn(G * d, D), torch.randn(G * d, D)
-    x = torch.randn(500, D)
+    k, v = torch.randn(G * d, D).to(device), torch.randn(G * d, D).to(device)
+    x = torch.randn(500, D).to(device)
     latent = joint_latent(k, v, x.T @ x / 500, 2 * G * d)
     c = x @ latent.down.T
     torch.testing.assert_close(c @ latent.k_up.T, x @ k.T, rtol=1e-9, atol=1e-9)
@@ -131,10 +143,11 @@ def test_gqa_is_already_mla_at_full_rank() -> None:
     assert latent.error < 1e-9 and latent.optimum < 1e-6
 
 
-def test_joint_latent_reaches_the_rank_r_optimum() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_joint_latent_reaches_the_rank_r_optimum(device: str) -> None:
     torch.manual_seed(3)
-    k, v = torch.randn(16, 32), torch.randn(16, 32)
-    x = torch.randn(400, 32) @ torch.randn(32, 32)
+    k, v = torch.randn(16, 32).to(device), torch.randn(16, 32).to(device)
+    x = (torch.randn(400, 32) @ torch.randn(32, 32)).to(device)
     latent = joint_latent(k, v, x.T @ x / 400, 12, balance=False)
     assert abs(latent.error - latent.optimum) < 1e-9
     weight_only = joint_latent(k, v, x.T @ x / 400, 12, balance=False, activation_aware=False)
@@ -146,14 +159,14 @@ def test_latent_norm_trick_holds_for_worst_case_inputs() -> None:
     torch.manual_seed(4)
     D, r = 64, 16
     latent, gamma = torch.randn(r, D) * 3, torch.rand(D) + 0.5
-    scaled, weight = deepseek.latent_norm_trick(latent, gamma, D)
+    scaled, weight = latent_norm_trick(latent, gamma, D)
     _, _, vh = torch.linalg.svd(latent * gamma)
     worst = vh[0] * math.sqrt(D)  # normed input direction that maximizes ||latent (gamma * n)||
     for n in (worst, torch.randn(D)):
         x = gamma * rms_norm(n[None], torch.ones(D), 1e-6)[0]
         got = rms_norm((scaled @ x)[None], weight, deepseek.LATENT_NORM_EPS)[0]
         torch.testing.assert_close(got, latent @ x, rtol=1e-6, atol=0)
-    torch.testing.assert_close(deepseek.plain_latent(scaled, weight), latent)
+    torch.testing.assert_close(plain_latent(scaled, weight), latent)
 
 
 def test_the_exact_formats_norm_constant_is_exact_in_bf16() -> None:
@@ -163,10 +176,10 @@ def test_the_exact_formats_norm_constant_is_exact_in_bf16() -> None:
     torch.manual_seed(8)
     for scale in (1e-3, 0.37, 1.0, 9.1, 250.0):
         latent, gamma = torch.randn(64, 256) * scale, torch.rand(256) + 0.5
-        scaled, weight = deepseek.latent_norm_trick(latent, gamma, 256)
+        scaled, weight = latent_norm_trick(latent, gamma, 256)
         stored = weight.to(torch.bfloat16).double()
         assert torch.equal(stored, weight)
-        restored = deepseek.plain_latent(scaled.to(torch.bfloat16).double(), stored)
+        restored = plain_latent(scaled.to(torch.bfloat16).double(), stored)
         assert abs(((restored * latent).sum() / (latent * latent).sum()).item() - 1) < 1e-4
 
 
@@ -238,15 +251,16 @@ def test_functional_mla_attention_matches_transformers() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_freqfold_split_keeps_every_score_when_folded_frequencies_are_equal() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_freqfold_split_keeps_every_score_when_folded_frequencies_are_equal(device: str) -> None:
     """foldN mixes neighbouring frequencies into N slots; with equal frequencies in a group the
     rotations commute with the mixing, so the split loses nothing before truncation."""
     torch.manual_seed(2)
     H, G, F, D = 4, 2, 8, 20
-    k = torch.randn(G, F, D, dtype=torch.complex128)
-    q = torch.randn(H, F, D, dtype=torch.complex128)
-    x = torch.randn(100, D)
-    freq = torch.full((F,), 0.3)
+    k = torch.randn(G, F, D, dtype=torch.complex128).to(device)
+    q = torch.randn(H, F, D, dtype=torch.complex128).to(device)
+    x = torch.randn(100, D).to(device)
+    freq = torch.full((F,), 0.3, device=device)
     split = rope.rorope(k, q, x.T @ x / 100, freq, freq, rope.slot_groups(F, F, "fold4"))
     xt, xs = x[3], x[4]
     for h in range(H):
@@ -257,7 +271,8 @@ def test_freqfold_split_keeps_every_score_when_folded_frequencies_are_equal() ->
     assert rope.slot_groups(8, 4, "fold2") == [([0, 1, 2, 3], [0, 1]), ([4, 5, 6, 7], [2, 3])]
 
 
-def test_output_refit_normal_equations() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_output_refit_normal_equations(device: str) -> None:
     """The refit's error from the normal equations equals the direct sum; and its ridge does what it is
     for: along strongly excited inputs the refit reaches the map the data holds, along a weakly excited
     one (as attention-sink heads give) it keeps the prior instead of fitting noise (which a ridge of 0
@@ -265,12 +280,12 @@ def test_output_refit_normal_equations() -> None:
     from mlakit.convert.factorize import LeastSquares
 
     torch.manual_seed(3)
-    a = torch.randn(500, 12) * torch.logspace(0, -4, 12)  # input k excited with scale 10^(-4k/11)
-    w_true, w_old = torch.randn(5, 12), torch.randn(5, 12)
-    fit = LeastSquares(12, 5)
+    a = (torch.randn(500, 12) * torch.logspace(0, -4, 12)).to(device)  # input k excited with scale 10^(-4k/11)
+    w_true, w_old = torch.randn(5, 12).to(device), torch.randn(5, 12).to(device)
+    fit = LeastSquares(12, 5, device)
     for chunk in a.split(128):
         fit.update(chunk, chunk @ w_true.T)
-    torch.testing.assert_close(torch.tensor(fit.error(w_old)), ((a @ (w_old - w_true).T) ** 2).sum(), rtol=1e-8, atol=0)
+    assert fit.error(w_old) == pytest.approx(((a @ (w_old - w_true).T) ** 2).sum().item(), rel=1e-8, abs=0)
     got = fit.solve(w_old, 1e-2)
     assert (got[:, 0] - w_true[:, 0]).abs().max() < 1e-2  # energy 500 against a ridge of 0.5: the data's map
     assert (got[:, -1] - w_old[:, -1]).abs().max() < 1e-3  # energy 5e-6 against a ridge of 0.5: the prior

@@ -112,16 +112,18 @@ def test_the_matmul_rate_is_timed_on_one_thread_and_scaled() -> None:
 
 
 def test_the_native_pass_is_in_the_plan_and_prints_its_progress(pico: Path, tmp_path: Path) -> None:
-    """--latent native runs a second pass over the calibration text: the plan's time counts it, and it
-    reports every layer as it goes (one line per layer when stderr is not a terminal)."""
+    """--latent native fits each layer's native latent in the conversion pass: the plan's time counts it,
+    and the per-layer progress lines report its error (one line per layer when stderr is not a terminal)."""
     from mlakit.convert.plan import ConvertOptions, make_plan
 
     opts = ConvertOptions(kv_lora_rank=16, rope_dim=8, calib_tokens=1024, calib_seq_len=128, rope_strategy="fold")
     exact = make_plan(str(pico), opts)
     native = make_plan(str(pico), ConvertOptions(**{**vars(opts), "latent": "native"}))
-    assert "native latent (one more pass" in native.describe() and "exact latent" in exact.describe()
+    assert "native latent (fitted per layer in the same pass" in native.describe() and "exact latent" in exact.describe()
     assert native.cost.seconds > exact.cost.seconds
     result = CliRunner().invoke(main, ["convert", str(pico), str(tmp_path / "out"), *FAST, "--latent", "native"])
     assert result.exit_code == 0, result.output
-    progress = [line for line in result.output.splitlines() if line.startswith("native latent: layer ")]
-    assert [line.split(" in ")[0] for line in progress] == ["native latent: layer 1/2", "native latent: layer 2/2"]
+    progress = [line for line in result.output.splitlines() if line.startswith("converting: layer ")]
+    assert [line.split(" in ")[0] for line in progress] == ["converting: layer 1/2", "converting: layer 2/2"]
+    assert all(", native latent against exact " in line for line in progress)
+    assert not list(tmp_path.glob(".out.*")), "one pass: no staging folder beside OUT"

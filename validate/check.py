@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from mlakit.core import deepseek, engines
+from mlakit.core.latent import latent_is_linear
 from mlakit.core.checkpoint import CheckpointReader, read_json, resolve_model
 from mlakit.core.engines import LLAMACPP, MLX, SGLANG, VLLM
 from mlakit.core.errors import MlakitError
@@ -325,7 +326,7 @@ def _latent_rules(folder: Path, cfg: dict, dtype: str | None) -> tuple[list[Rule
             for i in sorted({round(k * (layers - 1) / max(QUANT_CHECK_LAYERS - 1, 1))
                              for k in range(min(layers, QUANT_CHECK_LAYERS))})}
     gamma = reader.get("model.layers.0.input_layernorm.weight").float()
-    exact = deepseek.latent_is_linear(kv_a[0][:rank], gamma, hidden)
+    exact = latent_is_linear(kv_a[0][:rank], gamma, hidden)
     dtypes = deepseek.LATENT_TRICK_DTYPES if exact else deepseek.NATIVE_DTYPES
     rules = [
         Rule("latent format", "pass", ALL, "exact (kv_a_layernorm linear on every input)" if exact else

@@ -3,7 +3,7 @@
 The schemes are what engines and converters store (weights only): GGUF F16 and q8_0 (llama.cpp),
 per-tensor fp8 e4m3 (vLLM's fp8), per-channel int8. The exact latent format keeps its latent rows
 around 1e-9..1e-7, below what f16, q8_0's f16 block scales and fp8 can hold beside the rope rows of
-the same tensor; the native format keeps them at the rope rows' scale (calibrate/native.py).
+the same tensor; the native format keeps them at the rope rows' scale (core/latent.py).
 """
 
 from __future__ import annotations
