@@ -237,7 +237,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
 
     \b
     mlakit calibrate ./demo-mla ./demo-cal --seq-len 256 --tokens 8192        layer-wise, on the CPU
-    accelerate launch -m mlakit calibrate ./llama-mla ./llama-cal --mode distill --data train.jsonl
+    accelerate launch --multi_gpu --num_processes 8 -m mlakit calibrate ./llama-mla ./llama-cal --mode distill --data train.jsonl
     """
     teacher = kw["teacher"]
     check_output(out, kw["force"], protect=[local_model(converted), local_model(teacher) if teacher else None])

@@ -1,8 +1,9 @@
 """Distillation: train the converted model end to end on KL(teacher || student) next-token distributions.
 
 Runs through accelerate, so `accelerate launch -m mlakit calibrate ...` trains data-parallel with
-DDP or FSDP unchanged; on GPUs it uses bf16 autocast and gradient checkpointing. The student is
-trained in the plain parametrization (no latent norm, see export.py) and written back in the format.
+DDP, or on GPUs with FSDP (the config `fsdp.yaml` beside this file), unchanged; on GPUs it uses bf16
+autocast and gradient checkpointing. The student is trained in the plain parametrization (no latent
+norm, see export.py) and written back in the format.
 The data order is a pure function of the seed and the step, so a checkpoint (model, optimizer,
 scheduler, RNG states, step) restores the exact run: N steps, a resume, N more steps give the
 weights of 2N steps in one run.
@@ -170,8 +171,9 @@ def evaluate(teacher: LiveTeacher | CachedTeacher, student, rows: Packed, device
     return meter.result(teacher.top_k)
 
 
-def _load_student(folder: Path, dtype: torch.dtype) -> DeepseekV3ForCausalLM:
-    return DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+def _load_student(folder: Path, dtype: torch.dtype, device: torch.device) -> DeepseekV3ForCausalLM:
+    """A model folder as stock transformers loads it, straight onto `device` (no copy in CPU memory first)."""
+    return DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}).eval()
 
 
 def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, held_out: Packed,
@@ -183,12 +185,15 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     (`check_resume`); a run that does not resume clears earlier checkpoints. When stderr is not a
     terminal, progress goes to `log` as lines."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     cuda = opts.device.startswith("cuda")
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", step_scheduler_with_optimizer=False)
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and acc.distributed_type != DistributedType.FSDP:
+        raise MlakitError("the accelerate config asks for FSDP, which accelerate runs on GPUs only (here it would "
+                          "train unsharded); launch without it on the CPU")
     set_seed(opts.seed)
     seq_len = fit_rows.ids.shape[1]
     if opts.batch_size % acc.num_processes:
@@ -205,6 +210,10 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     acc.wait_for_everyone()
     dtype = torch.bfloat16 if cuda else torch.float32
     teacher = _teacher(teacher_dir, fit_rows, held_out, opts, steps, dtype, acc, say)
+    # measured on CONVERTED as stock transformers loads it, like `after` on OUT; the copy is freed
+    # before the trained student is built, so the two never share memory
+    before = evaluate(teacher, _load_student(converted, dtype, acc.device), held_out, acc.device,
+                      opts.batch_size) if main else None
     student, optimizer, scheduler = acc.prepare(*_trainable_student(converted, opts, steps, cuda))
     start_step = 0
     if last is not None:
@@ -213,8 +222,6 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
         except Exception as exc:  # torch and safetensors raise many types for a damaged folder
             raise MlakitError(f"--resume: cannot load {last} ({type(exc).__name__}: {exc})") from exc
         start_step = read_json(last / STATE)["step"]
-    before = evaluate(teacher, _load_student(converted, dtype).to(acc.device), held_out, acc.device,
-                      opts.batch_size) if main else None
     if say:
         say(f"distill: held-out KL to the teacher {before.kl:.5f} before training")
 
@@ -223,15 +230,9 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     every = -(-steps // PROGRESS_LINES)
     try:
         for step in range(start_step, steps):
-            rows = step_rows(step, opts.batch_size, len(fit_rows), opts.seed)[acc.process_index :: acc.num_processes]
-            batch = fit_rows[rows]
-            ids, pos = batch.input_ids.to(acc.device), batch.position_ids.to(acc.device)
-            loss = _loss(teacher, student, rows, ids, pos, opts.lm_weight)
-            acc.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_avg = loss.item() if step == start_step else 0.9 * loss_avg + 0.1 * loss.item()
+            rows = step_rows(step, opts.batch_size, len(fit_rows), opts.seed)
+            loss = _step(acc, teacher, student, optimizer, scheduler, fit_rows, rows, opts.lm_weight)
+            loss_avg = loss if step == start_step else 0.9 * loss_avg + 0.1 * loss
             done_tokens += opts.batch_size * seq_len
             rate = done_tokens / (time.perf_counter() - t0)
             bar.update()
@@ -250,16 +251,19 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     result = DistillResult(before, None, steps, done_tokens / max(seconds, 1e-9), loss_avg, seconds, peak,
                            getattr(teacher, "tail_mass", None))
     acc.wait_for_everyone()
-    state = acc.get_state_dict(student)
+    state = acc.get_state_dict(student)  # under FSDP gathered whole on the main process only
+    trained = formatted_state(state, acc.unwrap_model(student).config, opts.train) if main else None
+    del state
+    # accelerate holds its own references to what it prepared: without them released, nothing of the
+    # student or its optimizer state would be freed before OUT is loaded back
+    student, optimizer, scheduler = acc.free_memory(student, optimizer, scheduler)
     if main:
-        config = acc.unwrap_model(student).config
-        del student, optimizer
         with atomic_folder(out, force) as tmp:
             export = Export(converted, tmp)
-            export.add(formatted_state(state, config, opts.train))
-            del state
+            export.add(trained)
+            del trained
             export.close()
-            result.after = evaluate(teacher, _load_student(tmp, dtype).to(acc.device), held_out, acc.device,
+            result.after = evaluate(teacher, _load_student(tmp, dtype, acc.device), held_out, acc.device,
                                     opts.batch_size)
             result.kept = keep_better(converted, tmp, before, result.after)
             export.record({**run, **_as_record(result)})
@@ -304,15 +308,40 @@ def _trainable_student(converted: Path, opts: DistillOptions, steps: int, cuda: 
     return student, optimizer, get_cosine_schedule_with_warmup(optimizer, int(WARMUP_FRACTION * steps), steps)
 
 
+def _step(acc, teacher: LiveTeacher | CachedTeacher, student, optimizer, scheduler, fit_rows: Packed,
+          rows: torch.Tensor, lm_weight: float) -> float:
+    """One optimizer step on this process's share of the global batch `rows`; returns the loss of the
+    whole batch. Local, so that no tensor of the step's graph (which holds the student's parameters)
+    outlives it."""
+    whole = fit_rows[rows]
+    mine = slice(acc.process_index, None, acc.num_processes)
+    ids, pos = whole[mine].input_ids.to(acc.device), whole[mine].position_ids.to(acc.device)
+    lm_count = int((next_token_labels(whole.ids, whole.pos) != IGNORE).sum()) / acc.num_processes
+    loss = _loss(teacher, student, rows[mine], ids, pos, lm_weight, lm_count)
+    acc.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return acc.reduce(loss.detach(), reduction="mean").item()
+
+
 def _loss(teacher: LiveTeacher | CachedTeacher, student, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
-          lm_weight: float) -> torch.Tensor:
-    """Mean per-token KL(teacher || student), plus lm_weight times the next-token cross-entropy."""
+          lm_weight: float, lm_count: float) -> torch.Tensor:
+    """This process's share of the global batch's loss (the mean per-token KL(teacher || student) plus
+    lm_weight times the mean next-token cross-entropy), such that the data-parallel average of the
+    shares, and of their gradients, is that loss.
+
+    A term's share is the process's sum divided by the whole batch's count over the number of
+    processes. Every row has as many positions, so the KL's own mean is that; rows differ in labelled
+    positions (the last token of a document has none), so the cross-entropy is summed and divided by
+    `lm_count`. A mean per process would weigh each token by its process's count and train unlike one
+    process on the same batch."""
     s_logits = logits(student, ids, pos)
     loss = teacher.kl("fit", rows, ids, pos, s_logits).mean()
     if lm_weight:
         labels = next_token_labels(ids, pos)
         loss = loss + lm_weight * F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(),
-                                                  ignore_index=IGNORE)
+                                                  ignore_index=IGNORE, reduction="sum") / lm_count
     return loss
 
 

@@ -46,14 +46,12 @@ def logits(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def load_teacher(folder: Path, dtype: torch.dtype, device: torch.device, spread: bool = False):
-    """The source model in inference mode, on `device`; with `spread` on CUDA, placed by accelerate
-    (`device_map="auto"`) over every visible GPU, then CPU memory, so that a teacher larger than one
-    GPU still runs. A live teacher is not spread: each data-parallel process holds its own."""
-    if spread and device.type == "cuda":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    return model.eval().requires_grad_(False)
+    """The source model in inference mode, loaded straight onto `device` (no whole copy in CPU memory
+    first, which every data-parallel process would make at once); with `spread` on CUDA, placed by
+    accelerate (`device_map="auto"`) over every visible GPU, then CPU memory, so that a teacher larger
+    than one GPU still runs. A live teacher is not spread: each data-parallel process holds its own."""
+    device_map = "auto" if spread and device.type == "cuda" else {"": device}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map).eval().requires_grad_(False)
 
 
 class LiveTeacher:

@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -442,6 +443,35 @@ def test_distillation_lowers_the_kl(pair, tmp_path: Path) -> None:
     assert not (tmp_path / "cal.ckpt").exists()
 
 
+def test_distillation_holds_one_student_at_a_time(pair, tmp_path: Path, monkeypatch) -> None:
+    """The copy that measures `before` is freed before the trained student is built, and the trained
+    student, its weights and its optimizer (which accelerate references too) before OUT is loaded back
+    for `after`."""
+    src, mla = pair
+    held, loaded = [], []  # weak references to each student and its parameters; what each was for
+    load, build = distill_module._load_student, distill_module._trainable_student
+
+    def alone(model, what: str) -> None:
+        assert all(ref() is None for ref in held), f"another student is still in memory when {what} is loaded"
+        held.extend(weakref.ref(t) for t in (model, *model.parameters()))
+        loaded.append(what)
+
+    def load_student(*args):
+        model = load(*args)
+        alone(model, "a student to measure")
+        return model
+
+    def trainable_student(*args):
+        built = build(*args)
+        alone(built[0], "the student to train")
+        return built
+
+    monkeypatch.setattr(distill_module, "_load_student", load_student)
+    monkeypatch.setattr(distill_module, "_trainable_student", trainable_student)
+    ok("calibrate", mla, tmp_path / "out", *small(src), *DISTILL)
+    assert loaded == ["a student to measure", "the student to train", "a student to measure"]
+
+
 def test_both_modes_chain_and_record_each_run(pair, tmp_path: Path) -> None:
     src, mla = pair
     out = tmp_path / "cal"
@@ -532,14 +562,10 @@ def test_cached_teacher_holds_only_the_rows_training_reads(pair, tmp_path: Path,
 
 def test_cached_teacher_is_spread_over_the_gpus(tmp_path: Path, monkeypatch) -> None:
     """On CUDA the cache build loads the teacher with device_map="auto"; on the CPU, or for a live
-    teacher, it is loaded whole onto the one device."""
+    teacher, it is loaded whole straight onto the one device (no CPU copy moved over afterwards)."""
     calls = []
 
     class Model:
-        def to(self, device):
-            calls.append(("to", str(device)))
-            return self
-
         def eval(self):
             return self
 
@@ -547,17 +573,16 @@ def test_cached_teacher_is_spread_over_the_gpus(tmp_path: Path, monkeypatch) -> 
             return self
 
     def from_pretrained(folder, **kwargs):
-        calls.append(("load", kwargs))
+        calls.append(kwargs)
         return Model()
 
     monkeypatch.setattr(teacher_module.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     load_teacher(tmp_path, torch.bfloat16, torch.device("cuda"), spread=True)
-    assert calls == [("load", {"dtype": torch.bfloat16, "device_map": "auto"})]
-    calls.clear()
-    load_teacher(tmp_path, torch.bfloat16, torch.device("cuda"))
+    load_teacher(tmp_path, torch.bfloat16, torch.device("cuda", 1))
     load_teacher(tmp_path, torch.float32, torch.device("cpu"), spread=True)
-    assert calls == [("load", {"dtype": torch.bfloat16}), ("to", "cuda"), ("load", {"dtype": torch.float32}),
-                     ("to", "cpu")]
+    assert calls == [{"dtype": torch.bfloat16, "device_map": "auto"},
+                     {"dtype": torch.bfloat16, "device_map": {"": torch.device("cuda", 1)}},
+                     {"dtype": torch.float32, "device_map": {"": torch.device("cpu")}}]
 
 
 def test_top_k_kl_is_exact_at_full_k_and_a_lower_bound_below() -> None:
