@@ -7,7 +7,8 @@ For each decoder layer in turn, on the calibration hidden states:
    kv_lora_rank <= v_head_dim, a truncated SVD otherwise);
 2. Adam on every attention weight (q_proj, the latent and rope rows of kv_a, kv_b, o_proj)
    against the same target, then a final least-squares o_proj given the rest;
-3. the stage with the lowest error on the calibration data is kept, so no layer gets worse.
+3. the stage with the lowest error on the held-out rows is kept (a stage fitted on the calibration
+   rows always looks better on them), so no layer gets worse on text it was not fitted to.
 The source's hidden states feed each layer by default (teacher-forced; measured best, see
 docs/calibrate.md); `inputs="student"` feeds the student's own, from its already calibrated
 layers. Memory holds one layer of each model.
@@ -279,17 +280,23 @@ class _Fit:
 
 def fit_layer(student: Student, x: torch.Tensor, pos: torch.Tensor, target: torch.Tensor, w: MLAWeights,
               opts: LayerwiseOptions, gen: torch.Generator, tick: Callable[[float], None],
-              norm_eps: float | None = None) -> tuple[MLAWeights, dict]:
-    """Fit one attention block (plain, or through kv_a_layernorm with `norm_eps`); returns the best
-    weights found, its attention error and that of each stage."""
+              norm_eps: float | None = None,
+              held_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[MLAWeights, dict]:
+    """Fit one attention block (plain, or through kv_a_layernorm with `norm_eps`) on (x, pos, target);
+    keep the stage with the least error on `held_out` (x, pos, target) rows, or on the fitting rows
+    when none are given. Returns its weights and the attention errors of every stage on both."""
     fit = _Fit(student, x, pos, target, norm_eps)
     stages = {"converted": w}
     stages["least_squares"] = fit.solve_values(w)
     if opts.steps:
         stages["adam"] = fit.solve_output(fit.adam(stages["least_squares"], opts, gen, tick))
     errors = {name: fit.error(s) for name, s in stages.items()}
-    kept = min(errors, key=errors.get)
-    return stages[kept], {"attn_rel_error": errors[kept], "attn_rel_error_by_stage": errors, "kept": kept}
+    held = {name: _Fit(student, *held_out, norm_eps).error(s) for name, s in stages.items()} if held_out else None
+    judge = held or errors
+    kept = min(judge, key=judge.get)
+    return stages[kept], {"attn_rel_error": errors[kept], "attn_rel_error_by_stage": errors,
+                          "attn_rel_error_held_out": held and held[kept], "attn_rel_error_held_out_by_stage": held,
+                          "kept": kept}
 
 
 class LayerProgress:
@@ -381,14 +388,17 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
                 target = fit.map(lambda h, pos: teacher.attention(h, t_layer, pos), h_teacher)
                 h_in = h_teacher if h_student is None else h_student
                 x = rms_norm(h_in, s_layer.input_norm, student.eps)
+                judge = (rms_norm(e_teacher if h_student is None else e_after, s_layer.input_norm, student.eps),
+                         held.pos, held.map(lambda h, pos: teacher.attention(h, t_layer, pos), e_teacher))
 
             def tick(loss: float, i: int = i) -> None:
                 bar.update()
                 rate = (bar.n - resumed * opts.steps) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
 
-            fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps)
-            del x, target
+            fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps,
+                                       judge)
+            del x, target, judge
             tensors = {k: t.to(export.dtype).cpu()
                        for k, t in format_attention(i, fitted, s_layer.input_norm, hidden, native).items()}
             if progress:
@@ -401,7 +411,9 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
             errors = report["attn_rel_error_by_stage"]
             log(f"layer-wise: layer {i + 1}/{teacher.layers} "
                 + ("saved by the interrupted run" if i < resumed else f"in {time.perf_counter() - layer_start:.1f} s")
-                + f", attention error {errors['converted']:.4f} -> {errors[report['kept']]:.4f} ({report['kept']})")
+                + f", attention error {errors['converted']:.4f} -> {errors[report['kept']]:.4f} ({report['kept']}"
+                + (f"; held out {report['attn_rel_error_held_out_by_stage']['converted']:.4f} -> "
+                   f"{report['attn_rel_error_held_out']:.4f})" if report.get("attn_rel_error_held_out") else ")"))
         with torch.no_grad():
             h_teacher = fit.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), h_teacher)
             if h_student is not None:

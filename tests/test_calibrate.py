@@ -304,6 +304,33 @@ def test_blockwise_values_probe_each_head_group_as_the_joint_solve_does(pair) ->
     assert blockwise.error(blockwise.solve_values(w)) == pytest.approx(joint.error(joint.solve_values(w)), rel=1e-4)
 
 
+def test_layerwise_keeps_the_stage_best_on_held_out_rows(pair) -> None:
+    """Fitted on rows whose target is another layer's output, every fitted stage beats the converted
+    weights in sample; on held-out rows whose target is the converted layer's own output, only the
+    converted weights are exact, and they are kept."""
+    from mlakit.calibrate.layers import Student
+
+    _, mla = pair
+    student = Student(mla, 32, "cpu")
+    w = student.layer(0).attn
+    gen = torch.Generator().manual_seed(0)
+    x, x_held = (torch.randn(4, 32, student.config.hidden_size, generator=gen) for _ in range(2))
+    pos = torch.arange(32).expand(4, 32)
+    noisy = MLAWeights(w.q + 0.3 * torch.randn(w.q.shape, generator=gen), w.kv_a, w.kv_norm, w.kv_b, w.o)
+    opts = layerwise_module.LayerwiseOptions(steps=5)
+    target = student.attention(x, noisy, pos)
+
+    def fit(held_out=None):
+        return layerwise_module.fit_layer(student, x, pos, target, w, opts, torch.Generator().manual_seed(0),
+                                          lambda loss: None, held_out=held_out)
+
+    _, in_sample = fit()
+    kept, report = fit((x_held, pos, student.attention(x_held, w, pos)))
+    assert in_sample["kept"] != "converted" and in_sample["attn_rel_error_held_out"] is None
+    assert report["kept"] == "converted" and kept is w and report["attn_rel_error_held_out"] == 0
+    assert report["attn_rel_error_by_stage"] == in_sample["attn_rel_error_by_stage"]
+
+
 def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> None:
     src, mla = pair
     out = tmp_path / "cal"
@@ -311,13 +338,15 @@ def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> 
     assert "layer-wise" in text and "KL to teacher" in text
     lines = [line for line in text.splitlines() if line.startswith("layer-wise: layer ")]  # stderr is no terminal
     assert [line.split(" in ")[0] for line in lines] == ["layer-wise: layer 1/2", "layer-wise: layer 2/2"]
-    assert all(re.search(r"attention error \d\.\d{4} -> \d\.\d{4} \(\w+\)$", line) for line in lines), lines
+    assert all(re.search(r"attention error \d\.\d{4} -> \d\.\d{4} \(\w+; held out \d\.\d{4} -> \d\.\d{4}\)$", line)
+               for line in lines), lines
     run = read_record(out)["calibrate"][-1]
     assert run["mode"] == "layerwise" and run["options"]["inputs"] == "student"
     assert run["after"]["kl"] < run["before"]["kl"]
     for layer in run["layers"]:
-        errors = layer["attn_rel_error_by_stage"]
-        assert layer["attn_rel_error"] == errors[layer["kept"]] < errors["converted"]
+        held = layer["attn_rel_error_held_out_by_stage"]
+        assert layer["attn_rel_error_held_out"] == held[layer["kept"]] == min(held.values())
+        assert layer["attn_rel_error"] == layer["attn_rel_error_by_stage"][layer["kept"]]
     assert read_record(out)["source"] == read_record(mla)["source"]
     assert_loads_in_stock_transformers(out)
     assert not list(tmp_path.glob(".cal.*"))
