@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from mlakit.calibrate.data import per_document
 from mlakit.calibrate.export import load_mla_config, stored_attention
 from mlakit.core.checkpoint import CheckpointReader
-from mlakit.core.deepseek import LATENT_NORM_EPS, attention_names
+from mlakit.core.deepseek import LATENT_NORM_EPS, attention_names, yarn_apply_mscale
 from mlakit.core.latent import latent_is_linear
 from mlakit.core.families import SourceLayer, check_weights, layer_name, load_spec, read_layer
 from mlakit.core.forward import (

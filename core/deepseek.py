@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-    DeepseekV3RotaryEmbedding,
-    yarn_apply_mscale,
-    yarn_get_mscale,
-)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+try:  # transformers >= 5.25 keeps YaRN's magnitude helpers with the other rope code
+    from transformers.modeling_rope_utils import yarn_apply_mscale, yarn_get_mscale
+except ImportError:  # before, in the DeepSeek-V3 model file
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale, yarn_get_mscale
 
 from mlakit.core.families import SourceSpec
 
