@@ -44,18 +44,18 @@ from mlakit.convert.factorize import SecondMoment, absorb_bias, joint_latent
 from mlakit.convert.plan import ConvertOptions
 from mlakit.core import deepseek
 from mlakit.core.checkpoint import CheckpointReader, resolve_model
-from mlakit.core.families import SourceLayer, SourceSpec, load_spec, read_layer
+from mlakit.core.families import SourceLayer, SourceSpec, load_spec
 from mlakit.core.forward import (
     attend,
     attention_distance_histogram,
     linear,
     mla_qkv,
-    mlp,
     rms_norm,
     rope_tables,
     rotate_half_rope,
     source_qkv,
 )
+from mlakit.core.stream import LayerStream, Rows, SourceModel
 from mlakit.core.text import load_corpus, token_windows
 
 VARIANTS = ("mlakit", "rope alone", "rope alone, k bias exact", "rope alone, k bias dropped",
@@ -173,9 +173,8 @@ def main() -> None:
         if key not in plans:
             # make_plan would also time matmuls for its estimate; candidate() reads only these fields
             shape = deepseek.MLAShape(spec.hidden, spec.heads, qk_nope, args.rope_dim, v_head, rank)
-            plans[key] = (shape, candidate(SimpleNamespace(spec=spec, shape=shape, dtype=torch.float32), key[1],
-                                           base.llama3_rope))
-    cand0 = next(iter(plans.values()))[1]
+            plan = SimpleNamespace(spec=spec, shape=shape, dtype=torch.float32, latent="exact")
+            plans[key] = (shape, candidate(plan, key[1], base.llama3_rope))
 
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}, "
           f"rope dim {args.rope_dim}, strategy {args.strategy}; calibration {calib.numel()} tokens of "
@@ -187,23 +186,19 @@ def main() -> None:
     print("\n| layer | k bias share | absorbed k bias left | " + " | ".join(cols) + " |")
     print("|---:|---:|---:|" + "---:|" * len(cols))
 
-    seq = max(args.calib_seq_len, args.seq_len)
-    cos, sin = rope_tables(cand0.src_freq, seq, cand0.src_scaling)
-    hidden = {"calib": reader.get("model.embed_tokens.weight")[calib].float(),
-              **{k: reader.get("model.embed_tokens.weight")[w].float() for k, w in evals.items()}}
+    source = SourceModel(spec, reader, max(args.calib_seq_len, args.seq_len), "cpu")
+    stream = LayerStream(source, {"calib": Rows(calib), **{k: Rows(w) for k, w in evals.items()}},
+                         max(spec.intermediate, spec.hidden))
     report = set(range(spec.layers) if args.layers is None else args.layers)
-    for i in range(max(report) + 1):
-        layer = read_layer(spec, reader, i)
+    for step in stream:
+        if step.index > max(report):
+            break
         with torch.no_grad():
-            if i in report:
-                print(layer_row(i, layer, spec, hidden, rows, plans, base, cos, sin, args), flush=True)
-            for key, h in hidden.items():
-                for sl in range(0, h.shape[0], 4):
-                    x = rms_norm(h[sl:sl + 4], layer.input_norm, spec.rms_eps)
-                    a = attend(*source_qkv(x, layer, spec, cos, sin), layer, spec)
-                    y = h[sl:sl + 4] + a
-                    h[sl:sl + 4] = y + mlp(rms_norm(y, layer.post_norm, spec.rms_eps), layer.gate, layer.up,
-                                           layer.down)
+            if step.index in report:
+                hidden = {k: stream.hidden(k) for k in stream.parts}
+                print(layer_row(step.index, step.source, spec, hidden, rows, plans, base, source.cos, source.sin,
+                                args), flush=True)
+            step.advance()
 
 
 def layer_row(i: int, layer: SourceLayer, spec: SourceSpec, hidden: dict[str, torch.Tensor], rows: list,

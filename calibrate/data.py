@@ -2,8 +2,8 @@
 
 Rows are filled with consecutive documents; `position_ids` restart at 0 at every document start
 (and at every row start), and that restart is what keeps attention inside a document: transformers
-builds a block-diagonal causal mask from restarting position ids, and `per_document` does the same
-for the functional layers. The last rows are held out for the before/after summary.
+builds a block-diagonal causal mask from restarting position ids, and `core.stream.per_document` does
+the same for the functional layers. The last rows are held out for the before/after summary.
 
 Documents are streamed: files and datasets are read one document at a time, on each pass, and
 tokenized a batch of documents at a time; each batch's int32 ids and position ids are appended to
@@ -202,36 +202,3 @@ def hold_out(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:
         )
     n_eval = max(1, min(eval_tokens // seq_len, n // 10))
     return packed[: n - n_eval], packed[n - n_eval :]
-
-
-def document_groups(position_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Flat token indices of every document piece, grouped by length: one (pieces, length) tensor each,
-    on the device of `position_ids` (every tensor made here names it: on CUDA a default-device tensor
-    would be on the CPU)."""
-    b, n = position_ids.shape
-    device = position_ids.device
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([b * n], device=device)])
-    # a row start is always a piece start, so no piece crosses rows
-    by_length: dict[int, list[int]] = {}
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        by_length.setdefault(end - start, []).append(start)
-    return [torch.tensor(s, device=device)[:, None] + torch.arange(length, device=device)
-            for length, s in sorted(by_length.items())]
-
-
-def per_document(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
-    """Apply a causal sequence function (B, L, D) -> (B, L, D') to each document piece on its own."""
-    if bool((position_ids == torch.arange(position_ids.shape[1], device=position_ids.device)).all()):
-        return fn(x)
-    b, n = position_ids.shape
-    flat = x.reshape(b * n, -1)
-    out = None
-    for index in document_groups(position_ids):
-        y = fn(flat[index.to(x.device)])
-        if out is None:
-            out = y.new_empty(b * n, y.shape[-1])
-        out[index.reshape(-1).to(x.device)] = y.reshape(-1, y.shape[-1])
-    return out.view(b, n, -1)

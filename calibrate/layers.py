@@ -1,82 +1,26 @@
-"""Teacher and student as readers of one decoder layer at a time, with their functional forwards.
+"""The student (the converted MLA model) as a reader of one decoder layer at a time, with its
+functional forwards; the teacher is the layer stream's source model (`core/stream.py`).
 
 Layer-wise calibration carries hidden states through both models the way convert does, so memory
-holds one layer of each, the embeddings and the hidden states, whatever the depth. Every sequence
-function goes through `per_document`, so packed documents never attend to each other.
+holds one layer of each and the hidden states, whatever the depth. Every sequence function goes
+through `per_document`, so packed documents never attend to each other.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from mlakit.calibrate.data import per_document
 from mlakit.calibrate.export import load_mla_config, stored_attention
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import LATENT_NORM_EPS, attention_names, yarn_apply_mscale
 from mlakit.core.latent import latent_is_linear
-from mlakit.core.families import SourceLayer, check_weights, layer_name, load_spec, read_layer
-from mlakit.core.forward import (
-    MLAWeights,
-    linear,
-    mla_attention,
-    mlp,
-    rms_norm,
-    rope_tables,
-    source_attention,
-    source_layer,
-)
-
-
-class _Ends:
-    """Embedding and output head, read when first needed so that both are never held early."""
-
-    def __init__(self, reader: CheckpointReader, device: str, eps: float):
-        self.reader = reader
-        self.device = device
-        self.eps = eps
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.reader.get("model.embed_tokens.weight")[ids.cpu()].float().to(self.device)
-
-    @functools.cached_property
-    def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        name = "lm_head.weight" if "lm_head.weight" in self.reader else "model.embed_tokens.weight"
-        return (self.reader.get("model.norm.weight").float().to(self.device),
-                self.reader.get(name).float().to(self.device))
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        norm, head = self._head
-        return linear(rms_norm(h, norm, self.eps), head)
-
-
-class Teacher(_Ends):
-    """The source model (Llama, Mistral, Qwen2), read layer by layer."""
-
-    def __init__(self, folder: Path, seq_len: int, device: str):
-        self.spec = load_spec(folder)
-        reader = CheckpointReader(folder)
-        check_weights(self.spec, reader)
-        super().__init__(reader, device, self.spec.rms_eps)
-        self.layers = self.spec.layers
-        rot = LlamaRotaryEmbedding(self.spec.hf_config)
-        self.cos, self.sin = (t.to(device) for t in rope_tables(rot.inv_freq, seq_len, rot.attention_scaling))
-
-    def layer(self, i: int) -> SourceLayer:
-        return read_layer(self.spec, self.reader, i).to(self.device)
-
-    def attention(self, h: torch.Tensor, layer: SourceLayer, pos: torch.Tensor) -> torch.Tensor:
-        """The attention block's output (before the residual add) on hidden states h."""
-        x = rms_norm(h, layer.input_norm, self.eps)
-        return per_document(lambda y: source_attention(y, layer, self.spec, self.cos, self.sin), x, pos)
-
-    def forward_layer(self, h: torch.Tensor, layer: SourceLayer, pos: torch.Tensor) -> torch.Tensor:
-        return per_document(lambda y: source_layer(y, layer, self.spec, self.cos, self.sin), h, pos)
+from mlakit.core.families import layer_name
+from mlakit.core.forward import MLAWeights, mla_attention, mlp, rms_norm, rope_tables
+from mlakit.core.stream import ModelEnds, per_document
 
 
 @dataclass
@@ -93,7 +37,7 @@ class StudentLayer:
     norm_eps: float | None = None
 
 
-class Student(_Ends):
+class Student(ModelEnds):
     """The converted MLA model, read layer by layer."""
 
     def __init__(self, folder: Path, seq_len: int, device: str):

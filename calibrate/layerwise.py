@@ -44,15 +44,18 @@ from tqdm import tqdm
 from mlakit.calibrate.checkpoint import LAYERS
 from mlakit.calibrate.data import Packed
 from mlakit.calibrate.export import stored_attention
-from mlakit.calibrate.layers import Student, Teacher
+from mlakit.calibrate.layers import Student
 from mlakit.core.checkpoint import Export, read_json, save_tensors, write_json
 from mlakit.core.latent import format_attention
 from mlakit.core.errors import MlakitError
 from mlakit.core.forward import MLAWeights, rms_norm, row_chunks
 from mlakit.core.guard import writing
 from mlakit.core.metrics import Quality, QualityMeter, next_token_labels
+from mlakit.core.stream import SOURCE, LayerStream, Rows, SourceModel
 
 INPUTS = ("student", "teacher")
+FIT, HELD = "fit", "held"  # the layer stream's row sets
+AFTER, BEFORE = "student", "converted"  # the student's streams: as fitted, as converted
 RIDGE = 1e-6
 JOINT_COLUMNS = 4096  # least-squares unknowns per output dim solved at once (the module docstring says why)
 ITERATIONS = 50  # the blockwise solve stops after this many iterations,
@@ -352,31 +355,34 @@ class LayerProgress:
             path.unlink()
 
 
-def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, held_out: Packed, export: Export,
+def calibrate_layerwise(teacher: SourceModel, student: Student, fit_rows: Packed, held_out: Packed, export: Export,
                         opts: LayerwiseOptions, progress: LayerProgress | None = None,
                         log: Callable[[str], None] | None = None) -> LayerwiseResult:
     """Fit every layer in turn, write it to `export`, and score held-out text before and after.
 
-    With `progress`, every finished layer is saved there and the layers it already holds are
-    replayed instead of fitted. `log` gets one line per layer when stderr is not a terminal."""
+    The layer stream (`core/stream.py`) carries the teacher's hidden states on both row sets and,
+    beside them, the student's: as fitted (`AFTER`, on the held-out rows, and on the fitting rows too
+    with `inputs="student"`) and as converted (`BEFORE`, held-out rows). With `progress`, every
+    finished layer is saved there and the layers it already holds are replayed instead of fitted.
+    `log` gets one line per layer when stderr is not a terminal."""
     dev, seq_len = opts.device, fit_rows.ids.shape[1]
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(opts.seed)
     resumed = progress.done() if progress else 0
     hidden = student.config.hidden_size
-    width = max(teacher.spec.heads, student.dims[0]) * seq_len + teacher.spec.intermediate
-    fit, held = _Rows(fit_rows, dev, width), _Rows(held_out, dev, width)
-    with torch.no_grad():
-        h_teacher = teacher.embed(fit.ids)
-        h_student = h_teacher.clone() if opts.inputs == "student" else None
-        e_teacher = teacher.embed(held.ids)
-        e_before, e_after = e_teacher.clone(), e_teacher.clone()
+    own = opts.inputs == "student"
+    stream = LayerStream(teacher, {FIT: Rows(fit_rows.input_ids, fit_rows.position_ids),
+                                   HELD: Rows(held_out.input_ids, held_out.position_ids)},
+                         max(teacher.spec.heads, student.dims[0]) * seq_len + teacher.spec.intermediate,
+                         carry={AFTER: [FIT, HELD] if own else [HELD], BEFORE: [HELD]})
+    inputs = AFTER if own else SOURCE  # the stream each layer is fitted and judged on
     reports = []
     tokens_per_step = min(opts.batch_rows, len(fit_rows)) * seq_len
     bar = tqdm(total=teacher.layers * opts.steps, initial=resumed * opts.steps, desc="layer-wise", unit="step",
                disable=None, leave=False)
-    for i in range(teacher.layers):
-        t_layer, s_layer = teacher.layer(i), student.layer(i)
+    for step in stream:
+        i = step.index
+        s_layer = student.layer(i)
         layer_start = time.perf_counter()
         native = s_layer.norm_eps is not None
         if i < resumed:
@@ -385,20 +391,18 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
                 gen.set_state(rng)
         else:
             with torch.no_grad():
-                target = fit.map(lambda h, pos: teacher.attention(h, t_layer, pos), h_teacher)
-                h_in = h_teacher if h_student is None else h_student
-                x = rms_norm(h_in, s_layer.input_norm, student.eps)
-                judge = (rms_norm(e_teacher if h_student is None else e_after, s_layer.input_norm, student.eps),
-                         held.pos, held.map(lambda h, pos: teacher.attention(h, t_layer, pos), e_teacher))
+                x = rms_norm(step.inputs(FIT, inputs), s_layer.input_norm, student.eps)
+                judge = (rms_norm(step.inputs(HELD, inputs), s_layer.input_norm, student.eps),
+                         stream.positions(HELD), step.target(HELD))
 
             def tick(loss: float, i: int = i) -> None:
                 bar.update()
                 rate = (bar.n - resumed * opts.steps) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(layer=i, loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
 
-            fitted, report = fit_layer(student, x, fit.pos, target, s_layer.attn, opts, gen, tick, s_layer.norm_eps,
-                                       judge)
-            del x, target, judge
+            fitted, report = fit_layer(student, x, stream.positions(FIT), step.target(FIT), s_layer.attn, opts, gen,
+                                       tick, s_layer.norm_eps, judge)
+            del x, judge
             tensors = {k: t.to(export.dtype).cpu()
                        for k, t in format_attention(i, fitted, s_layer.input_norm, hidden, native).items()}
             if progress:
@@ -415,29 +419,14 @@ def calibrate_layerwise(teacher: Teacher, student: Student, fit_rows: Packed, he
                 + (f"; held out {report['attn_rel_error_held_out_by_stage']['converted']:.4f} -> "
                    f"{report['attn_rel_error_held_out']:.4f})" if report.get("attn_rel_error_held_out") else ")"))
         with torch.no_grad():
-            h_teacher = fit.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), h_teacher)
-            if h_student is not None:
-                h_student = fit.map(lambda h, pos: student.forward_layer(h, fitted_layer, pos), h_student)
-            e_teacher = held.map(lambda h, pos: teacher.forward_layer(h, t_layer, pos), e_teacher)
-            e_before = held.map(lambda h, pos: student.forward_layer(h, s_layer, pos), e_before)
-            e_after = held.map(lambda h, pos: student.forward_layer(h, fitted_layer, pos), e_after)
+            step.advance(**{AFTER: lambda h, pos: student.forward_layer(h, fitted_layer, pos),
+                            BEFORE: lambda h, pos: student.forward_layer(h, s_layer, pos)})
     bar.close()
     before, after = QualityMeter(), QualityMeter()
     labels = next_token_labels(held_out.input_ids, held_out.position_ids).to(dev)
     with torch.no_grad():
-        for c in row_chunks(len(held_out), seq_len, student.config.vocab_size):
-            t_logits = teacher.logits(e_teacher[c])
-            before.add(t_logits, student.logits(e_before[c]), labels[c])
-            after.add(t_logits, student.logits(e_after[c]), labels[c])
+        for c in stream.chunks(HELD):
+            t_logits = teacher.logits(stream.hidden(HELD)[c])
+            before.add(t_logits, student.logits(stream.hidden(HELD, BEFORE)[c]), labels[c])
+            after.add(t_logits, student.logits(stream.hidden(HELD, AFTER)[c]), labels[c])
     return LayerwiseResult(before.result(), after.result(), reports, time.perf_counter() - start, resumed)
-
-
-class _Rows:
-    """Packed rows on the device, and a map over row chunks small enough for the attention scores."""
-
-    def __init__(self, rows: Packed, device: str, width: int):
-        self.ids, self.pos = rows.input_ids.to(device), rows.position_ids.to(device)
-        self.chunks = row_chunks(len(rows), rows.ids.shape[1], width)
-
-    def map(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(x[c], self.pos[c]) for c in self.chunks])

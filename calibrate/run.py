@@ -16,7 +16,7 @@ from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove, res
 from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import keep_better, load_mla_config, worse_warning
-from mlakit.calibrate.layers import Student, Teacher
+from mlakit.calibrate.layers import Student
 from mlakit.calibrate.layerwise import INPUTS, LayerProgress, LayerwiseOptions, calibrate_layerwise
 from mlakit.core.checkpoint import Export, read_json, resolve_model
 from mlakit.core.errors import MlakitError
@@ -31,6 +31,7 @@ from mlakit.core.guard import (
     scratch_folder,
 )
 from mlakit.core.metrics import Quality
+from mlakit.core.stream import SourceModel
 
 MODES = ("layerwise", "distill", "both")
 DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on the bundled docstrings (the demo model's own text); "
@@ -121,7 +122,7 @@ def _tokenizer(teacher: Path, converted: Path):
     return tokenizer
 
 
-def _check_layerwise_pair(teacher: Teacher, student: Student) -> None:
+def _check_layerwise_pair(teacher: SourceModel, student: Student) -> None:
     t, c = teacher.spec, student.config
     pairs = {"layers": (t.layers, c.num_hidden_layers), "hidden size": (t.hidden, c.hidden_size),
              "heads": (t.heads, c.num_attention_heads)}
@@ -203,7 +204,7 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
                opts: CalibrateOptions, device: str, run: dict, progress: LayerProgress, notes: list[str],
                log: Callable[[str], None]) -> list[tuple[str, Quality]]:
     """The layer-wise stage into `folder`; finished layers are kept in `progress` until it is complete."""
-    teacher = Teacher(teacher_dir, opts.seq_len, device)
+    teacher = SourceModel.load(teacher_dir, opts.seq_len, device)
     student = Student(converted, opts.seq_len, device)
     _check_layerwise_pair(teacher, student)
     fit_rows = pool[: max(1, opts.tokens // opts.seq_len)]

@@ -1,9 +1,10 @@
 """Stream a planned conversion (`plan.py`) one layer at a time, each layer's attention written as
 MLA by `attention.py` for the rope candidates of `candidates.py`.
 
-Calibration hidden states are carried through the source layers (as GPTQ does): each layer is
-read, measured on its inputs, converted, written, and run to produce the next layer's inputs, so
-memory holds one layer plus the embeddings and the calibration activations. The latent format
+Calibration hidden states are carried through the source layers by the layer stream
+(`core/stream.py`, as GPTQ does): each layer is read, measured on its inputs, converted, written,
+and run to produce the next layer's inputs, so memory holds one layer plus the calibration
+activations. The latent format
 (exact or native, `core/latent.py`) and any zero padding of the latent to an engine's width are
 applied to each layer as it is written: one pass, one output folder.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,56 +31,51 @@ from mlakit.core import latent
 from mlakit.core.deepseek import LATENT_NORM_EPS
 from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, resolve_model, write_json
 from mlakit.core.errors import MlakitError
-from mlakit.core.families import layer_name, read_layer
+from mlakit.core.families import layer_name
 from mlakit.core.forward import (
     MLAWeights,
-    attend,
     attention_distance_histogram,
     linear,
     mla_attention,
     mla_heads,
-    mlp,
-    rms_norm,
     rope_tables,
-    row_chunks,
     source_qkv,
 )
 from mlakit.core.guard import atomic_folder, check_output, local_model, output_lock, record_id
 from mlakit.core.sampling import SampleSettings
+from mlakit.core.stream import LayerStream, Rows, SourceModel, StreamLayer
+
+FIT, HELD = "fit", "held"  # the calibration set's fitting and held-out rows
 
 
 def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: list[Candidate],
             opts: ConvertOptions, writer: ShardWriter | None, desc: str,
             log: Callable[[str], None] | None = None) -> dict[str, list[dict]]:
-    """Carry calibration hidden states through the model, converting each layer for every candidate;
-    write the (single) candidate's layers when a writer is given. Statistics and fits use the
-    calibration set's fitting rows; its held-out rows only judge the choices and the errors.
+    """Carry calibration hidden states through the model (`LayerStream`), converting each layer for
+    every candidate; write the (single) candidate's layers when a writer is given. Statistics and fits
+    use the calibration set's fitting rows; its held-out rows only judge the choices and the errors.
 
     The hidden states are the source's (teacher-forced): fitting each layer on the converted
     layers' hidden states instead was measured worse on a real model (docs/real-models.md).
     One line per layer goes to `log` when stderr is not a terminal, so that logs show progress."""
     spec, dev = plan.spec, opts.device
     windows = calib.windows
-    embed = reader.get("model.embed_tokens.weight")
-    hidden = embed[windows].float().to(dev)
-    if writer:
-        writer.add("model.embed_tokens.weight", embed.to(plan.dtype))
-    del embed
     seq_len = windows.shape[1]
-    cos, sin = rope_tables(cands[0].src_freq, seq_len, cands[0].src_scaling)
-    tables = {"source": (cos.to(dev), sin.to(dev)),
+    source = SourceModel(spec, reader, seq_len, dev)
+    parts = {FIT: Rows(windows[:calib.fit_rows])}
+    if calib.held_out:
+        parts[HELD] = Rows(windows[calib.fit_rows:])
+    stream = LayerStream(source, parts, max(spec.intermediate, spec.hidden), mlp_dtype=mlp_dtype(dev, reader.dtype()))
+    if writer:
+        writer.add("model.embed_tokens.weight", reader.get("model.embed_tokens.weight").to(plan.dtype))
+    tables = {"source": (source.cos, source.sin),
               **{c.strategy: tuple(t.to(dev) for t in rope_tables(c.tgt_freq, seq_len)) for c in cands}}
-    width = max(spec.intermediate, spec.hidden)
-    fit = row_chunks(calib.fit_rows, seq_len, width)
-    held = [slice(sl.start + calib.fit_rows, sl.stop + calib.fit_rows) for sl in row_chunks(calib.held_out, seq_len, width)]
-    chunks = Chunks(fit, held)
     reports: dict[str, list[dict]] = {c.strategy: [] for c in cands}
-    run_mlp_as = mlp_dtype(dev, reader.dtype())
     native = writer is not None and plan.latent == "native"
-    bar = tqdm(range(spec.layers), desc=desc, unit="layer", leave=False, disable=None)
-    for i in bar:
-        weights, input_gamma, seconds = _convert_layer(plan, reader, i, hidden, chunks, tables, cands, opts,
-                                                       run_mlp_as, reports, native)
+    bar = tqdm(stream, total=spec.layers, desc=desc, unit="layer", leave=False, disable=None)
+    for step in bar:
+        i = step.index
+        weights, input_gamma, seconds = _convert_layer(plan, step, tables, cands, opts, reports, native)
         if writer:
             start = time.perf_counter()
             _write_layer(writer, reader, plan, i, weights, input_gamma)
@@ -96,31 +91,18 @@ def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: 
     return reports
 
 
-@dataclass(frozen=True)
-class Chunks:
-    """Row slices of the carried hidden states: the fitting rows' and the held-out rows'."""
-
-    fit: list[slice]
-    held: list[slice]
-
-    @property
-    def all(self) -> list[slice]:
-        return self.fit + self.held
-
-
-def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.Tensor, chunks: Chunks,
-                   tables: dict[str, tuple[torch.Tensor, torch.Tensor]], cands: list[Candidate],
-                   opts: ConvertOptions, mlp_dtype: torch.dtype, reports: dict[str, list[dict]],
+def _convert_layer(plan: Plan, step: StreamLayer, tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   cands: list[Candidate], opts: ConvertOptions, reports: dict[str, list[dict]],
                    native: bool = False) -> tuple[MLAWeights, torch.Tensor, dict[str, float]]:
-    """Convert layer i for every candidate (rope step and latent from the fitting rows' statistics,
-    then o_proj refitted by least squares to the source attention's output, with the ridge, or no
-    refit, that does best on the held-out rows), append their reports, advance `hidden` through the
-    source layer in place, and return the first candidate's weights (plain, or with `native` in the
-    native latent format, `_native_layer`), the layer's input norm and the seconds each part took.
+    """Convert the stream's layer for every candidate (rope step and latent from the fitting rows'
+    statistics, then o_proj refitted by least squares to the source attention's output, with the
+    ridge, or no refit, that does best on the held-out rows), append their reports, advance the
+    stream, and return the first candidate's weights (plain, or with `native` in the native latent
+    format, `_native_layer`), the layer's input norm and the seconds each part took.
 
     A function of its own so that the source layer and the unchosen weights are freed before the
     next layer is read: peak memory is one layer's, whatever the depth."""
-    spec, shape, dev = plan.spec, plan.shape, opts.device
+    spec, shape, dev, stream = plan.spec, plan.shape, opts.device, step.stream
     cos, sin = tables["source"]
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -131,76 +113,70 @@ def _convert_layer(plan: Plan, reader: CheckpointReader, i: int, hidden: torch.T
         seconds[part] = seconds.get(part, 0.0) + now - clock
         clock = now
 
-    layer = read_layer(spec, reader, i).to(dev)
+    layer = step.source
     stats = SecondMoment(spec.hidden, dev)
-    seq_len = hidden.shape[1]
+    seq_len = stream.hidden(FIT).shape[1]
     dist = torch.zeros(spec.heads, seq_len, dtype=torch.float64, device=dev) if opts.expected_rotation else None
     lap("read")
-    refs = []  # the source attention's output per chunk: the target of the fit
     with torch.no_grad():
-        for sl in chunks.all:
-            x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-            q, k, v = source_qkv(x, layer, spec, cos, sin)
-            if sl in chunks.fit:
-                stats.update(x)
-                rows = min(sl.stop, max(1, opts.histogram_tokens // seq_len)) - sl.start
-                if dist is not None and rows > 0:
-                    dist += attention_distance_histogram(q[:rows], k[:rows], spec)
-            refs.append(attend(q, k, v, layer, spec))
-        del q, k, v
+        for c in stream.chunks(FIT):
+            x = step.normed(FIT, c)
+            stats.update(x)
+            rows = min(c.stop, max(1, opts.histogram_tokens // seq_len)) - c.start
+            if dist is not None and rows > 0:
+                q, k, _ = source_qkv(x[:rows], layer, spec, cos, sin)
+                dist += attention_distance_histogram(q, k, spec)
+                del q, k
+        targets = {part: step.target(part) for part in stream.parts}  # what the fit aims at
         lap("statistics")
         built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape)).values()))
                      for key, (w, _) in built.items()}
-        # The MLP only makes the next layer's inputs: it runs at the precision the source stores
-        # (and serves) it in where that is fast (`mlp_dtype`).
-        mlp_weights = [w.to(mlp_dtype) for w in (layer.gate, layer.up, layer.down)]
         lap("rope and latent")
         n = spec.heads * spec.head_dim
-        fits = {key: (LeastSquares(n, spec.hidden, dev), LeastSquares(n, spec.hidden, dev)) for key in built}
-        for sl, ref in zip(chunks.all, refs):
-            x = rms_norm(hidden[sl], layer.input_norm, spec.rms_eps)
-            for key, w in on_device.items():
-                heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key],
-                                  norm_eps=None, scale=shape.qk_head**-0.5)
-                fits[key][sl in chunks.held].update(heads, ref)
-        chosen = {key: _choose_output(fit, held, on_device[key].o, opts) for key, (fit, held) in fits.items()}
+        fits = {key: {part: LeastSquares(n, spec.hidden, dev) for part in (FIT, HELD)} for key in built}
+        for part, target in targets.items():
+            for c in stream.chunks(part):
+                x = step.normed(part, c)
+                for key, w in on_device.items():
+                    heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key],
+                                      norm_eps=None, scale=shape.qk_head**-0.5)
+                    fits[key][part].update(heads, target[c])
+        del targets
+        chosen = {key: _choose_output(fit[FIT], fit[HELD], on_device[key].o, opts) for key, fit in fits.items()}
         for c in cands:
             o, row = chosen[c.strategy]
             weights, info = built[c.strategy]
             if row["output_refit"]:
                 weights.o = padded_columns(o, spec, shape).float().cpu()
-            reports[c.strategy].append({"layer": i, **row, **info})
+            reports[c.strategy].append({"layer": step.index, **row, **info})
         lap("error pass")
         result = built[cands[0].strategy][0]
         if native:
             result, reports[cands[0].strategy][-1]["native_error"] = _native_layer(
-                plan, i, result, layer.input_norm, hidden, chunks, tables[cands[0].strategy], opts)
+                plan, result, step, tables[cands[0].strategy], opts)
             lap("native latent")
-        for sl, ref in zip(chunks.all, refs):
-            h = hidden[sl] + ref
-            hidden[sl] = h + mlp(rms_norm(h, layer.post_norm, spec.rms_eps).to(mlp_dtype), *mlp_weights).float()
+        step.advance()
         lap("next inputs")
     return result, layer.input_norm.cpu(), seconds
 
 
-def _native_layer(plan: Plan, i: int, w: MLAWeights, input_norm: torch.Tensor, hidden: torch.Tensor,
-                  chunks: Chunks, rope: tuple[torch.Tensor, torch.Tensor],
+def _native_layer(plan: Plan, w: MLAWeights, step: StreamLayer, rope: tuple[torch.Tensor, torch.Tensor],
                   opts: ConvertOptions) -> tuple[MLAWeights, float]:
     """Plain weights `w` in the native latent format (`latent.fit_native` on the latents of the fitting
     rows), and the relative error of its attention output, as stored in the output dtype, against the
     exact format's on the held-out rows (the fitting rows when none are held out)."""
-    spec, shape, dev = plan.spec, plan.shape, opts.device
+    spec, shape, dev, stream = plan.spec, plan.shape, opts.device, step.stream
     plain = MLAWeights(*(t.to(dev) for t in vars(w).values()))
     rank = shape.kv_lora_rank
-    inputs = lambda sl: rms_norm(hidden[sl], input_norm, spec.rms_eps)  # noqa: E731
-    native = latent.fit_native(plain, [linear(inputs(sl), plain.kv_a[:rank]) for sl in chunks.fit],
-                               opts.native_metric_steps, seed=i)
+    native = latent.fit_native(plain, [linear(step.normed(FIT, c), plain.kv_a[:rank]) for c in stream.chunks(FIT)],
+                               opts.native_metric_steps, seed=step.index)
     stored = MLAWeights(*(t.to(plan.dtype).float() for t in vars(native).values()))
     exact, served = unpadded(plain, spec, shape), unpadded(stored, spec, shape)
+    judge = HELD if HELD in stream.parts else FIT
     err = energy = 0.0
-    for sl in chunks.held or chunks.fit:
-        x = inputs(sl)
+    for c in stream.chunks(judge):
+        x = step.normed(judge, c)
         run = lambda m, eps: mla_attention(x, m, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim,  # noqa: E731
                                            *rope, norm_eps=eps, scale=shape.qk_head**-0.5)
         ref = run(exact, None)

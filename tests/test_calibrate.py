@@ -27,16 +27,16 @@ from mlakit.calibrate import layerwise as layerwise_module
 from mlakit.calibrate import run as run_module
 from mlakit.calibrate import teacher as teacher_module
 from mlakit.calibrate.checkpoint import CACHE, LAYERS, STAGE
-from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack, per_document
+from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
 from mlakit.calibrate.distill import step_rows, to_plain, used_rows
 from mlakit.calibrate.export import as_stored
-from mlakit.calibrate.layers import Teacher
 from mlakit.calibrate.teacher import load_teacher
 from mlakit.cli import main
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.latent import plain_attention
 from mlakit.core.forward import MLAWeights
 from mlakit.core.errors import MlakitError, Terminated
+from mlakit.core.stream import LayerStream, Rows, SourceModel, per_document
 from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
 from mlakit.core.text import DEFAULT_TEXT
 
@@ -175,13 +175,16 @@ def test_attention_never_crosses_documents_in_either_forward(pair, tmp_path: Pat
                   tmp_path)
     ids, pos = packed.input_ids, packed.position_ids
     cut = len(tok("first document text", add_special_tokens=False)["input_ids"])
-    teacher = Teacher(src, 48, "cpu")
-    layer = teacher.layer(0)
+    teacher = SourceModel.load(src, 48, "cpu")
+
+    def first_layer(ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        stream = LayerStream(teacher, {"rows": Rows(ids, pos)}, width=1024)
+        next(iter(stream)).advance()
+        return stream.hidden("rows")
+
     with torch.no_grad():
-        h = teacher.embed(ids)
-        packed_out = teacher.forward_layer(h, layer, pos)
-        alone = torch.cat([per_document(lambda y: teacher.forward_layer(y, layer, torch.arange(y.shape[1])[None]),
-                                        h[:, s], pos[:, s]) for s in (slice(0, cut), slice(cut, 48))], 1)
+        packed_out = first_layer(ids, pos)
+        alone = torch.cat([first_layer(ids[:, s], None) for s in (slice(0, cut), slice(cut, 48))], 1)
         torch.testing.assert_close(packed_out, alone)
         model = AutoModelForCausalLM.from_pretrained(src).eval()
         both = model(ids, position_ids=pos, use_cache=False).logits

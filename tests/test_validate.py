@@ -20,7 +20,7 @@ from mlakit.cli import main
 from mlakit.core.checkpoint import CheckpointReader, read_json
 from mlakit.core.deepseek import effective_config, mla_shape
 from mlakit.core.errors import MlakitError
-from mlakit.core.families import load_spec
+from mlakit.core.stream import SourceModel
 from mlakit.validate import cache, metrics, weights
 from mlakit.validate import run as run_module
 from mlakit.validate.report import layer_series
@@ -125,9 +125,8 @@ def test_attention_error_matches_transformers_modules(pair: tuple[Path, Path]) -
     cfg = effective_config(read_json(mla_dir / "config.json"))
     with torch.inference_mode():
         hidden = list(src(x, output_hidden_states=True).hidden_states[:-1])
-        ours = metrics.attention_errors(hidden, load_spec(src_dir), CheckpointReader(src_dir), metrics.Rotary.of(src),
-                                        CheckpointReader(mla_dir), mla_shape(cfg), cfg["rms_norm_eps"],
-                                        metrics.Rotary.of(mla), torch.device("cpu"))
+        ours = metrics.attention_errors(SourceModel.load(src_dir, x.shape[1], "cpu"), x, CheckpointReader(mla_dir),
+                                        mla_shape(cfg), cfg["rms_norm_eps"], metrics.Rotary.of(mla))
         pos = torch.arange(x.shape[1])[None]
         theirs = []
         for i, h in enumerate(hidden):

@@ -17,13 +17,14 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.deepseek import LATENT_NORM_EPS, MLAShape, attention_names
-from mlakit.core.families import SourceSpec, read_layer
-from mlakit.core.forward import MLAWeights, mla_attention, rms_norm, rope_tables, source_attention
+from mlakit.core.forward import MLAWeights, mla_attention, rms_norm, rope_tables
 from mlakit.core.metrics import rest_log_prob, top_k_kl
+from mlakit.core.stream import LayerStream, Rows, SourceModel
 
 # Source log-probs kept per token when the whole vocabulary would take more than FULL_VOCAB_BYTES.
 TOP_K = 1024
 FULL_VOCAB_BYTES = 2**30
+EVAL = "eval"  # the layer stream's one row set: the evaluation windows
 
 
 @dataclass
@@ -142,26 +143,30 @@ class Rotary:
         return tuple(t.to(device) for t in rope_tables(self.inv_freq, seq_len, self.scaling))
 
 
-def attention_errors(hidden: list[torch.Tensor], spec: SourceSpec, source: CheckpointReader, src_rope: Rotary,
-                     converted: CheckpointReader, shape: MLAShape, rms_eps: float, conv_rope: Rotary,
-                     device: torch.device) -> list[float]:
+def attention_errors(source: SourceModel, windows: torch.Tensor, converted: CheckpointReader, shape: MLAShape,
+                     rms_eps: float, conv_rope: Rotary) -> list[float]:
     """Relative error ||a_conv - a_src|| / ||a_src|| of each layer's attention block (its input norm
-    included), both fed the source's hidden states `hidden[i]` (inputs to layer i), in float32."""
-    seq_len = hidden[0].shape[1]
-    src_cos, src_sin = src_rope.tables(seq_len, device)
-    conv_cos, conv_sin = conv_rope.tables(seq_len, device)
+    included) on the windows, both fed the source's hidden states, carried by the layer stream in
+    float32."""
+    spec = source.spec
+    stream = LayerStream(source, {EVAL: Rows(windows)}, max(spec.intermediate, spec.hidden))
+    cos, sin = conv_rope.tables(windows.shape[1], source.device)
     errors = []
     with torch.inference_mode():
-        for i, h in enumerate(hidden):
-            h = h.to(device).float()
-            layer = read_layer(spec, source, i).to(device)
-            ref = source_attention(rms_norm(h, layer.input_norm, spec.rms_eps), layer, spec, src_cos, src_sin)
-            names = attention_names(i)
-            w = MLAWeights(*(converted.get(names[key]).float().to(device) for key in
+        for step in stream:
+            names = attention_names(step.index)
+            get = lambda name: converted.get(name).float().to(source.device)  # noqa: E731
+            w = MLAWeights(*(get(names[key]) for key in
                              ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")))
-            gamma = converted.get(f"model.layers.{i}.input_layernorm.weight").float().to(device)
-            out = mla_attention(rms_norm(h, gamma, rms_eps), w, shape.heads, shape.qk_nope, shape.qk_rope,
-                                shape.v_head, conv_cos, conv_sin, norm_eps=LATENT_NORM_EPS,
-                                scale=conv_rope.softmax_scale)
-            errors.append(((out - ref).norm() / ref.norm()).item())
+            gamma = get(f"model.layers.{step.index}.input_layernorm.weight")
+            err = energy = 0.0
+            for c in stream.chunks(EVAL):
+                ref = step.target(EVAL)[c]
+                out = mla_attention(rms_norm(step.inputs(EVAL)[c], gamma, rms_eps), w, shape.heads, shape.qk_nope,
+                                    shape.qk_rope, shape.v_head, cos, sin, norm_eps=LATENT_NORM_EPS,
+                                    scale=conv_rope.softmax_scale)
+                err += (out - ref).pow(2).sum().item()
+                energy += ref.pow(2).sum().item()
+            errors.append(math.sqrt(err / max(energy, 1e-300)))
+            step.advance()
     return errors

@@ -2,8 +2,9 @@
 
 Everything that can be refused (a folder that is not MLA or fails check, different tokenizers,
 too little text, an unwritable report folder) is refused before either model is loaded. Only one
-model is in memory at a time: the source's log-probabilities and hidden states go to a temporary
-folder, and the converted model is scored against them.
+model is in memory at a time: the source's log-probabilities go to a temporary folder, and the
+converted model is scored against them. The per-layer attention errors come last, from the layer
+stream (`core/stream.py`): one layer of each model at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mlakit.core.deepseek import effective_config, mla_shape
 from mlakit.core.errors import MlakitError
 from mlakit.core.families import load_spec
 from mlakit.core.guard import check_output, check_protected
+from mlakit.core.stream import SourceModel
 from mlakit.core.text import Corpus, load_corpus, token_windows
 from mlakit.validate import cache, metrics, weights
 from mlakit.validate.check import require_mla
@@ -198,16 +200,13 @@ def run_pass(folder: Path, name: str, windows: torch.Tensor, tmp: Path, opts: Va
     vocab = model.config.vocab_size
     batch = max(1, BATCH_LOGIT_BYTES // (opts.seq_len * vocab * 4))
     top_k = metrics.keep_top_k(windows.numel(), vocab)
-    keep = max(1, opts.layer_tokens // opts.seq_len)
     scores = []
     with torch.inference_mode():
         for b, chunk in enumerate(windows.split(batch)):
-            out = model(input_ids=chunk.to(model.device), output_hidden_states=is_source and b == 0)
+            out = model(input_ids=chunk.to(model.device))
             x = chunk.to(out.logits.device)  # under a device_map, the last layer's device
             if is_source:
                 torch.save(vars(metrics.reference(out.logits, x, top_k)), tmp / f"ref-{b}.pt")
-                if b == 0:
-                    torch.save([h[:keep].cpu() for h in out.hidden_states[:-1]], tmp / "hidden.pt")
             else:
                 ref = metrics.Reference(**torch.load(tmp / f"ref-{b}.pt", map_location=x.device, weights_only=True))
                 scores.append(metrics.compare(ref, out.logits, x))
@@ -267,9 +266,9 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
         log("per-layer attention error")
         layer_start = time.perf_counter()
         errors = metrics.attention_errors(
-            torch.load(tmp / "hidden.pt", weights_only=True), spec, CheckpointReader(src_dir), src.rotary,
-            CheckpointReader(conv_dir),
-            mla_shape(conv_cfg), conv_cfg["rms_norm_eps"], conv.rotary, device)
+            SourceModel(spec, CheckpointReader(src_dir), opts.seq_len, device),
+            windows[:max(1, opts.layer_tokens // opts.seq_len)], CheckpointReader(conv_dir),
+            mla_shape(conv_cfg), conv_cfg["rms_norm_eps"], conv.rotary)
         layer_seconds = time.perf_counter() - layer_start
     conversion = read_json(conv_dir / "mlakit.json") if (conv_dir / "mlakit.json").is_file() else None
     report = {
