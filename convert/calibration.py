@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mlakit.core.sampling import SampleSettings, sample_windows
-from mlakit.core.text import MIX_TEXT, bos_token, load_corpus, token_windows
+from mlakit.core.text import MIX_TEXT, bos_token, text_windows
 
 
 @dataclass
@@ -74,12 +74,9 @@ def calibration_set(folder: Path, tokenizer, *, text: list[Path] | None, mix: bo
     n_text, n_bundled, n_sampled = token_shares(tokens, text, mix)
     for paths, n, lead in ((text, n_text, bos), ([MIX_TEXT], n_bundled, False)):
         if n:
-            corpus = load_corpus(paths)
-            ids = token_windows(tokenizer, corpus.text, n, seq_len, spread=True,
-                                lead=bos_token(tokenizer) if lead else None)
+            ids, name, sha256 = text_windows(tokenizer, paths, n, seq_len, lead=bos_token(tokenizer) if lead else None)
             parts.append(ids)
-            sources.append({"kind": "text", "text": corpus.name, "sha256": corpus.sha256, "tokens": int(ids.numel()),
-                            "bos": lead})
+            sources.append({"kind": "text", "text": name, "sha256": sha256, "tokens": int(ids.numel()), "bos": lead})
     if n_sampled:
         ids, record = sample_windows(folder, tokenizer, sampling, max(1, n_sampled // seq_len), device, log)
         parts.append(ids)

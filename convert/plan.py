@@ -24,7 +24,7 @@ from mlakit.core.families import SourceSpec, check_weights, load_spec
 from mlakit.core.guard import positive
 from mlakit.core.latent import NATIVE_METRIC_STEPS
 from mlakit.core.sampling import BATCH_ROWS, SampleSettings, batches, cache_path, cached_rows
-from mlakit.core.text import MIX_TEXT
+from mlakit.core.text import MIX_TEXT, tokenized_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LATENT_FORMATS = ("exact", "native")
@@ -261,7 +261,7 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     rows = opts.calib_tokens // opts.calib_seq_len
     probe = max(1, min(rows, opts.strategy_tokens // opts.calib_seq_len)) if len(strategies) > 1 else 0
     head = "lm_head.weight" if "lm_head.weight" in reader else "model.embed_tokens.weight"
-    text = sum(Path(p).stat().st_size for p in opts.calib_text or [] if Path(p).is_file())
+    text = tokenized_bytes([p for p in opts.calib_text or [] if Path(p).is_file()])
     text += MIX_TEXT.stat().st_size if token_shares(opts.calib_tokens, opts.calib_text, opts.calib_mix)[1] else 0
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
