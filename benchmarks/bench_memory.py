@@ -12,11 +12,23 @@ layers grow: one layer, the embeddings and the calibration activations, never th
     python benchmarks/bench_memory.py --shape 8b --layers 2 4 8 --calib-tokens 8192
     python benchmarks/bench_memory.py --shape 70b --layers 2 4 --calib-tokens 4096
     python benchmarks/bench_memory.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct --calib-tokens 16384 65536
+
+`--stage calibrate` measures `mlakit calibrate --mode layerwise` instead: it converts each checkpoint
+(at the first `--calib-tokens`) in a process of its own, then runs `mlakit calibrate CONVERTED OUT
+--mode layerwise` on the result in another, both on a text file of Python standard-library
+docstrings (the random checkpoints have a byte-level tokenizer, so any text works), and prints the
+wall time, CPU time and peak memory of each, with the calibrate command beside the table. The work
+folder holds three checkpoints at once (the source, its conversion and OUT: 9 GB at 8B shapes and
+23 GB at 70B shapes, 2 layers):
+
+    python benchmarks/bench_memory.py --stage calibrate --shape 70b --layers 2 --calib-tokens 2048 \
+        --tokens 1024 --seq-len 256 --eval-tokens 512 --layer-steps 10 --solve-iterations 2
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shutil
 import subprocess
@@ -92,7 +104,7 @@ from pathlib import Path
 from mlakit.convert.pipeline import convert
 from mlakit.convert.plan import ConvertOptions, make_plan
 opts = ConvertOptions(calib_tokens=int(sys.argv[3]), calib_seq_len=512, rope_strategy=sys.argv[4],
-                      kv_lora_rank=int(sys.argv[5]) or None)
+                      kv_lora_rank=int(sys.argv[5]) or None, calib_text=[Path(a) for a in sys.argv[6:]] or None)
 cost = make_plan(sys.argv[1], opts).cost
 t, cpu = time.time(), time.process_time()
 convert(sys.argv[1], Path(sys.argv[2]), opts, log=lambda m: None)
@@ -105,6 +117,73 @@ print(json.dumps({"seconds": time.time() - t, "cpu": cpu, "rss": int(hwm.split()
 """
 PARTS = ("read", "statistics", "rope and latent", "error pass", "write")
 
+# `mlakit calibrate` through its CLI in a process of its own; the peak is its VmHWM, as for CHILD.
+# argv[1]: the blockwise least squares' iteration cap (0: mlakit's own)
+CALIBRATE_CHILD = """
+import json, sys, time
+from pathlib import Path
+from mlakit.calibrate.layerwise import _Fit
+from mlakit.cli import main
+if int(sys.argv[1]):
+    _Fit.blockwise.__defaults__ = (int(sys.argv[1]),)
+t, cpu = time.time(), time.process_time()
+main(sys.argv[2:], prog_name="mlakit")
+cpu = time.process_time() - cpu
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+run = json.loads((Path(sys.argv[4]) / "mlakit.json").read_text())["calibrate"][-1]
+print(json.dumps({"seconds": time.time() - t, "cpu": cpu, "rss": int(hwm.split()[1]) / 2**20,
+                  "layerwise_seconds": run["seconds"], "fit_tokens": run["fit_tokens"],
+                  "held_out_tokens": run["before"]["tokens"]}))
+"""
+DOC_MODULES = ("os", "json", "re", "collections", "functools", "itertools", "pathlib", "argparse", "subprocess",
+               "shutil", "tempfile", "inspect", "dataclasses", "textwrap", "string", "math")
+
+
+def docstring_text(path: Path, size: int) -> None:
+    """About `size` bytes (at least) of standard-library docstrings, repeated if need be, as ASCII text."""
+    docs = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        docs += [module.__doc__] + [getattr(getattr(module, a), "__doc__", None) for a in sorted(dir(module))
+                                    if not a.startswith("_")]
+    # a class's __doc__ can be a descriptor rather than a string
+    text = "\n\n".join(d.strip() for d in docs if isinstance(d, str) and d.strip())
+    text = text.encode("ascii", "ignore").decode()
+    path.write_text((text + "\n\n") * (size // len(text) + 1))
+
+
+def run_child(argv: list[str]) -> dict:
+    """The JSON line a child script prints last; its stderr ends the benchmark if it fails."""
+    res = subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, check=False)
+    if res.returncode:
+        sys.exit(res.stderr)
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def calibrate_row(args: argparse.Namespace, src: Path, n: int, size: float, tmp: Path) -> None:
+    """Convert `src`, then calibrate the result layer-wise, each in a process of its own: one table row
+    and the calibrate command."""
+    data = tmp / "docstrings.txt"
+    # the held-out rows are at most a tenth of the data: enough text for --eval-tokens beside the fitting
+    # rows, and for convert's calibration windows
+    need = max(10 * args.eval_tokens, args.tokens + args.eval_tokens, args.calib_tokens[0]) + 4 * args.seq_len
+    docstring_text(data, int(1.2 * need))
+    # converted on the same text: convert's default set samples text from the model, which holds the
+    # whole model in memory, a convert cost that this stage does not measure
+    conv, out = tmp / f"conv{n}", tmp / f"cal{n}"
+    converted = run_child([CHILD, str(src), str(conv), str(args.calib_tokens[0]), args.rope_strategy,
+                           str(args.kv_lora_rank), str(data)])
+    cmd = ["calibrate", str(conv), str(out), "--mode", "layerwise", "--data", str(data),
+           "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--eval-tokens", str(args.eval_tokens),
+           "--layer-steps", str(args.layer_steps), "--layer-batch", str(args.layer_batch), "--device", "cpu"]
+    got = run_child([CALIBRATE_CHILD, str(args.solve_iterations), *cmd])
+    print(f"| {n} | {size:.1f} | {converted['seconds']:.0f} | {converted['rss']:.2f} | {got['fit_tokens']} | "
+          f"{got['held_out_tokens']} | {args.layer_steps} | {got['seconds']:.0f} | {got['cpu']:.0f} | "
+          f"{got['layerwise_seconds'] / n:.1f} | {got['rss']:.2f} |", flush=True)
+    print("    mlakit " + " ".join(a.removeprefix(f"{tmp}/") for a in cmd), flush=True)  # paths in the work folder
+    for folder in (out, conv, out.with_name(out.name + ".ckpt")):
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,9 +194,24 @@ def main() -> None:
     ap.add_argument("--kv-lora-rank", type=int, default=0, help="0: the default for the source")
     ap.add_argument("--rope-strategy", default="fold", help="fixed, so the table times one conversion pass")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (needs disk)")
+    ap.add_argument("--stage", choices=("convert", "calibrate"), default="convert",
+                    help="calibrate: convert at the first --calib-tokens, then measure `mlakit calibrate --mode "
+                         "layerwise` on the result")
+    cal = ap.add_argument_group("--stage calibrate: options of mlakit calibrate")
+    cal.add_argument("--tokens", type=int, default=1024, help="fitting tokens")
+    cal.add_argument("--seq-len", type=int, default=256)
+    cal.add_argument("--eval-tokens", type=int, default=512)
+    cal.add_argument("--layer-steps", type=int, default=10)
+    cal.add_argument("--layer-batch", type=int, default=2)
+    cal.add_argument("--solve-iterations", type=int, default=0,
+                     help="cap on the blockwise least squares' iterations (0: mlakit's own, 50): each iteration "
+                          "allocates what the first does, so the peak is a full run's, the time is not")
     args = ap.parse_args()
     what = args.model or f"shape {args.shape} ({SHAPES[args.shape]})"
     print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
+    if args.stage == "calibrate":
+        calibrate_table(args)
+        return
     print("| layers | calib tokens | checkpoint GB | convert s | CPU s | est. s | est. / convert | s per layer | "
           + " | ".join(PARTS) + " | peak RSS GiB | est. RSS GiB | est. / peak |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|---:|")
@@ -130,18 +224,32 @@ def main() -> None:
             n = n or json.loads((src / "config.json").read_text())["num_hidden_layers"]
             size = sum(f.stat().st_size for f in src.iterdir()) / 1e9
             for tokens in args.calib_tokens:
-                res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(tokens),
-                                      args.rope_strategy, str(args.kv_lora_rank)],
-                                     capture_output=True, text=True, check=False)
-                if res.returncode:
-                    sys.exit(res.stderr)
-                got = json.loads(res.stdout.splitlines()[-1])
+                got = run_child([CHILD, str(src), str(out), str(tokens), args.rope_strategy, str(args.kv_lora_rank)])
                 parts = " | ".join(f"{got['parts'].get(p, 0.0):.2f}" for p in PARTS)
                 print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['cpu']:.0f} | "
                       f"{got['est_seconds']:.0f} | {got['est_seconds'] / got['seconds']:.2f} | {got['seconds'] / n:.1f} | {parts} | {got['rss']:.2f} | "
                       f"{got['est_rss']:.2f} | "
                       f"{got['est_rss'] / got['rss']:.2f} |", flush=True)
                 shutil.rmtree(out)
+            if not args.model:
+                shutil.rmtree(src)
+
+
+def calibrate_table(args: argparse.Namespace) -> None:
+    """The `--stage calibrate` table: one row per depth (or for `--model`)."""
+    print(f"convert at --calib-tokens {args.calib_tokens[0]}, then mlakit calibrate --mode layerwise"
+          + (f", blockwise least squares capped at {args.solve_iterations} iterations" if args.solve_iterations else ""))
+    print("| layers | checkpoint GB | convert s | convert peak RSS GiB | fit tokens | held-out tokens | "
+          "layer steps | calibrate s | CPU s | layer-wise s per layer | calibrate peak RSS GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for n in [None] if args.model else args.layers:
+            src = Path(args.model).expanduser() if args.model else Path(tmp) / f"src{n}"
+            if not args.model:
+                build(src, args.shape, n)
+            n = n or json.loads((src / "config.json").read_text())["num_hidden_layers"]
+            size = sum(f.stat().st_size for f in src.iterdir()) / 1e9
+            calibrate_row(args, src, n, size, Path(tmp))
             if not args.model:
                 shutil.rmtree(src)
 
