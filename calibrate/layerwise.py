@@ -11,7 +11,8 @@ For each decoder layer in turn, on the calibration hidden states:
    rows always looks better on them), so no layer gets worse on text it was not fitted to.
 The source's hidden states feed each layer by default (teacher-forced; measured best, see
 docs/calibrate.md); `inputs="student"` feeds the student's own, from its already calibrated
-layers. Memory holds one layer of each model.
+layers. Memory holds one source layer and the student's attention (its norms and MLP are the source's
+tensors where convert copied them).
 
 The least squares of step 1 has heads x kv_lora_rank unknowns per output dim. Up to JOINT_COLUMNS
 it is one float64 solve; beyond, `_Fit.blockwise` iterates over groups of heads, so that memory
@@ -60,6 +61,8 @@ RIDGE = 1e-6
 JOINT_COLUMNS = 4096  # least-squares unknowns per output dim solved at once (the module docstring says why)
 ITERATIONS = 50  # the blockwise solve stops after this many iterations,
 TOLERANCE = 1e-5  # or at one that improves its objective by less than this fraction
+SOLVE_COLUMNS = 1024  # output dims per preconditioner solve
+DOT_ELEMENTS = 2**22  # elements per block of the iterates' inner products
 RUN = "run.json"  # the fingerprint of the run whose layers LayerProgress holds
 RNG = "rng_state"  # the layer files' entry for the random state after the layer
 Features = Callable[[slice, slice], torch.Tensor]  # (rows, heads) -> (rows, seq, heads x columns per head)
@@ -182,11 +185,16 @@ class _Fit:
             def precondition(v: torch.Tensor) -> torch.Tensor:
                 z = torch.empty_like(v)
                 for f, k in zip(blocks, cols):
-                    z[k] = torch.cholesky_solve(v[k].double(), f)
+                    # SOLVE_COLUMNS output dims at a time: float64 copies of a block's rows are 256 MiB at 70B shapes
+                    for j in range(0, v.shape[1], SOLVE_COLUMNS):
+                        z[k, j:j + SOLVE_COLUMNS] = torch.cholesky_solve(v[k, j:j + SOLVE_COLUMNS].double(), f)
                 return z
 
             def dot(a: torch.Tensor, b: torch.Tensor) -> float:
-                return (a * b).sum(dtype=torch.float64).item()
+                # in row blocks: over whole iterates, a * b and its float64 copy were three times their size
+                step = max(1, DOT_ELEMENTS // a[0].numel())
+                return sum((a[i:i + step] * b[i:i + step]).sum(dtype=torch.float64).item()
+                           for i in range(0, a.shape[0], step))
 
             m = torch.zeros_like(r)
             p = precondition(r)
@@ -382,7 +390,7 @@ def calibrate_layerwise(teacher: SourceModel, student: Student, fit_rows: Packed
                disable=None, leave=False)
     for step in stream:
         i = step.index
-        s_layer = student.layer(i)
+        s_layer = student.layer(i, step.source)  # the norms and MLP that convert copied are the source's tensors
         layer_start = time.perf_counter()
         native = s_layer.norm_eps is not None
         if i < resumed:
@@ -405,6 +413,7 @@ def calibrate_layerwise(teacher: SourceModel, student: Student, fit_rows: Packed
             del x, judge
             tensors = {k: t.to(export.dtype).cpu()
                        for k, t in format_attention(i, fitted, s_layer.input_norm, hidden, native).items()}
+            del fitted
             if progress:
                 progress.save(i, tensors, gen.get_state(), report)
         export.add(tensors)
@@ -419,13 +428,19 @@ def calibrate_layerwise(teacher: SourceModel, student: Student, fit_rows: Packed
                 + (f"; held out {report['attn_rel_error_held_out_by_stage']['converted']:.4f} -> "
                    f"{report['attn_rel_error_held_out']:.4f})" if report.get("attn_rel_error_held_out") else ")"))
         with torch.no_grad():
-            step.advance(**{AFTER: lambda h, pos: student.forward_layer(h, fitted_layer, pos),
-                            BEFORE: lambda h, pos: student.forward_layer(h, s_layer, pos)})
+            step.advance(**{AFTER: lambda h, pos, layer=fitted_layer: student.forward_layer(h, layer, pos),
+                            BEFORE: lambda h, pos, layer=s_layer: student.forward_layer(h, layer, pos)})
+        # freed now, not after the next layer is read: s_layer holds this source layer's MLP
+        del s_layer, fitted_layer, stored, tensors
+    del step  # the last source layer, before the output heads are read
     bar.close()
+    student.share_head(teacher)  # convert copies the final norm and lm_head: one float32 copy for both
     before, after = QualityMeter(), QualityMeter()
     labels = next_token_labels(held_out.input_ids, held_out.position_ids).to(dev)
     with torch.no_grad():
-        for c in stream.chunks(HELD):
+        # chunks sized for logits, not for the hidden states: a chunk's logits and the softmax temporaries of
+        # its KL are several times vocabulary x tokens floats
+        for c in row_chunks(len(held_out), seq_len, student.config.vocab_size):
             t_logits = teacher.logits(stream.hidden(HELD)[c])
             before.add(t_logits, student.logits(stream.hidden(HELD, BEFORE)[c]), labels[c])
             after.add(t_logits, student.logits(stream.hidden(HELD, AFTER)[c]), labels[c])

@@ -218,6 +218,7 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
         if progress.done():
             resume_hint(f"{progress.path} ({progress.done()} of {student.layers} layers)")
         raise
+    del teacher, student  # their float32 output heads, before export.close() copies the untouched tensors
     export.close()
     kept = keep_better(converted, folder, result.before, result.after)
     if kept == "input":

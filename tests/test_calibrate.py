@@ -250,6 +250,27 @@ def test_layerwise_attention_error_is_the_relative_error(pair) -> None:
     assert layerwise_module._Fit(student, x, pos, target, None).error(w) == pytest.approx(0.1 / 1.1, rel=1e-4)
 
 
+def test_student_shares_the_tensors_that_convert_copied(pair) -> None:
+    """The student's norms, MLP and output head are the source model's float32 tensors where the stored
+    values are the same (one copy in memory, not two), and read from its own checkpoint where they differ."""
+    from mlakit.calibrate.layers import Student
+
+    src, mla = pair
+    teacher, student = SourceModel.load(src, 32, "cpu"), Student(mla, 32, "cpu")
+    source = teacher.layer(0)
+    layer = student.layer(0, source)
+    for key in ("post_norm", "gate", "up", "down"):
+        assert getattr(layer, key) is getattr(source, key)
+    source.up = source.up + 1
+    up = student.layer(0, source).up
+    assert up is not source.up and torch.equal(up, student.layer(0).up)
+    assert student.share_head(teacher) and student._head is teacher._head
+    other = Student(mla, 32, "cpu")
+    norm, head = teacher._head
+    teacher.__dict__["_head"] = (norm, head + 1)
+    assert not other.share_head(teacher) and torch.equal(other._head[1], head)
+
+
 def test_blockwise_least_squares_reaches_the_joint_solution() -> None:
     """Conjugate gradients over one-head groups, on features whose heads are alike (correlation 0.8),
     end within 1e-4 of the joint solve's relative error, and the objective, measured at every
