@@ -114,14 +114,15 @@ def _sqrt_and_inverse(metric: torch.Tensor | None, n: int,
 
 def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: int, *,
                  activation_aware: bool = True, balance: bool = True, k_metric: torch.Tensor | None = None,
-                 v_metric: torch.Tensor | None = None) -> Latent:
+                 v_metric: torch.Tensor | None = None, key_weight: float = 1.0) -> Latent:
     """Top-`rank` principal directions of the stacked no-rope keys and values.
 
     With `activation_aware`, the directions are those of the outputs' covariance Y sigma Y^T, the
     Eckart-Young optimum of E||Y x - Y' x||^2; otherwise those of the weights alone (plain SVD).
     `k_metric` and `v_metric` weight the errors by what they cost downstream (E[q q^T] for keys,
     W_o^T W_o for values), so the optimum is taken in that metric. `balance` then scales K to V's
-    output energy so that neither dominates the budget. Runs on the inputs' device."""
+    output energy so that neither dominates the budget, and `key_weight` weights the keys' share
+    against the values' from there. Runs on the inputs' device."""
     k, v, sigma = k.double(), v.double(), sigma.double()
     wk, wk_inv = _sqrt_and_inverse(k_metric, k.shape[0], k.device)
     wv, wv_inv = _sqrt_and_inverse(v_metric, v.shape[0], v.device)
@@ -129,6 +130,7 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     k_energy = torch.einsum("ij,jk,ik->", kw, sigma, kw).item()
     v_energy = torch.einsum("ij,jk,ik->", vw, sigma, vw).item()
     scale = (v_energy / k_energy) ** 0.5 if balance and k_energy > 0 and v_energy > 0 else 1.0
+    scale *= key_weight ** 0.5
     stacked = torch.cat([kw * scale, vw])
     metric = stacked @ sigma @ stacked.T
     basis_src = metric if activation_aware else stacked @ stacked.T

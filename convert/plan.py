@@ -50,6 +50,9 @@ class ConvertOptions:
     # Shrinkage of each layer's input second moment towards its diagonal (0: none); 0.5 measured best
     # of 0, 0.2 and 0.5 on unseen text (docs/real-models.md).
     shrink: float = 0.5
+    # Weight of the keys' error against the values' in the joint latent, after `balance` equalizes
+    # their output energies: 0.25, 0.35 and 0.5 all beat 1 on unseen text (docs/real-models.md).
+    key_weight: float = 0.5
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"

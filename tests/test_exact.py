@@ -130,13 +130,15 @@ def test_expected_rotation_is_exact_when_every_head_attends_at_one_distance(stra
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gqa_is_already_mla_at_full_rank(device: str) -> None:
-    """The joint latent at full rank reproduces every head's key and value: GQA is MLA."""
+@pytest.mark.parametrize("key_weight", [1.0, 0.5])
+def test_gqa_is_already_mla_at_full_rank(device: str, key_weight: float) -> None:
+    """The joint latent at full rank reproduces every head's key and value, whatever the keys'
+    weight: GQA is MLA."""
     torch.manual_seed(2)
     G, d, D = 2, 8, 32
     k, v = torch.randn(G * d, D).to(device), torch.randn(G * d, D).to(device)
     x = torch.randn(500, D).to(device)
-    latent = joint_latent(k, v, x.T @ x / 500, 2 * G * d)
+    latent = joint_latent(k, v, x.T @ x / 500, 2 * G * d, key_weight=key_weight)
     c = x @ latent.down.T
     torch.testing.assert_close(c @ latent.k_up.T, x @ k.T, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(c @ latent.v_up.T, x @ v.T, rtol=1e-9, atol=1e-9)
@@ -152,6 +154,10 @@ def test_joint_latent_reaches_the_rank_r_optimum(device: str) -> None:
     assert abs(latent.error - latent.optimum) < 1e-9
     weight_only = joint_latent(k, v, x.T @ x / 400, 12, balance=False, activation_aware=False)
     assert weight_only.error > latent.error
+    # the keys' weight moves the budget between keys and values, each split still the optimum of its metric
+    light, heavy = (joint_latent(k, v, x.T @ x / 400, 12, key_weight=w) for w in (0.25, 4.0))
+    assert light.k_error > heavy.k_error and light.v_error < heavy.v_error
+    assert abs(light.error - light.optimum) < 1e-9 and abs(heavy.error - heavy.optimum) < 1e-9
 
 
 def test_latent_norm_trick_holds_for_worst_case_inputs() -> None:
