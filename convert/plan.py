@@ -211,6 +211,8 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError(f"--calib-temperature {opts.calib_temperature}: must be positive")
     if not 0 <= opts.held_out <= 0.5:
         raise MlakitError(f"held-out share {opts.held_out}: must be between 0 and 0.5")
+    if not opts.key_weight > 0:
+        raise MlakitError(f"key weight {opts.key_weight}: must be positive")
     folder = resolve_model(source, opts.revision)
     spec = load_spec(folder)
     d, r = spec.head_dim, opts.rope_dim

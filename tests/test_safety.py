@@ -224,6 +224,8 @@ def test_rank_check_in_make_plan(pico: Path) -> None:
 
     with pytest.raises(MlakitError, match="the rank must be positive"):
         make_plan(str(pico), ConvertOptions(kv_lora_rank=0, rope_dim=8))
+    with pytest.raises(MlakitError, match="key weight 0.0: must be positive"):
+        make_plan(str(pico), ConvertOptions(rope_dim=8, key_weight=0.0))
 
 
 @pytest.mark.parametrize("tokens", ["0", "32"])
