@@ -154,11 +154,15 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
 
 class LeastSquares:
     """Running normal equations of y ~ W a over calibration tokens, for the closed-form refit of a
-    linear map (o_proj) once everything before it is fixed."""
+    linear map (o_proj) once everything before it is fixed.
+
+    At 70B shapes each matrix here is 8192 x 8192 in float64 (512 MiB), so the cross moment is kept
+    in W's own layout (n_out, n_in) and nothing below builds a second matrix of that size that it
+    can avoid (no identity, no transposed copies)."""
 
     def __init__(self, n_in: int, n_out: int, device: str | torch.device = "cpu"):
         self.aa = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
-        self.ay = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+        self.ya = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
         self.yy = 0.0
         self.count = 0
 
@@ -166,7 +170,7 @@ class LeastSquares:
         """Add a chunk, with products in the inputs' precision summed in float64 (as SecondMoment)."""
         a, y = a.reshape(-1, a.shape[-1]), y.reshape(-1, y.shape[-1])
         self.aa += (a.T @ a).double()
-        self.ay += (a.T @ y).double()
+        self.ya += (y.T @ a).double()
         self.yy += y.double().pow(2).sum().item()
         self.count += a.shape[0]
 
@@ -178,14 +182,17 @@ class LeastSquares:
         normal equations are ill-conditioned: their solution fits calibration noise along weakly
         excited directions and blows up on other text. The ridge keeps those directions at the
         prior and barely moves the others; how much is chosen on held-out tokens."""
-        lam = ridge * self.aa.diagonal().mean().clamp_min(1e-300)
-        eye = torch.eye(self.aa.shape[0], dtype=torch.float64, device=self.aa.device)
-        return torch.linalg.solve(self.aa + lam * eye, self.ay + lam * prior.double().T).T
+        lam = ridge * self.aa.diagonal().mean().clamp_min(1e-300).item()
+        gram = self.aa.clone()
+        gram.diagonal().add_(lam)
+        rhs = torch.add(self.ya, prior.double(), alpha=lam)
+        return torch.linalg.solve(gram, rhs.T).T
 
     def error(self, w: torch.Tensor) -> float:
         """Summed squared error of W on the accumulated tokens, from the normal equations alone."""
         w = w.double()
-        return max(0.0, self.yy - 2 * (w * self.ay.T).sum().item() + ((w @ self.aa) * w).sum().item())
+        cross = torch.dot(w.reshape(-1), self.ya.reshape(-1)).item()
+        return max(0.0, self.yy - 2 * cross + (w @ self.aa).mul_(w).sum().item())
 
     def relative_error(self, w: torch.Tensor) -> float:
         """||y - W a|| / ||y|| over the accumulated tokens: the attention error mlakit reports."""

@@ -191,12 +191,15 @@ def _choose_output(fit: LeastSquares, held: LeastSquares, prior: torch.Tensor,
     on the held-out rows (on the fitting rows when none are held out, with the first ridge only:
     in-sample, a refit always wins and a smaller ridge always looks better). Returns it and its
     report: relative attention errors on both parts, and the ridge (None: not refitted)."""
-    options = [(None, prior)]
-    if opts.refit_output:
-        ridges = opts.refit_ridges if held.count else opts.refit_ridges[:1]
-        options += [(r, fit.solve(prior, r)) for r in ridges]
     judge = held if held.count else fit
-    ridge, o = min(options, key=lambda t: judge.error(t[1]))
+    ridge, o, least = None, prior, judge.error(prior)
+    if opts.refit_output:  # one refit held at a time: each is n_out x n_in in float64 (512 MiB at 70B shapes)
+        for r in opts.refit_ridges if held.count else opts.refit_ridges[:1]:
+            refit = fit.solve(prior, r)
+            error = judge.error(refit)
+            if error < least:
+                ridge, o, least = r, refit, error
+            del refit
     return o, {"attn_rel_error": fit.relative_error(o),
                "attn_rel_error_held_out": held.relative_error(o) if held.count else None,
                "output_refit": ridge is not None, "refit_ridge": ridge}
