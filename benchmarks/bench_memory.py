@@ -194,6 +194,10 @@ def main() -> None:
     ap.add_argument("--kv-lora-rank", type=int, default=0, help="0: the default for the source")
     ap.add_argument("--rope-strategy", default="fold", help="fixed, so the table times one conversion pass")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build checkpoints (needs disk)")
+    ap.add_argument("--text", choices=("sampled", "docstrings"), default="sampled",
+                    help="convert's calibration text: sampled from the model (the default, which holds the whole "
+                         "model while it samples) or standard-library docstrings given as --calib-text (the layer "
+                         "stream alone)")
     ap.add_argument("--stage", choices=("convert", "calibrate"), default="convert",
                     help="calibrate: convert at the first --calib-tokens, then measure `mlakit calibrate --mode "
                          "layerwise` on the result")
@@ -208,7 +212,8 @@ def main() -> None:
                           "allocates what the first does, so the peak is a full run's, the time is not")
     args = ap.parse_args()
     what = args.model or f"shape {args.shape} ({SHAPES[args.shape]})"
-    print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}")
+    print(f"{what}, --rope-strategy {args.rope_strategy}, torch threads {torch.get_num_threads()}"
+          + (f", calibration text: {args.text}" if args.stage == "convert" else ""))
     if args.stage == "calibrate":
         calibrate_table(args)
         return
@@ -224,7 +229,12 @@ def main() -> None:
             n = n or json.loads((src / "config.json").read_text())["num_hidden_layers"]
             size = sum(f.stat().st_size for f in src.iterdir()) / 1e9
             for tokens in args.calib_tokens:
-                got = run_child([CHILD, str(src), str(out), str(tokens), args.rope_strategy, str(args.kv_lora_rank)])
+                text = []
+                if args.text == "docstrings":
+                    text = [str(Path(tmp) / "docstrings.txt")]
+                    docstring_text(Path(text[0]), int(1.2 * tokens) + 4096)
+                got = run_child([CHILD, str(src), str(out), str(tokens), args.rope_strategy, str(args.kv_lora_rank),
+                                 *text])
                 parts = " | ".join(f"{got['parts'].get(p, 0.0):.2f}" for p in PARTS)
                 print(f"| {n} | {tokens} | {size:.1f} | {got['seconds']:.0f} | {got['cpu']:.0f} | "
                       f"{got['est_seconds']:.0f} | {got['est_seconds'] / got['seconds']:.2f} | {got['seconds'] / n:.1f} | {parts} | {got['rss']:.2f} | "

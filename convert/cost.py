@@ -142,17 +142,31 @@ def source_parameters(spec: SourceSpec) -> int:
     return spec.layers * layer + (1 if spec.tied else 2) * spec.vocab * D
 
 
-def _sample_step(w: Work) -> _Step:
-    """Sampling calibration text: the whole model in float32 (on the CPU), the KV cache of a batch of
-    rows at full length and one step's logits."""
+def sample_bytes(w: Work) -> int:
+    """Sampling calibration text: the whole model (in float32 on the CPU, where the stored tensor being
+    widened is mapped beside it), the KV cache of a batch of rows at full length and one step's logits."""
     if not w.sample_rows:
-        return _Step(0)
+        return 0
     s = w.spec
     rows = min(w.sample_rows, BATCH_ROWS)
     cache = F32 * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
     model = F32 * source_parameters(s)
-    logits = 2 * F32 * rows * s.vocab
-    return _Step(model + cache + logits) if w.device.startswith("cuda") else _Step(0, model + cache + logits)
+    widened = 0 if w.device.startswith("cuda") else max(w.embed.nbytes, w.head.nbytes)
+    return model + widened + cache + 2 * F32 * rows * s.vocab
+
+
+def _sample_step(w: Work) -> _Step:
+    return _Step(sample_bytes(w)) if w.device.startswith("cuda") else _Step(0, sample_bytes(w))
+
+
+def available_ram() -> int | None:
+    """Bytes the kernel can hand out now without swapping (MemAvailable), None where it is not told."""
+    try:
+        with open("/proc/meminfo") as fh:
+            line = next(line for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
 
 
 def sample_seconds(w: Work, rate: float) -> float:

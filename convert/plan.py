@@ -16,7 +16,7 @@ import torch
 
 from mlakit.convert import rope
 from mlakit.convert.calibration import token_shares
-from mlakit.convert.cost import Cost, Work, estimate, sample_seconds
+from mlakit.convert.cost import Cost, Work, available_ram, estimate, sample_bytes, sample_seconds
 from mlakit.core import deepseek, engines
 from mlakit.core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, resolve_model
 from mlakit.core.errors import MlakitError
@@ -243,6 +243,7 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     cached = have >= wanted
     sample_rows = 0 if cached else (batches(wanted) - have // BATCH_ROWS) * BATCH_ROWS
     work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
+    _check_sampling_fits(work)
     plan = Plan(source, folder, spec, shape, strategies, DTYPES[opts.dtype], reader, estimate(work),
                 opts.latent, padded_rank=padded)
     if n_sampled:
@@ -258,6 +259,19 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     if rope_type == "linear" or (rope_type == "llama3" and opts.llama3_rope == "keep"):
         plan.notes.append(f"warning: {rope_type} rope scaling is exact in transformers; vLLM and SGLang apply YaRN")
     return plan
+
+
+def _check_sampling_fits(work: Work) -> None:
+    """Sampling runs the whole model, unlike the layer stream: refuse before the first layer where it
+    cannot fit in host memory, rather than be killed for memory mid-run."""
+    need, have = sample_bytes(work), available_ram()
+    if work.device.startswith("cuda") or not need or have is None or need <= have:
+        return
+    raise MlakitError(
+        f"sampling calibration text from the model holds it whole in float32: about {need / GiB:.1f} GiB, and "
+        f"{have / GiB:.1f} GiB is available; give --calib-text FILE (text like what the model will serve), or "
+        "convert on a GPU that holds the model (--device cuda)"
+    )
 
 
 def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dtype: torch.dtype,

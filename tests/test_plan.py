@@ -127,3 +127,26 @@ def test_the_native_pass_is_in_the_plan_and_prints_its_progress(pico: Path, tmp_
     assert [line.split(" in ")[0] for line in progress] == ["converting: layer 1/2", "converting: layer 2/2"]
     assert all(", native latent against exact " in line for line in progress)
     assert not list(tmp_path.glob(".out.*")), "one pass: no staging folder beside OUT"
+
+
+def test_sampling_that_cannot_fit_in_memory_is_refused_before_any_layer(pico: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling holds the whole model: where host memory cannot hold it, one error line before any work,
+    naming --calib-text; with --calib-text the layer stream alone runs and nothing is refused."""
+    from mlakit.convert.cost import sample_bytes
+    from mlakit.convert.plan import ConvertOptions, _work, make_plan
+
+    opts = ConvertOptions(kv_lora_rank=16, rope_dim=8, calib_tokens=1024, calib_seq_len=128, rope_strategy="fold")
+    plan = make_plan(str(pico), opts)
+    need = sample_bytes(_work(plan.spec, plan.shape, plan.strategies, plan.dtype, plan.reader, opts, 32))
+    assert need > 4 * sum(p.stat().st_size for p in pico.glob("*.safetensors"))  # the model in float32, and more
+    monkeypatch.setattr("mlakit.convert.plan.available_ram", lambda: need - 1)
+    monkeypatch.setenv("MLAKIT_CACHE", str(tmp_path / "cache"))  # nothing sampled yet
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST])
+    assert result.exit_code != 0 and "--calib-text" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    text = tmp_path / "text.txt"
+    text.write_text("Plain text to calibrate on, written out a few times over. " * 400)
+    result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST, "--calib-text", str(text)])
+    assert result.exit_code == 0, result.output
