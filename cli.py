@@ -103,7 +103,8 @@ def main() -> None:
                    "vllm-cpu) takes the widest latent that engine serves within the source's cache, or the narrowest "
                    "it serves, zero-padded, when none fits.")
 @click.option("--rope-dim", type=int, default=64, show_default=True,
-              help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take.")
+              help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take. At a quarter "
+                   "of the source's cache or less, 32 keeps more quality (the latent gets the other 32 elements).")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Text file(s) for calibration statistics (repeatable), instead of the default set: half text "
                    "sampled from SOURCE itself (cached), half a bundled mix of prose, code and fifteen languages. "
