@@ -44,6 +44,9 @@ REFIT_TEMPORARIES = 7
 # fitted to bench_memory.py's measured times on SmolLM2-135M, the demo and 8B-shaped layers.
 PASS_EFFICIENCY = 0.7
 ALGEBRA_EFFICIENCY = 0.5
+# The o_proj refit's LU solves and products, (heads * head_dim)-square: BLAS-3 at near the float64
+# matmul rate (measured at Llama-3.1-70B and 8B shapes, where they are most of the error pass).
+SOLVE_EFFICIENCY = 0.9
 # The elementwise work of a pass (norms, rope, padding, copies) per activation value of a token, in
 # matmul FLOPs: memory-bound, it is most of the time of small models (hidden 256 to 576).
 ELEMENTWISE_FLOPS = 2600
@@ -75,6 +78,7 @@ class Work:
     sample_rows: int = 0  # rows of calibration text to sample from the source (0: given, or cached)
     native: bool = False
     held_out: float = 0.0  # share of the rows held out
+    ridges: int = 1  # o_proj refits solved per candidate (0: no refit)
 
 
 @dataclass(frozen=True)
@@ -205,10 +209,11 @@ def peak_memory(w: Work) -> tuple[int, int | None]:
     return RUNTIME_BYTES + max(s.device + s.host for s in steps), None
 
 
-def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float]:
+def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float, float]:
     """FLOPs of one layer with k rope candidates: the passes over calibration tokens in float32 (their
-    elementwise work in FLOP equivalents), the MLP (in the stored dtype) and the per-layer float64
-    linear algebra; only the terms that grow with the model's dimensions."""
+    elementwise work in FLOP equivalents), the MLP (in the stored dtype), and the per-layer float64
+    linear algebra: the rope step and latent, and the o_proj refit's solves; only the terms that grow
+    with the model's dimensions."""
     s, m = w.spec, w.shape
     D, I, L, d, hd, kv = s.hidden, s.intermediate, w.seq_len, s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
     statistics = 2 * D * (hd + 2 * kv) + 2 * L * hd + 2 * hd * D + 2 * D * D
@@ -218,8 +223,10 @@ def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float]:
     passes = tokens * (statistics + k * fit + elementwise) + min(tokens, w.histogram_tokens) * L * hd
     # rope step (query energies, key covariance), query metric, latent (products and eigh), o_proj refit
     latent = 4 * hd * D * D + 2 * kv * D * D + 12 * (2 * kv) * D * D + 10 * (2 * kv) ** 3
-    refit = 2 / 3 * hd**3 + 4 * D * hd * hd
-    return passes, tokens * 6 * D * I, k * (latent + refit)
+    # each ridge's solve (LU and D right-hand sides), and the error of each refit, the prior and the
+    # chosen o_proj on both parts: (heads * head_dim)^2 products with D rows
+    refit = w.ridges * (2 / 3 * hd**3 + 2 * D * hd * hd) + (w.ridges + 3) * 2 * D * hd * hd
+    return passes, tokens * 6 * D * I, k * latent, k * refit
 
 
 @functools.cache
@@ -268,7 +275,7 @@ def mlp_dtype(device: str, stored: torch.dtype) -> torch.dtype:
     return stored if best[stored] <= best[torch.float32] else torch.float32
 
 
-def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, float]:
+def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, float, float]:
     """FLOPs of one layer's native latent fit (pipeline._native_layer), as `layer_flops` counts them:
     the latents of the `tokens` fitting tokens, two MLA attention passes (exact and native output) on
     the `held_out` tokens, the latent metric's L-BFGS on NATIVE_METRIC_TOKENS latents and the moments
@@ -281,7 +288,7 @@ def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, flo
     moments = tokens * 6 * r * r
     passes = (tokens * 2 * D * r + held_out * (2 * attention + ELEMENTWISE_FLOPS * (D + 2 * m.heads * m.qk_head))
               + metric + moments)
-    return passes, 0.0, 0.0
+    return passes, 0.0, 0.0, 0.0
 
 
 def seconds(w: Work) -> tuple[float, float]:
@@ -291,8 +298,7 @@ def seconds(w: Work) -> tuple[float, float]:
     all of it, measured), sampling and tokenizing the calibration text, and the native latent fit
     when asked for."""
     device = matmul_gflops(w.device)
-    algebra_rate = ALGEBRA_EFFICIENCY * (matmul_gflops(w.device, torch.float64) if w.device.startswith("cuda")
-                                         else device / 2)
+    f64 = matmul_gflops(w.device, torch.float64) if w.device.startswith("cuda") else device / 2
     run_as = mlp_dtype(w.device, w.layer_dtype)
     mlp_rate = matmul_gflops(w.device, run_as) if run_as != torch.float32 else device
     work = [(*layer_flops(w, rows * w.seq_len, k), mlp_rate)
@@ -300,8 +306,9 @@ def seconds(w: Work) -> tuple[float, float]:
     if w.native:
         held = int(w.rows * w.held_out) * w.seq_len
         work.append((*native_flops(w, w.rows * w.seq_len - held, held or w.rows * w.seq_len), device))
-    total = sum((passes / device + mlp / rate) / PASS_EFFICIENCY / 1e9 + algebra / algebra_rate / 1e9
-                for passes, mlp, algebra, rate in work)
+    total = sum((passes / device + mlp / rate) / PASS_EFFICIENCY / 1e9
+                + (algebra / ALGEBRA_EFFICIENCY + solves / SOLVE_EFFICIENCY) / f64 / 1e9
+                for passes, mlp, algebra, solves, rate in work)
     tokenize = TOKENIZE_SECONDS_PER_BYTE * w.text_bytes
     return w.spec.layers * total + tokenize + sample_seconds(w, device), device
 

@@ -286,4 +286,5 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
                 device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native",
-                held_out=opts.held_out)
+                held_out=opts.held_out,
+                ridges=(len(opts.refit_ridges) if opts.held_out else 1) if opts.refit_output else 0)
