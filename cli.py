@@ -201,7 +201,8 @@ def convert(source: str, out: Path, **kw) -> None:
               help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "
                    "training; both: the first, then the second.")
 @click.option("--tokens", type=int, default=131072, show_default=True,
-              help="Calibration tokens: the layer-wise fitting set, and the distillation budget.")
+              help="Calibration tokens: the layer-wise fitting set (rows spread evenly over the data), and the "
+                   "distillation budget.")
 @click.option("--eval-tokens", type=int, default=16384, show_default=True,
               help="Held-out tokens (taken from the end of the data, at least --seq-len, at most a tenth) for the "
                    "before/after summary.")

@@ -192,6 +192,15 @@ def _append(path: Path, values: np.ndarray) -> None:
         raise disk_error(exc, path) from exc
 
 
+def spread(packed: Packed, rows: int) -> Packed:
+    """`rows` rows evenly spaced over `packed` (all of them when it has no more): a corpus ordered by
+    kind (a mix of sources, one after another) is then fitted on every kind, not on its first."""
+    n = len(packed)
+    if rows >= n:
+        return packed
+    return packed[torch.linspace(0, n - 1, rows).round().long()]
+
+
 def hold_out(packed: Packed, eval_tokens: int) -> tuple[Packed, Packed]:
     """(rows to calibrate on, held-out rows): the last `eval_tokens` worth of rows, at most a tenth."""
     n, seq_len = packed.ids.shape

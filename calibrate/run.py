@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import mlakit
 from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove, resume_hint
-from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
+from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack, spread
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student
@@ -207,7 +207,7 @@ def _layerwise(teacher_dir: Path, converted: Path, folder: Path, pool: Packed, h
     teacher = SourceModel.load(teacher_dir, opts.seq_len, device)
     student = Student(converted, opts.seq_len, device)
     _check_layerwise_pair(teacher, student)
-    fit_rows = pool[: max(1, opts.tokens // opts.seq_len)]
+    fit_rows = spread(pool, max(1, opts.tokens // opts.seq_len))
     lw = LayerwiseOptions(**{**asdict(opts.layerwise), "seed": opts.seed, "device": device})
     if not opts.distill.resume:
         progress.clear()

@@ -295,10 +295,10 @@ def test_blockwise_least_squares_reaches_the_joint_solution() -> None:
         student = types.SimpleNamespace(dims=(heads, width, width, width))  # all that the chunks read
         return layerwise_module._Fit(student, feats, torch.arange(16).expand(6, 16), target, None, joint_columns)
 
-    joint = fit(heads * width).least_squares(features, heads, width)
+    joint = fit(heads * width).least_squares(features, heads, width)[0]
     blockwise = fit(width)
     m, tracked = blockwise.blockwise(features, heads, width)
-    assert torch.equal(blockwise.least_squares(features, heads, width), m)
+    assert torch.equal(blockwise.least_squares(features, heads, width)[0], m)
     measured = [objective(blockwise.blockwise(features, heads, width, k)[0]) for k in range(len(tracked))]
     assert all(b <= a for a, b in zip(measured, measured[1:])), measured
     assert tracked == pytest.approx(measured, rel=1e-4)
@@ -325,7 +325,7 @@ def test_blockwise_values_probe_each_head_group_as_the_joint_solve_does(pair) ->
     rows = joint.chunks[0]
     torch.testing.assert_close(features(rows, slice(1, 3)), features(rows, slice(0, heads))[..., rank : 3 * rank])
     blockwise = layerwise_module._Fit(student, x, pos, target, None, joint_columns=rank)
-    assert blockwise.error(blockwise.solve_values(w)) == pytest.approx(joint.error(joint.solve_values(w)), rel=1e-4)
+    assert blockwise.error(blockwise.solve_values(w)[0]) == pytest.approx(joint.error(joint.solve_values(w)[0]), rel=1e-4)
 
 
 def test_layerwise_keeps_the_stage_best_on_held_out_rows(pair) -> None:
@@ -352,7 +352,11 @@ def test_layerwise_keeps_the_stage_best_on_held_out_rows(pair) -> None:
     kept, report = fit((x_held, pos, student.attention(x_held, w, pos)))
     assert in_sample["kept"] != "converted" and in_sample["attn_rel_error_held_out"] is None
     assert report["kept"] == "converted" and kept is w and report["attn_rel_error_held_out"] == 0
-    assert report["attn_rel_error_by_stage"] == in_sample["attn_rel_error_by_stage"]
+    # the same fit, judged differently: without held-out rows only the smallest ridge is tried, and Adam
+    # starts from the least-squares stage that did best on the rows that judge
+    both, mine = in_sample["attn_rel_error_by_stage"], report["attn_rel_error_by_stage"]
+    assert set(both) == {"converted", "least_squares 1e-06", "adam"} and len(mine) == 2 + len(layerwise_module.RIDGES)
+    assert all(mine[name] == both[name] for name in ("converted", "least_squares 1e-06"))
 
 
 def test_layerwise_lowers_every_layer_error_and_the_kl(pair, tmp_path: Path) -> None:
@@ -810,3 +814,13 @@ def test_readme_walkthrough_reads_the_folders_it_writes() -> None:
         else:
             assert paths[1 if command == "validate" else 0] in written, line
     assert {"./demo-mla", "./demo-cal"} <= written
+
+
+def test_layerwise_fitting_rows_are_spread_over_the_data() -> None:
+    """A corpus ordered by kind is fitted on every kind: the fitting rows are evenly spaced over the
+    pool, first and last row included, each once; asking for more rows than there are gives them all."""
+    ids = torch.arange(40, dtype=torch.int32).view(10, 4)
+    packed = data_module.Packed(ids, torch.zeros_like(ids))
+    rows = data_module.spread(packed, 4).ids[:, 0] // 4
+    assert rows.tolist() == [0, 3, 6, 9]
+    assert data_module.spread(packed, 10) is packed and data_module.spread(packed, 12) is packed
