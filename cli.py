@@ -194,8 +194,8 @@ def convert(source: str, out: Path, **kw) -> None:
               help="The source model (folder, hub id or `demo`). Default: the source named in CONVERTED/mlakit.json.")
 @click.option("--data", multiple=True,
               help="Text file, jsonl file (one document per line) or Hugging Face dataset [hub:]NAME[:CONFIG][@SPLIT] "
-                   "(repeatable; hub: when a local path has the same name). Default: the bundled docstrings, the demo "
-                   "model's own text.")
+                   "(repeatable; hub: when a local path has the same name). Default: the bundled calibration mix "
+                   "(prose, code, fifteen languages); for the demo model, its own text, the bundled docstrings.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of jsonl records and datasets.")
 @click.option("--mode", type=click.Choice(["layerwise", "distill", "both"]), default="layerwise", show_default=True,
               help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "

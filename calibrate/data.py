@@ -25,7 +25,7 @@ import torch
 
 from mlakit.core.errors import MlakitError
 from mlakit.core.guard import disk_error
-from mlakit.core.text import load_corpus
+from mlakit.core.text import DEFAULT_TEXT, corpus_name, load_corpus
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 HUB = "hub:"  # `--data hub:NAME...` is a Hugging Face dataset even where a local path has that name
@@ -54,13 +54,13 @@ class _Texts:
             yield from (text for text in source() if text.strip())
 
 
-def load_documents(specs: Sequence[str], text_field: str = "text") -> Documents:
+def load_documents(specs: Sequence[str], text_field: str = "text", default: Path = DEFAULT_TEXT) -> Documents:
     """Read every `--data` value: a text file (one document), a jsonl file (one document per line,
     its `text_field`), or a Hugging Face dataset `[hub:]NAME[:CONFIG][@SPLIT]`. No value: the bundled
-    text. One pass here checks every document and hashes them all."""
+    text `default`. One pass here checks every document and hashes them all."""
     sources: list[Callable[[], Iterator[str]]] = []
     if not specs:
-        sources.append(lambda: iter([load_corpus().text]))
+        sources.append(lambda: iter([load_corpus([default]).text]))
     for spec in specs:
         path = Path(spec).expanduser()
         if spec.startswith(HUB):
@@ -82,7 +82,7 @@ def load_documents(specs: Sequence[str], text_field: str = "text") -> Documents:
         count += 1
     if not count:
         raise MlakitError(f"--data {', '.join(specs)}: no text in it")
-    return Documents(texts, ", ".join(specs) or "bundled docstrings", digest.hexdigest())
+    return Documents(texts, ", ".join(specs) or corpus_name([default]), digest.hexdigest())
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:

@@ -49,10 +49,10 @@ def load_corpus(paths: list[Path] | None = None) -> Corpus:
     text = "\n\n".join(parts)
     if not text.strip():
         raise MlakitError(f"{', '.join(map(str, paths))}: the text is empty")
-    return Corpus(text, _name(paths), hashlib.sha256(text.encode()).hexdigest())
+    return Corpus(text, corpus_name(paths), hashlib.sha256(text.encode()).hexdigest())
 
 
-def _name(paths: list[Path]) -> str:
+def corpus_name(paths: list[Path]) -> str:
     bundled = {DEFAULT_TEXT: "bundled docstrings", MIX_TEXT: "bundled calibration mix"}
     return ", ".join(bundled.get(Path(p), str(p)) for p in paths)
 
@@ -94,12 +94,12 @@ def text_windows(tokenizer, paths: list[Path], n_tokens: int, seq_len: int,
         if ids is not None:
             rows.append(ids)
     if not rows:
-        raise MlakitError(f"{_name(paths)}: no file holds a window of {seq_len} tokens; give more text or a "
+        raise MlakitError(f"{corpus_name(paths)}: no file holds a window of {seq_len} tokens; give more text or a "
                           "shorter sequence length")
     windows = torch.tensor(rows, dtype=torch.long)
     if lead is not None:
         windows = torch.cat([torch.full((len(rows), 1), lead, dtype=torch.long), windows], dim=1)
-    return windows, _name(paths), _stream_sha256(paths)
+    return windows, corpus_name(paths), _stream_sha256(paths)
 
 
 def _tokens_at(tokenizer, path: Path, offset: int, span: int) -> list[int] | None:

@@ -476,9 +476,11 @@ def test_default_text_warns_unless_the_teacher_is_the_demo(pair, tmp_path: Path,
     src, mla = pair
     fast = ["--teacher", src, *SMALL, "--layer-steps", "0"]
     warnings = [line for line in ok("calibrate", mla, tmp_path / "a", *fast).splitlines() if "no --data" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bundled docstrings" in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bundled calibration mix" in warnings[0]
+    assert read_record(tmp_path / "a")["calibrate"][-1]["data"]["name"] == "bundled calibration mix"
     monkeypatch.setattr(run_module, "DEMO_DIR", src)
     assert "no --data" not in ok("calibrate", mla, tmp_path / "b", *fast)
+    assert read_record(tmp_path / "b")["calibrate"][-1]["data"]["name"] == "bundled docstrings"
 
 
 # ---- distillation --------------------------------------------------------------------------------
