@@ -328,6 +328,28 @@ def test_blockwise_values_probe_each_head_group_as_the_joint_solve_does(pair) ->
     assert blockwise.error(blockwise.solve_values(w)[0]) == pytest.approx(joint.error(joint.solve_values(w)[0]), rel=1e-4)
 
 
+def test_layerwise_least_squares_shrinks_towards_the_converted_weights(pair) -> None:
+    """Each ridge's stage lies between the converted weights and the plain least-squares fit: the
+    smallest ridge fits the rows best, the error grows with the ridge, and a huge ridge leaves the
+    converted weights' attention output as it was."""
+    from mlakit.calibrate.layers import Student
+
+    _, mla = pair
+    student = Student(mla, 32, "cpu")
+    w = student.layer(0).attn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, student.config.hidden_size, generator=gen)
+    pos = torch.arange(32).expand(4, 32)
+    noisy = MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b + 0.3 * torch.randn(w.kv_b.shape, generator=gen), w.o)
+    fit = layerwise_module._Fit(student, x, pos, student.attention(x, noisy, pos), None)
+    stages = fit.solve_values(w, (1e-6, 1e-1, 1.0, 1e6))
+    errors = [fit.error(s) for s in stages]
+    assert errors == sorted(errors) and errors[0] < 0.7 * errors[-1]  # the noisy keys are not fitted
+    rows = fit.chunks[0]
+    kept, converted = fit.attention(rows, stages[-1]), fit.attention(rows, w)
+    assert (kept - converted).norm() < 1e-2 * converted.norm()  # towards w, not towards zero
+
+
 def test_layerwise_keeps_the_stage_best_on_held_out_rows(pair) -> None:
     """Fitted on rows whose target is another layer's output, every fitted stage beats the converted
     weights in sample; on held-out rows whose target is the converted layer's own output, only the
