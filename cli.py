@@ -12,7 +12,7 @@ import click
 
 from mlakit.core.engines import rank_request
 from mlakit.core.errors import MlakitError, Terminated
-from mlakit.core.guard import DISK_FULL, check_output, disk_error, local_model, positive, record_id, stale_folders
+from mlakit.core.guard import DISK_FULL, cache_share, check_output, disk_error, local_model, positive, record_id, stale_folders
 
 
 def _terminate(signum: int, frame) -> None:
@@ -102,9 +102,13 @@ def main() -> None:
                    "else the largest power of two that halves the source's KV cache. An engine name (vllm, "
                    "vllm-cpu) takes the widest latent that engine serves within the source's cache, or the narrowest "
                    "it serves, zero-padded, when none fits.")
-@click.option("--rope-dim", type=int, default=64, show_default=True,
-              help="qk_rope_head_dim: rotary dims of the shared key. 64 is what the fast MLA kernels take. At a quarter "
-                   "of the source's cache or less, 32 keeps more quality (the latent gets the other 32 elements).")
+@click.option("--cache", "cache_share", default=None, metavar="SHARE",
+              help="KV cache to keep, as a share of the source's (0.5, 25%, ...): sets --kv-lora-rank and, unless "
+                   "given, --rope-dim (64, or 32 below 192 elements per token per layer, where 32 measured better).")
+@click.option("--rope-dim", type=int, default=None,
+              help="qk_rope_head_dim: rotary dims of the shared key. Default 64, what the fast MLA kernels take (with "
+                   "--cache, 32 for small caches). At a quarter of the source's cache or less, 32 keeps more quality "
+                   "(the latent gets the other 32 elements).")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Text file(s) for calibration statistics (repeatable), instead of the default set: half text "
                    "sampled from SOURCE itself (cached), half a bundled mix of prose, code and fifteen languages. "
@@ -163,11 +167,12 @@ def convert(source: str, out: Path, **kw) -> None:
         raise MlakitError(str(exc)) from exc
     if not isinstance(rank, str):
         positive("--kv-lora-rank", rank, "the rank")
+    share = cache_share(kw["cache_share"])
     _start(out)
     from mlakit.convert.plan import ConvertOptions, make_plan
 
     opts = ConvertOptions(
-        kv_lora_rank=rank, rope_dim=kw["rope_dim"], calib_text=list(kw["calib_text"]) or None,
+        kv_lora_rank=rank, rope_dim=kw["rope_dim"], cache=share, calib_text=list(kw["calib_text"]) or None,
         calib_tokens=kw["calib_tokens"], calib_seq_len=kw["calib_seq_len"],
         calib_bos=kw["calib_bos"], calib_mix=kw["calib_mix"], calib_temperature=kw["calib_temperature"],
         calib_seed=kw["calib_seed"], dtype=kw["dtype"],

@@ -36,7 +36,9 @@ class ConvertOptions:
     """Every knob of a conversion; the CLI fills it from flags."""
 
     kv_lora_rank: int | str | None = None  # a number, or an engine whose latent width to take (engines.TARGETS)
-    rope_dim: int = 64
+    rope_dim: int | None = None  # None: DEFAULT_ROPE_DIM, or what `cache_split` gives for `cache`
+    # Share of the source's KV cache per token to keep (0 < cache < 1): kv_lora_rank and rope dim from it.
+    cache: float | None = None
     calib_text: list[Path] | None = None
     calib_tokens: int = 32768
     calib_seq_len: int = 512
@@ -141,6 +143,31 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+DEFAULT_ROPE_DIM = 64  # what the fast MLA kernels (vLLM, FlashMLA) take
+# Below this many cache elements per token per layer, 32 rotary dims and a wider latent lose less than
+# 64 rotary dims (measured on SmolLM2-135M and Qwen2.5-Coder-1.5B, docs/real-models.md: at 96 and 128
+# elements 64 + 32 and 96 + 32 beat 32 + 64 and 64 + 64; at 192 and 256, 128 + 64 and 192 + 64 beat
+# 160 + 32 and 128 + 128).
+WIDE_ROPE_BUDGET = 192
+
+
+def cache_split(spec: SourceSpec, share: float, rope_dim: int | None) -> tuple[int, int]:
+    """(kv_lora_rank, rope dim) whose cache is `share` of the source's per token: the rope dim given,
+    or 64 from WIDE_ROPE_BUDGET elements on and 32 below (each the largest valid one not above it),
+    and the latent takes the rest."""
+    if not 0 < share < 1:
+        raise MlakitError(f"--cache {share:g}: give a share of the source's KV cache between 0 and 1 (e.g. 0.5 or 25%)")
+    budget = math.floor(share * spec.kv_elements_per_token_layer())
+    if rope_dim is None:
+        half = spec.head_dim // 2
+        most = (DEFAULT_ROPE_DIM if budget >= WIDE_ROPE_BUDGET else DEFAULT_ROPE_DIM // 2) // 2
+        rope_dim = 2 * max((s for s in range(1, min(most, half) + 1) if half % s == 0), default=1)
+    if budget - rope_dim < 1:
+        raise MlakitError(f"--cache {share:g} is {budget} elements per token per layer, no more than the rope dim "
+                          f"{rope_dim}: give a larger share")
+    return budget - rope_dim, rope_dim
+
+
 def default_rank(spec: SourceSpec, rope_dim: int) -> int:
     """512 (the fast kernels' size) when the source can fill it, else the largest power of two
     that halves the source's cache."""
@@ -213,16 +240,23 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
         raise MlakitError(f"held-out share {opts.held_out}: must be between 0 and 0.5")
     if not opts.key_weight > 0:
         raise MlakitError(f"key weight {opts.key_weight}: must be positive")
+    if opts.cache is not None and opts.kv_lora_rank is not None:
+        raise MlakitError("--cache chooses the kv_lora_rank: give --cache or --kv-lora-rank, not both")
     folder = resolve_model(source, opts.revision)
     spec = load_spec(folder)
-    d, r = spec.head_dim, opts.rope_dim
+    request, r = opts.kv_lora_rank, opts.rope_dim or DEFAULT_ROPE_DIM
+    if opts.cache is not None:
+        request, r = cache_split(spec, opts.cache, opts.rope_dim)
+    d = spec.head_dim
     if r > d:
         raise MlakitError(f"--rope-dim {r} is larger than the source's head_dim {d}; use at most {d}")
     if r < 2 or r % 2 or (d // 2) % (r // 2):
         raise MlakitError(
             f"--rope-dim {r}: must be even and its half must divide the {d // 2} source frequencies (e.g. {d // 2})"
         )
-    rank, padded, rank_note = _rank(spec, r, opts.kv_lora_rank)
+    rank, padded, rank_note = _rank(spec, r, request)
+    if opts.cache is not None:
+        rank_note = f"--cache {opts.cache:g}: kv_lora_rank {rank} + rope dim {r}"
     shape = _shape_at(spec, r)(rank)
     if opts.rope_strategy == "auto":
         strategies = list(rope.STRATEGIES) if r < d else ["fold"]

@@ -58,6 +58,20 @@ def positive(option: str, value: int | None, what: str = "the value") -> None:
         raise MlakitError(f"{option} {value}: {what} must be positive")
 
 
+def cache_share(value: str | None) -> float | None:
+    """`--cache` as given, a fraction (0.25) or a percentage (25%), as a fraction; None: not given."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise MlakitError(f"--cache {value}: give a share of the source's KV cache, e.g. 0.5 or 25%") from None
+    if not 0 < share < 1:
+        raise MlakitError(f"--cache {value}: the share must be between 0 and 1 (0% and 100%)")
+    return share
+
+
 def check_protected(target: Path, inputs: Iterable[Path | None], what: str = "OUT", nest_ok: bool = False) -> None:
     """Refuse a folder to be written that is, holds or lies inside a folder the run reads: replacing
     it would delete that input, or the input would change under the run. Symlinks are followed, so

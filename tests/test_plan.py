@@ -150,3 +150,28 @@ def test_sampling_that_cannot_fit_in_memory_is_refused_before_any_layer(pico: Pa
     text.write_text("Plain text to calibrate on, written out a few times over. " * 400)
     result = CliRunner().invoke(main, ["convert", str(pico), str(out), *FAST, "--calib-text", str(text)])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--cache", "0.5"], "kv_lora_rank 128, rope dim 64"),  # 192 elements: rope 64 measured better
+    (["--cache", "25%"], "kv_lora_rank 64, rope dim 32"),  # 96 elements: rope 32 measured better
+    (["--cache", "0.25", "--rope-dim", "64"], "kv_lora_rank 32, rope dim 64"),  # a rope dim given is kept
+])
+def test_cache_share_sets_the_rank_and_the_rope_dim(tmp_path: Path, args: list[str], expected: str) -> None:
+    src = make_llama(tmp_path / "src", heads=3, kv_heads=3, head_dim=64, hidden=48)  # SmolLM2's 384 cache elements
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), *args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    share = float(args[1].rstrip("%")) / (100 if args[1].endswith("%") else 1)
+    assert expected in result.output and f"384 -> {round(384 * share)} elements per layer" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cache", "1"], "between 0 and 1"),
+    (["--cache", "half"], "e.g. 0.5 or 25%"),
+    (["--cache", "0.5", "--kv-lora-rank", "16"], "not both"),
+    (["--cache", "1%"], "give a larger share"),
+])
+def test_a_bad_cache_share_is_one_error_line(pico: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["convert", str(pico), str(tmp_path / "out"), *args, "--dry-run"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ") and message in result.output
