@@ -199,8 +199,9 @@ def convert(source: str, out: Path, **kw) -> None:
               help="The source model (folder, hub id or `demo`). Default: the source named in CONVERTED/mlakit.json.")
 @click.option("--data", multiple=True,
               help="Text file, jsonl file (one document per line) or Hugging Face dataset [hub:]NAME[:CONFIG][@SPLIT] "
-                   "(repeatable; hub: when a local path has the same name). Default: the bundled calibration mix "
-                   "(prose, code, fifteen languages); for the demo model, its own text, the bundled docstrings.")
+                   "(repeatable; hub: when a local path has the same name). Default: convert's default set, half text "
+                   "sampled from the teacher (the samples convert cached) and half the bundled mix of prose, code and "
+                   "fifteen languages; for the demo model, its own text, the bundled docstrings.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of jsonl records and datasets.")
 @click.option("--mode", type=click.Choice(["layerwise", "distill", "both"]), default="layerwise", show_default=True,
               help="layerwise: fit each attention block to the source's on the CPU; distill: end-to-end KL "

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import mlakit
 from mlakit.calibrate.checkpoint import STAGE, check_resume, create, remove, resume_hint
-from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack, spread
+from mlakit.calibrate.data import Packed, default_set, hold_out, load_documents, pack, sample_settings, spread
 from mlakit.calibrate.distill import TRAIN, Checkpoints, DistillOptions, distill
 from mlakit.calibrate.export import keep_better, load_mla_config, worse_warning
 from mlakit.calibrate.layers import Student
@@ -32,11 +32,12 @@ from mlakit.core.guard import (
 )
 from mlakit.core.metrics import Quality
 from mlakit.core.stream import SourceModel
-from mlakit.core.text import DEFAULT_TEXT, MIX_TEXT
+from mlakit.core.text import DEFAULT_TEXT
 
 MODES = ("layerwise", "distill", "both")
-DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on the bundled calibration mix (prose, code, fifteen "
-                        "languages): layer-wise fitting moves the model towards its data, so pass --data with text "
+DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on convert's default set (text sampled from the teacher, "
+                        "cached, and the bundled mix of prose, code and fifteen languages): layer-wise fitting moves "
+                        "the model towards its data, so pass --data with text "
                         "like what the model will serve")
 
 
@@ -154,22 +155,27 @@ def _calibrate(converted_id: str, converted: Path, teacher_id: str, teacher: Pat
     if opts.distill.teacher_topk > len(tokenizer):
         raise MlakitError(f"--teacher-topk {opts.distill.teacher_topk} is larger than the vocabulary ({len(tokenizer)})")
     demo = teacher.resolve() == DEMO_DIR.resolve()
-    if not opts.data and not demo:
-        log(DEFAULT_DATA_WARNING)
-    # the demo's own text is the docstrings; any other model is kept more broadly by the mix (measured:
-    # docs/real-models.md, layer-wise calibration at a quarter of the cache)
-    docs = load_documents(opts.data, opts.text_field, DEFAULT_TEXT if demo else MIX_TEXT)
     with scratch_folder(out, "data") as scratch:  # the packed rows, removed however the run ends
-        pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len, scratch), opts.eval_tokens)
+        if opts.data or demo:  # the demo's own text is the docstrings
+            docs = load_documents(opts.data, opts.text_field, DEFAULT_TEXT)
+            pool, held_out = hold_out(pack(tokenizer, docs, opts.seq_len, scratch), opts.eval_tokens)
+            data = {"name": docs.name, "sha256": docs.sha256}
+        else:
+            log(DEFAULT_DATA_WARNING)
+            settings = sample_settings(read_json(converted / RECORD) if (converted / RECORD).is_file() else {},
+                                       opts.seq_len)
+            default = default_set(teacher, tokenizer, opts.tokens, opts.eval_tokens, opts.seq_len, settings, device,
+                                  log)
+            pool, held_out = default.rows, default.held_out
+            data = {"name": default.name, "sha256": default.sha256, **default.record}
         run = {"mlakit_version": mlakit.__version__, "converted": record_id(converted_id),
                "teacher": record_id(teacher_id),
-               "data": {"name": docs.name, "sha256": docs.sha256, "seq_len": opts.seq_len,
-                        "held_out_tokens": held_out.tokens}}
+               "data": {**data, "seq_len": opts.seq_len, "held_out_tokens": held_out.tokens}}
         folder = opts.distill.checkpoint_dir or out.resolve().with_name(out.name + ".ckpt")
         check_protected(folder, [converted, teacher, out], "--checkpoint-dir")
-        progress = LayerProgress(folder, _layerwise_fingerprint(teacher, converted, docs, opts)) \
+        progress = LayerProgress(folder, _layerwise_fingerprint(teacher, converted, data["sha256"], opts)) \
             if opts.mode != "distill" else None
-        plan = _distill_plan(replace(opts, device=device), folder, teacher, docs, run) \
+        plan = _distill_plan(replace(opts, device=device), folder, teacher, data["sha256"], run) \
             if opts.mode != "layerwise" else None
         saved = [progress and progress.saved(), plan and Checkpoints(folder, plan[1]).saved()]
         check_resume(folder, [s for s in saved if s], opts.distill.resume, force)
@@ -180,7 +186,7 @@ def _calibrate(converted_id: str, converted: Path, teacher_id: str, teacher: Pat
                 qualities += _layerwise(teacher, converted, tmp, pool, held_out, opts, device, run, progress, notes,
                                         log)
             remove(folder)
-            return Outcome(docs.name, held_out.tokens, qualities, notes)
+            return Outcome(data["name"], held_out.tokens, qualities, notes)
         start = converted
         if opts.mode == "both":
             start = folder / STAGE
@@ -194,13 +200,13 @@ def _calibrate(converted_id: str, converted: Path, teacher_id: str, teacher: Pat
                 progress.release()
         distilled = _distill(teacher, start, out, pool, held_out, plan, run, force, notes, log)
         qualities += distilled[1:] if qualities else distilled
-        return Outcome(docs.name, held_out.tokens, qualities, notes) if qualities else None
+        return Outcome(data["name"], held_out.tokens, qualities, notes) if qualities else None
 
 
-def _layerwise_fingerprint(teacher: Path, converted: Path, docs: Documents, opts: CalibrateOptions) -> dict:
+def _layerwise_fingerprint(teacher: Path, converted: Path, data: str, opts: CalibrateOptions) -> dict:
     """What the layers of a layer-wise stage depend on: a resume must match every entry."""
     lw = opts.layerwise
-    return {"teacher": str(teacher.resolve()), "converted": str(converted.resolve()), "data": docs.sha256,
+    return {"teacher": str(teacher.resolve()), "converted": str(converted.resolve()), "data": data,
             "seq_len": opts.seq_len, "tokens": opts.tokens, "eval_tokens": opts.eval_tokens, "seed": opts.seed,
             "layer_steps": lw.steps, "layer_lr": lw.lr, "layer_batch": lw.batch_rows, "inputs": lw.inputs}
 
@@ -249,7 +255,7 @@ def _finished_stage(stage: Path, notes: list[str]) -> list[tuple[str, Quality]]:
     return [("converted", Quality(**record["before"])), ("layer-wise", Quality(**record["after"]))]
 
 
-def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, docs: Documents, run: dict) -> tuple:
+def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, data: str, run: dict) -> tuple:
     """Distillation options, the run fingerprint that a resume must match, and the options recorded."""
     d = opts.distill
     dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
@@ -259,7 +265,7 @@ def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, docs: Doc
     # the starting point is named by what made it, so that `--mode both --resume` matches its checkpoints
     fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
                    "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,
-                   "data": docs.sha256, **options}
+                   "data": data, **options}
     return dopts, fingerprint, options
 
 

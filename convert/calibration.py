@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mlakit.core.sampling import SampleSettings, sample_windows
-from mlakit.core.text import MIX_TEXT, bos_token, text_windows
+from mlakit.core.text import MIX_TEXT, bos_token, interleave, text_windows
 
 
 @dataclass
@@ -81,20 +81,11 @@ def calibration_set(folder: Path, tokenizer, *, text: list[Path] | None, mix: bo
         ids, record = sample_windows(folder, tokenizer, sampling, max(1, n_sampled // seq_len), device, log)
         parts.append(ids)
         sources.append({**record, "tokens": int(ids.numel())})
-    windows = _interleave(parts)
+    windows = interleave(parts)
     windows, held = held_out_split(windows, held_out)
     record = {"sources": sources, "tokens": int(windows.numel()), "seq_len": seq_len,
               "held_out_tokens": held * seq_len}
     return CalibrationSet(windows, held, record)
-
-
-def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows of several sources alternated in proportion, so that any prefix or every k-th row samples
-    each source."""
-    if len(parts) == 1:
-        return parts[0]
-    keys = torch.cat([(torch.arange(len(p)) + 0.5) / len(p) for p in parts])
-    return torch.cat(parts)[keys.argsort(stable=True)]
 
 
 def describe(record: dict) -> str:

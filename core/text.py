@@ -162,3 +162,12 @@ def bos_token(tokenizer) -> int:
         raise MlakitError("the tokenizer has no bos_token, so calibration windows cannot start with one; "
                           "convert without --calib-bos")
     return tokenizer.bos_token_id
+
+
+def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several sources alternated in proportion, so that any prefix or every k-th row samples
+    each source."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = torch.cat([(torch.arange(len(p)) + 0.5) / len(p) for p in parts])
+    return torch.cat(parts)[keys.argsort(stable=True)]

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from conftest import DEMO_AVAILABLE, byte_tokenizer, make_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3ForCausalLM
 
 from mlakit.calibrate import data as data_module
 from mlakit.calibrate import distill as distill_module
@@ -27,7 +27,16 @@ from mlakit.calibrate import layerwise as layerwise_module
 from mlakit.calibrate import run as run_module
 from mlakit.calibrate import teacher as teacher_module
 from mlakit.calibrate.checkpoint import CACHE, LAYERS, STAGE
-from mlakit.calibrate.data import Documents, Packed, hold_out, load_documents, pack
+from mlakit.calibrate.data import (
+    DEFAULT_SET,
+    Documents,
+    Packed,
+    default_set,
+    hold_out,
+    load_documents,
+    pack,
+    sample_settings,
+)
 from mlakit.calibrate.distill import step_rows, to_plain, used_rows
 from mlakit.calibrate.export import as_stored
 from mlakit.calibrate.teacher import load_teacher
@@ -36,6 +45,7 @@ from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.latent import plain_attention
 from mlakit.core.forward import MLAWeights
 from mlakit.core.errors import MlakitError, Terminated
+from mlakit.core.sampling import SampleSettings, sample_windows
 from mlakit.core.stream import LayerStream, Rows, SourceModel, per_document
 from mlakit.core.metrics import IGNORE, next_token_labels, rest_log_prob, token_kl, top_k_kl
 from mlakit.core.text import DEFAULT_TEXT
@@ -498,11 +508,36 @@ def test_default_text_warns_unless_the_teacher_is_the_demo(pair, tmp_path: Path,
     src, mla = pair
     fast = ["--teacher", src, *SMALL, "--layer-steps", "0"]
     warnings = [line for line in ok("calibrate", mla, tmp_path / "a", *fast).splitlines() if "no --data" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "bundled calibration mix" in warnings[0]
-    assert read_record(tmp_path / "a")["calibrate"][-1]["data"]["name"] == "bundled calibration mix"
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "sampled from the teacher" in warnings[0]
+    data = read_record(tmp_path / "a")["calibrate"][-1]["data"]
+    assert data["name"] == DEFAULT_SET and data["held_out_tokens"] == 512
+    sampled, mixed = data["sources"]
+    assert sampled["kind"] == "sampled from the source model" and mixed["text"] == "bundled calibration mix"
+    assert sampled["tokens"] == mixed["tokens"] == (2048 + 512) // 2
     monkeypatch.setattr(run_module, "DEMO_DIR", src)
     assert "no --data" not in ok("calibrate", mla, tmp_path / "b", *fast)
     assert read_record(tmp_path / "b")["calibrate"][-1]["data"]["name"] == "bundled docstrings"
+
+
+def test_the_default_set_reads_the_samples_convert_cached(pair, monkeypatch) -> None:
+    """Sampled with the conversion's settings, cut to calibrate's rows: no sampling again, and both kinds
+    held out."""
+    src, mla = pair
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    conversion = {"calibration": {"sources": [{"kind": "sampled from the source model", "seq_len": 128,
+                                               "temperature": 1.0, "seed": 3, "chat": True}]}}
+    settings = sample_settings(conversion, 64)
+    assert settings == SampleSettings(128, 1.0, 3, True) and sample_settings(conversion, 96).seq_len == 96
+    cached, _ = sample_windows(src, tokenizer, settings, 2)
+    monkeypatch.setattr("mlakit.core.sampling._generate", lambda *a, **k: pytest.fail("sampled again"))
+    default = default_set(src, tokenizer, 256, 128, 64, settings, "cpu")
+    rows = [r.tolist() for r in torch.cat([default.rows.ids, default.held_out.ids])]
+    assert len(rows) == 6 and len(default.held_out) == 2
+    sampled = [c.tolist() for c in cached.reshape(-1, 64)]
+    assert [r for r in rows if r in sampled] == sampled[:3]  # the cached rows, cut, in order
+    held = [r.tolist() for r in default.held_out.ids]
+    assert sum(r in sampled for r in held) == 1  # one held-out row of each kind
+    assert (default.rows.pos == torch.arange(64)).all()
 
 
 # ---- distillation --------------------------------------------------------------------------------

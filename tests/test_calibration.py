@@ -9,7 +9,7 @@ import torch
 from conftest import make_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlakit.convert.calibration import CalibrationSet, _interleave, calibration_set, held_out_split
+from mlakit.convert.calibration import CalibrationSet, calibration_set, held_out_split
 from mlakit.core.sampling import (
     BATCH_ROWS,
     PROMPTS,
@@ -20,6 +20,7 @@ from mlakit.core.sampling import (
     prompt_ids,
     sample_windows,
 )
+from mlakit.core.text import interleave
 
 
 def test_every_kth_row_is_held_out_at_the_end() -> None:
@@ -40,7 +41,7 @@ def test_a_prefix_keeps_the_held_out_share() -> None:
 
 def test_mixed_sources_alternate_in_proportion() -> None:
     a, b = torch.zeros(6, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)
-    mixed = _interleave([a, b])[:, 0].tolist()
+    mixed = interleave([a, b])[:, 0].tolist()
     assert sorted(mixed) == [0] * 6 + [1] * 2
     assert mixed[:4].count(1) == 1 and mixed[4:].count(1) == 1
 
