@@ -12,7 +12,16 @@ import click
 
 from mlakit.core.engines import rank_request
 from mlakit.core.errors import MlakitError, Terminated
-from mlakit.core.guard import DISK_FULL, cache_share, check_output, disk_error, local_model, positive, record_id, stale_folders
+from mlakit.core.guard import (
+    DISK_FULL,
+    cache_share,
+    check_output,
+    disk_error,
+    local_model,
+    positive,
+    record_id,
+    stale_folders,
+)
 
 
 def _terminate(signum: int, frame) -> None:

@@ -67,9 +67,7 @@ def cache_share(value: str | None) -> float | None:
         share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise MlakitError(f"--cache {value}: give a share of the source's KV cache, e.g. 0.5 or 25%") from None
-    if not 0 < share < 1:
-        raise MlakitError(f"--cache {value}: the share must be between 0 and 1 (0% and 100%)")
-    return share
+    return share  # its range is checked with the plan (convert.plan.cache_split)
 
 
 def check_protected(target: Path, inputs: Iterable[Path | None], what: str = "OUT", nest_ok: bool = False) -> None:

@@ -316,17 +316,21 @@ def test_blockwise_least_squares_reaches_the_joint_solution() -> None:
     assert error(m) == pytest.approx(error(joint), rel=1e-4)
 
 
+def _first_layer_rows(pair) -> tuple:
+    """The pair's student, its first layer's attention weights, 4 random rows of 32 positions and the
+    generator that drew them (to draw the test's perturbation next)."""
+    from mlakit.calibrate.layers import Student
+
+    student = Student(pair[1], 32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, student.config.hidden_size, generator=gen)
+    return student, student.layer(0).attn, x, torch.arange(32).expand(4, 32), gen
+
+
 def test_blockwise_values_probe_each_head_group_as_the_joint_solve_does(pair) -> None:
     """The features of a group of heads are those heads' columns of all heads' features, and
     solve_values through one-head groups ends within 1e-4 of the joint solve's error."""
-    from mlakit.calibrate.layers import Student
-
-    _, mla = pair
-    student = Student(mla, 32, "cpu")
-    w = student.layer(0).attn
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 32, student.config.hidden_size, generator=gen)
-    pos = torch.arange(32).expand(4, 32)
+    student, w, x, pos, gen = _first_layer_rows(pair)
     noisy = MLAWeights(w.q + 0.3 * torch.randn(w.q.shape, generator=gen), w.kv_a, w.kv_norm, w.kv_b, w.o)
     target = student.attention(x, noisy, pos)
     heads, rank = student.dims[0], student.config.kv_lora_rank
@@ -342,14 +346,7 @@ def test_layerwise_least_squares_shrinks_towards_the_converted_weights(pair) -> 
     """Each ridge's stage lies between the converted weights and the plain least-squares fit: the
     smallest ridge fits the rows best, the error grows with the ridge, and a huge ridge leaves the
     converted weights' attention output as it was."""
-    from mlakit.calibrate.layers import Student
-
-    _, mla = pair
-    student = Student(mla, 32, "cpu")
-    w = student.layer(0).attn
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 32, student.config.hidden_size, generator=gen)
-    pos = torch.arange(32).expand(4, 32)
+    student, w, x, pos, gen = _first_layer_rows(pair)
     noisy = MLAWeights(w.q, w.kv_a, w.kv_norm, w.kv_b + 0.3 * torch.randn(w.kv_b.shape, generator=gen), w.o)
     fit = layerwise_module._Fit(student, x, pos, student.attention(x, noisy, pos), None)
     stages = fit.solve_values(w, (1e-6, 1e-1, 1.0, 1e6))
