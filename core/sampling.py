@@ -167,16 +167,20 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int,
     if device == "cpu":
         model.float()
     starts = prompt_ids(tokenizer, settings.chat)
-    parts = [ids]
     for b in range(have // BATCH_ROWS, batches(rows)):
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
         batch = [starts[i % len(starts)] for i in range(b * BATCH_ROWS, (b + 1) * BATCH_ROWS)]
-        parts.append(_generate(model, batch, settings.seq_len, settings.temperature, generator))
+        ids = torch.cat([ids, _generate(model, batch, settings.seq_len, settings.temperature, generator)])
+        _save(path, ids, record)  # after every batch: an interrupted run keeps what it sampled
         if log:
             log(f"sampling calibration text from the model: {(b + 1) * BATCH_ROWS}/{batches(rows) * BATCH_ROWS} "
                 f"rows of {settings.seq_len} tokens, {time.perf_counter() - start:.0f} s")
     del model
-    ids = torch.cat(parts)
+    return ids[:rows], {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _save(path: Path, ids: torch.Tensor, record: dict) -> None:
+    """Write the cache file whole, then rename it into place: a reader never sees a partial file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -184,4 +188,3 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int,
         os.replace(tmp, path)
     except OSError as exc:
         raise disk_error(exc, path) from exc
-    return ids[:rows], {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}

@@ -83,6 +83,33 @@ def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
     assert not record["cached"] and not torch.equal(ids, other)
 
 
+def test_an_interrupted_sampling_run_keeps_its_finished_batches(pico_source: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling a large model takes minutes a batch: a run stopped in its second batch leaves the first
+    in the cache, and the next run samples only what is missing, the same rows as an unbroken run."""
+    import mlakit.core.sampling as sampling
+
+    tokenizer = AutoTokenizer.from_pretrained(pico_source)
+    settings = SampleSettings(seq_len=16, seed=7)
+    calls = []
+
+    def stop_at_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_generate", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        sample_windows(pico_source, tokenizer, settings, 2 * BATCH_ROWS)
+    assert cached_rows(cache_path(pico_source, settings)) == BATCH_ROWS
+    monkeypatch.setattr(sampling, "_generate", _generate)
+    resumed, record = sample_windows(pico_source, tokenizer, settings, 2 * BATCH_ROWS)
+    cache_path(pico_source, settings).unlink()
+    unbroken, _ = sample_windows(pico_source, tokenizer, settings, 2 * BATCH_ROWS)
+    assert not record["cached"] and torch.equal(resumed, unbroken)
+
+
 @pytest.mark.parametrize("text, mix, expected", [
     (False, False, [("bundled calibration mix", 256), ("sampled from the source model", 256)]),
     (True, True, [("user", 256), ("bundled calibration mix", 128), ("sampled from the source model", 128)]),
