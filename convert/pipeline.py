@@ -187,22 +187,40 @@ def _native_layer(plan: Plan, w: MLAWeights, step: StreamLayer, rope: tuple[torc
 
 def _choose_output(fit: LeastSquares, held: LeastSquares, prior: torch.Tensor,
                    opts: ConvertOptions) -> tuple[torch.Tensor, dict]:
-    """o_proj as converted or refitted with one of `opts.refit_ridges`, whichever has the least error
-    on the held-out rows (on the fitting rows when none are held out, with the first ridge only:
-    in-sample, a refit always wins and a smaller ridge always looks better). Returns it and its
+    """o_proj as converted or refitted with a ridge of `opts.refit_ridges`, whichever has the least error
+    on the held-out rows. That error has one minimum in the ridge (too small fits the calibration rows'
+    noise, too large stays at the converted o_proj), so the ladder is walked from `opts.refit_ridge`
+    towards the side that improves and stopped at the first step that does not: three solves where
+    the best ridge is inside the ladder. Without held-out rows only `opts.refit_ridge` is tried
+    (in-sample, a refit always wins and a smaller ridge always looks better). Returns it and its
     report: relative attention errors on both parts, and the ridge (None: not refitted)."""
     judge = held if held.count else fit
-    ridge, o, least = None, prior, judge.error(prior)
-    if opts.refit_output:  # one refit held at a time: each is n_out x n_in in float64 (512 MiB at 70B shapes)
-        for r in opts.refit_ridges if held.count else opts.refit_ridges[:1]:
-            refit = fit.solve(prior, r)
-            error = judge.error(refit)
-            if error < least:
-                ridge, o, least = r, refit, error
-            del refit
+    best = {"ridge": None, "o": prior, "error": judge.error(prior)}
+
+    def attempt(ridge: float) -> float:
+        refit = fit.solve(prior, ridge)  # one refit beside the best: each is n_out x n_in in float64
+        error = judge.error(refit)
+        if error < best["error"]:
+            best.update(ridge=ridge, o=refit, error=error)
+        return error
+
+    if opts.refit_output:
+        ladder = opts.ridge_ladder if held.count else [opts.refit_ridge]
+        i = ladder.index(opts.refit_ridge)
+        errors = {i: attempt(ladder[i])}
+        for step in (1, -1):
+            j = i + step
+            while 0 <= j < len(ladder):
+                errors[j] = attempt(ladder[j])
+                if errors[j] >= errors[j - step]:
+                    break
+                j += step
+            if errors.get(i + step, math.inf) < errors[i]:
+                break  # it improved upwards: the other side is past the minimum
+    o = best["o"]
     return o, {"attn_rel_error": fit.relative_error(o),
                "attn_rel_error_held_out": held.relative_error(o) if held.count else None,
-               "output_refit": ridge is not None, "refit_ridge": ridge}
+               "output_refit": best["ridge"] is not None, "refit_ridge": best["ridge"]}
 
 
 def _write_layer(writer: ShardWriter, reader: CheckpointReader, plan: Plan, i: int, w: MLAWeights,
@@ -276,7 +294,7 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
                      "strategy_errors": choice},
             "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
                               "balance_kv": opts.balance, "key_weight": opts.key_weight, "shrink": opts.shrink,
-                              "refit_ridges": list(opts.refit_ridges) if opts.refit_output else []},
+                              "refit_ridges": opts.ridge_ladder if opts.refit_output else []},
             "calibration": calib.record,
             "layers": layers,
         }

@@ -28,6 +28,9 @@ from mlakit.core.text import MIX_TEXT, tokenized_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LATENT_FORMATS = ("exact", "native")
+# o_proj refits a conversion solves per layer, for the estimate: the walk from the middle of the
+# ladder takes three where the best ridge is inside it (pipeline._choose_output).
+RIDGES_WALKED = 3
 GiB = 2**30
 
 
@@ -72,10 +75,17 @@ class ConvertOptions:
     # estimate it as well as all of them, and it costs half of the statistics pass.
     histogram_tokens: int = 16384
     refit_output: bool = True
-    # Ridges of the o_proj refit (relative to the mean input energy) tried on the held-out windows.
-    refit_ridges: tuple[float, ...] = (1e-2, 1e-3, 1e-1, 1.0)
+    # Ridges of the o_proj refit (relative to the mean input energy): the ladder walked on the
+    # held-out windows, from `refit_ridge`, the one used when nothing is held out.
+    refit_ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    refit_ridge: float = 1e-2
     shard_bytes: int = DEFAULT_SHARD_BYTES
     revision: str | None = None
+
+    @property
+    def ridge_ladder(self) -> list[float]:
+        """The refit's ridges in ascending order, the start among them."""
+        return sorted({*self.refit_ridges, self.refit_ridge})
 
 
 @dataclass
@@ -321,4 +331,4 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
                 device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native",
                 held_out=opts.held_out,
-                ridges=(len(opts.refit_ridges) if opts.held_out else 1) if opts.refit_output else 0)
+                ridges=(RIDGES_WALKED if opts.held_out else 1) if opts.refit_output else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,49 @@ def _kl_on(src: Path, out: Path, windows: torch.Tensor) -> float:
     return (ref.exp() * (ref - got)).sum(-1).mean().item()
 
 
+class _Curve:
+    """A stand-in for the refit's normal equations: the refit with ridge r is the tensor [r] and its
+    held-out error a parabola in log10(r) with its minimum at `best`; the prior's error is `prior`."""
+
+    def __init__(self, best: float, prior: float = 10.0, count: int = 1):
+        self.best, self.prior, self.count, self.solved = best, prior, count, []
+
+    def solve(self, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+        self.solved.append(ridge)
+        return torch.tensor([ridge])
+
+    def error(self, o: torch.Tensor) -> float:
+        return self.prior if o.isnan().all() else 1.0 + (math.log10(o.item()) - math.log10(self.best)) ** 2
+
+    relative_error = error
+
+
+@pytest.mark.parametrize("best, solves", [(1e-2, 3), (1e-3, 4), (1e-4, 4), (1e-1, 3), (1.0, 4), (10.0, 4), (3e-3, 4)])
+def test_the_refit_ridge_walk_finds_the_ladders_best(best: float, solves: int) -> None:
+    """The walk from the ladder's middle ends at the ladder ridge of least held-out error, whichever side
+    of the start it lies: three solves where the best is the start or the step above it (upwards first)."""
+    from mlakit.convert.pipeline import ConvertOptions, _choose_output
+
+    opts = ConvertOptions()
+    curve = _Curve(best)
+    _, report = _choose_output(curve, curve, torch.tensor([math.nan]), opts)
+    assert report["refit_ridge"] == min(opts.ridge_ladder, key=lambda r: abs(math.log10(r) - math.log10(best)))
+    assert len(curve.solved) == solves, curve.solved
+
+
+def test_the_refit_is_kept_only_where_it_beats_the_converted_o_proj() -> None:
+    """Every refit worse than the converted o_proj on the held-out rows: the converted one is kept;
+    nothing held out: only the start ridge is solved, judged in sample."""
+    from mlakit.convert.pipeline import ConvertOptions, _choose_output
+
+    curve = _Curve(1e-2, prior=0.5)
+    _, report = _choose_output(curve, curve, torch.tensor([math.nan]), ConvertOptions())
+    assert report["refit_ridge"] is None and not report["output_refit"]
+    fit, none_held = _Curve(1e-4), _Curve(1e-4, count=0)
+    _, report = _choose_output(fit, none_held, torch.tensor([math.nan]), ConvertOptions())
+    assert fit.solved == [ConvertOptions().refit_ridge] and report["refit_ridge"] == ConvertOptions().refit_ridge
+
+
 def test_the_output_refit_is_chosen_on_held_out_windows(pico_source: Path, tmp_path: Path) -> None:
     """On two calibration windows the o_proj refit has as many unknowns per output as fitting tokens,
     so with a small ridge it fits their noise. The default conversion chooses the ridge (or no refit)
@@ -149,7 +193,7 @@ def test_the_output_refit_is_chosen_on_held_out_windows(pico_source: Path, tmp_p
     base = dict(kv_lora_rank=24, rope_dim=8, calib_tokens=128, calib_seq_len=64, dtype="fp32")
     kl = {}
     for name, kw in {"default": {}, "no refit": {"refit_output": False},
-                     "in sample": {"held_out": 0.0, "refit_ridges": (1e-6,)}}.items():
+                     "in sample": {"held_out": 0.0, "refit_ridge": 1e-6}}.items():
         record = convert(str(pico_source), tmp_path / name, ConvertOptions(**base, **kw), log=lambda m: None)
         kl[name] = _kl_on(pico_source, tmp_path / name, unseen)
         if name == "default":
