@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 from mlakit.calibrate.layers import Student
 from mlakit.core.checkpoint import resolve_model
+from mlakit.core.families import load_spec
 from mlakit.core.forward import mlp, rms_norm, row_chunks
 from mlakit.core.stream import SourceModel
 from mlakit.core.text import token_windows
@@ -48,6 +49,38 @@ def nll_per_row(model: SourceModel, h: torch.Tensor, ids: torch.Tensor, rows: in
     return torch.cat(out)
 
 
+# A stream: the layers whose attention it takes from the conversion, and where it branches off
+# (layer, stream): before that layer it equals the origin ("source" or another stream), so it starts
+# there as a copy instead of running the layers before.
+Stream = tuple[set[int], int, str]
+
+
+def stream_nll(folder: Path, converted: Path, ids: torch.Tensor, streams: dict[str, Stream]) -> dict[str, torch.Tensor]:
+    """Per-row NLL of the source ("source") and of each stream, every layer's MLP and norms the source's.
+    An origin must come before the streams that branch off it."""
+    source = SourceModel.load(folder, ids.shape[1], "cpu")
+    student = Student(converted, ids.shape[1], "cpu")
+    chunks = row_chunks(ids.shape[0], ids.shape[1], max(source.spec.intermediate, source.spec.hidden))
+    hidden = {"source": source.embed(ids)}
+    with torch.inference_mode():
+        for i in range(source.layers):
+            src_layer = source.layer(i)
+            layer = student.layer(i, src_layer)
+            for name, (_, branch, origin) in streams.items():
+                if branch == i:
+                    hidden[name] = hidden[origin].clone()
+            for name, h in hidden.items():
+                for c in chunks:
+                    if name != "source" and i in streams[name][0]:
+                        x = rms_norm(h[c], layer.input_norm, source.eps)
+                        a = h[c] + student.attention(x, layer.attn, None, layer.norm_eps)
+                    else:
+                        a = h[c] + source.attention(h[c], src_layer, None)
+                    h[c] = a + mlp(rms_norm(a, src_layer.post_norm, source.eps), src_layer.gate, src_layer.up,
+                                   src_layer.down)
+        return {name: nll_per_row(source, h, ids) for name, h in hidden.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the source")
@@ -67,53 +100,29 @@ def main() -> None:
              for k, t in eval_texts(tokenizer, args.shakespeare, args.sotu).items()}
     ids = torch.cat(list(kinds.values()))
     kind_rows = torch.cat([torch.full((len(w),), i) for i, w in enumerate(kinds.values())])
-    source = SourceModel.load(folder, args.seq_len, "cpu")
-    student = Student(args.converted, args.seq_len, "cpu")
-    n = source.layers
+    n = load_spec(folder).layers
     blamed = list(range(n)) if args.layers is None else args.layers
     groups = {f"{r.start}-{r.stop - 1} restored": set(r) for r in map(parse_range, args.restore)}
-    # Per stream: the layers it converts, and where it branches off (layer, stream): before that layer
-    # it equals the source ("alone") or the whole conversion ("restored"), so it starts there as a copy.
-    streams = {ALL: (set(range(n)), 0, "source"),
-               **{f"{i} alone": ({i}, i, "source") for i in blamed},
-               **{f"{i} restored": (set(range(n)) - {i}, i, ALL) for i in blamed},
-               **{name: (set(range(n)) - g, min(g), ALL) for name, g in groups.items()}}
-    chunks = row_chunks(ids.shape[0], args.seq_len, max(source.spec.intermediate, source.spec.hidden))
-    h_src = source.embed(ids)
-    hidden: dict[str, torch.Tensor] = {}
-    with torch.inference_mode():
-        for i in range(n):
-            src_layer = source.layer(i)
-            layer = student.layer(i, src_layer)
-            for name, (_, branch, origin) in streams.items():
-                if branch == i:
-                    hidden[name] = (h_src if origin == "source" else hidden[origin]).clone()
-            for name, h in [("source", h_src), *hidden.items()]:
-                for c in chunks:
-                    if name != "source" and i in streams[name][0]:
-                        x = rms_norm(h[c], layer.input_norm, source.eps)
-                        a = h[c] + student.attention(x, layer.attn, None, layer.norm_eps)
-                    else:
-                        a = h[c] + source.attention(h[c], src_layer, None)
-                    h[c] = a + mlp(rms_norm(a, src_layer.post_norm, source.eps), src_layer.gate, src_layer.up,
-                                   src_layer.down)
-            print(f"layer {i} done", flush=True)
-        base = nll_per_row(source, h_src, ids)
-        names = list(kinds)
+    streams: dict[str, Stream] = {ALL: (set(range(n)), 0, "source"),
+                                  **{f"{i} alone": ({i}, i, "source") for i in blamed},
+                                  **{f"{i} restored": (set(range(n)) - {i}, i, ALL) for i in blamed},
+                                  **{name: (set(range(n)) - g, min(g), ALL) for name, g in groups.items()}}
+    nll = stream_nll(folder, args.converted, ids, streams)
+    base = nll["source"]
+    names = list(kinds)
 
-        def cells(nll: torch.Tensor) -> list[float]:
-            return [math.exp(nll[kind_rows == k].mean() - base[kind_rows == k].mean()) - 1 for k in range(len(names))]
+    def cells(rows: torch.Tensor) -> list[float]:
+        return [math.exp(rows[kind_rows == k].mean() - base[kind_rows == k].mean()) - 1 for k in range(len(names))]
 
-        print("\nsource perplexity: " + ", ".join(f"{k} {math.exp(base[kind_rows == j].mean()):.3f}"
-                                                   for j, k in enumerate(names)))
-        print(f"conversion: {args.converted}; {args.eval_tokens} tokens of each kind in windows of {args.seq_len}\n")
-        print("| streams | " + " | ".join(f"{k} vs source" for k in names) + " | mean |")
-        print("|---|" + "---:|" * (len(names) + 1))
-        for name in streams:
-            ratios = cells(nll_per_row(source, hidden[name], ids))
-            print(f"| {name} | " + " | ".join(f"{100 * r:+.1f}%" for r in ratios)
-                  + f" | {100 * sum(ratios) / len(ratios):+.1f}% |", flush=True)
-
+    print("\nsource perplexity: " + ", ".join(f"{k} {math.exp(base[kind_rows == j].mean()):.3f}"
+                                               for j, k in enumerate(names)))
+    print(f"conversion: {args.converted}; {args.eval_tokens} tokens of each kind in windows of {args.seq_len}\n")
+    print("| streams | " + " | ".join(f"{k} vs source" for k in names) + " | mean |")
+    print("|---|" + "---:|" * (len(names) + 1))
+    for name in streams:
+        ratios = cells(nll[name])
+        print(f"| {name} | " + " | ".join(f"{100 * r:+.1f}%" for r in ratios)
+              + f" | {100 * sum(ratios) / len(ratios):+.1f}% |", flush=True)
 
 if __name__ == "__main__":
     main()
