@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from mlakit.calibrate.layers import Student
 from mlakit.core.checkpoint import resolve_model
 from mlakit.core.families import load_spec
-from mlakit.core.forward import mlp, rms_norm, row_chunks
+from mlakit.core.forward import row_chunks, source_layer
 from mlakit.core.stream import SourceModel
 from mlakit.core.text import token_windows
 
@@ -72,19 +72,16 @@ def stream_nll(folder: Path, converted: Path, ids: torch.Tensor, streams: dict[s
             for name, h in hidden.items():
                 for c in chunks:
                     if name != "source" and i in streams[name][0]:
-                        x = rms_norm(h[c], layer.input_norm, source.eps)
-                        a = h[c] + student.attention(x, layer.attn, None, layer.norm_eps)
+                        h[c] = student.forward_layer(h[c], layer, None)
                     else:
-                        a = h[c] + source.attention(h[c], src_layer, None)
-                    h[c] = a + mlp(rms_norm(a, src_layer.post_norm, source.eps), src_layer.gate, src_layer.up,
-                                   src_layer.down)
+                        h[c] = source_layer(h[c], src_layer, source.spec, source.cos, source.sin)
         return {name: nll_per_row(source, h, ids) for name, h in hidden.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the source")
-    ap.add_argument("--converted", type=Path, required=True, help="its conversion (exact latent)")
+    ap.add_argument("--converted", type=Path, required=True, help="its conversion (a folder convert or calibrate wrote)")
     ap.add_argument("--shakespeare", type=Path, default=None)
     ap.add_argument("--sotu", type=Path, default=None)
     ap.add_argument("--eval-tokens", type=int, default=2048)
