@@ -36,8 +36,8 @@ from mlakit.core.text import DEFAULT_TEXT
 
 MODES = ("layerwise", "distill", "both")
 DEFAULT_DATA_WARNING = ("warning: no --data, so calibrating on convert's default set (text sampled from the teacher, "
-                        "cached, and the bundled mix of prose, code and fifteen languages): layer-wise fitting moves "
-                        "the model towards its data, so pass --data with text "
+                        "cached, and the bundled mix of prose, code and fifteen languages): calibration moves the "
+                        "model towards its data, so pass --data with text "
                         "like what the model will serve")
 
 

@@ -53,6 +53,11 @@ ELEMENTWISE_FLOPS = 2600
 # Sampling calibration text: the seconds of framework overhead per decoder layer of each decode step,
 # besides its matmuls.
 DECODE_SECONDS_PER_LAYER_STEP = 1e-3
+# Decoding grows every layer's K/V tensors by a new allocation each step; with freed heap pages handed
+# back every few steps (core/sampling.TRIM_EVERY) the anonymous memory of generation peaked at 1.54x
+# the final KV cache on Qwen2.5-Coder-1.5B (32 rows of 512) and 1.34-1.73x on a random model of its
+# cache shape (benchmarks/bench_sampling.py).
+SAMPLE_CACHE_COPIES = 1.6
 # Loading the tokenizer and tokenizing the calibration text whole, per byte of text (2-3 s for the
 # bundled 1.3 MB of docstrings): most of a small model's conversion time besides its layers.
 TOKENIZE_SECONDS_PER_BYTE = 2.5e-6
@@ -147,16 +152,18 @@ def source_parameters(spec: SourceSpec) -> int:
 
 
 def sample_bytes(w: Work) -> int:
-    """Sampling calibration text: the whole model (in float32 on the CPU, where the stored tensor being
-    widened is mapped beside it), the KV cache of a batch of rows at full length and one step's logits."""
+    """Sampling calibration text: the whole model (in float32 on the CPU, where a stored tensor being
+    widened is mapped beside it), the KV cache of a batch of rows at full length as decoding leaves it
+    in the heap (SAMPLE_CACHE_COPIES), and one step's logits."""
     if not w.sample_rows:
         return 0
     s = w.spec
     rows = min(w.sample_rows, BATCH_ROWS)
     cache = F32 * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
     model = F32 * source_parameters(s)
-    widened = 0 if w.device.startswith("cuda") else max(w.embed.nbytes, w.head.nbytes)
-    return model + widened + cache + 2 * F32 * rows * s.vocab
+    narrow = [t.nbytes for t in (w.embed, w.head) if t.dtype != torch.float32]
+    widened = 0 if w.device.startswith("cuda") else max(narrow, default=0)
+    return model + widened + int(SAMPLE_CACHE_COPIES * cache) + 2 * F32 * rows * s.vocab
 
 
 def _sample_step(w: Work) -> _Step:

@@ -11,6 +11,7 @@ of the same model reuses them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import json
@@ -58,6 +59,12 @@ PROMPTS = (
 # by (seed, b) alone, so the first n rows are the same however many are sampled at once: a cache of
 # k batches serves every request of up to k batches and is extended by the missing ones.
 BATCH_ROWS = 32
+# Decode steps between two returns of freed heap memory to the system (`_trim`): each step grows every
+# layer's K/V tensors by one token through a new allocation, and glibc, whose mmap threshold rises once
+# the first large logits are freed, places these growing tensors in its heap and fragments it. On a
+# Qwen2.5-1.5B-shaped model (32 rows of 512 tokens, a 0.88 GiB KV cache) the peak above the model fell
+# from +2.1-2.7 GiB to +1.3 GiB at 5% more time; trimming at every step was no lower and slower.
+TRIM_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,9 @@ def _generate(model, starts: list[list[int]], seq_len: int, temperature: float,
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, rows = out.cache, [ids]
     logits = out.logits[:, -1]
-    for _ in range(steps - width):
+    for step in range(steps - width):
+        if step % TRIM_EVERY == TRIM_EVERY - 1:
+            _trim()
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
         rows.append(nxt)
@@ -188,10 +197,22 @@ def release_freed_memory() -> None:
     about the float32 model's size more than before it, which the conversion that follows would
     have on top of its own peak. No-op where the C library has no malloc_trim."""
     gc.collect()
+    _trim()
+
+
+def _trim() -> None:
+    """glibc's malloc_trim: unmap the free pages of every heap. No-op where the C library has none."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def _save(path: Path, ids: torch.Tensor, record: dict) -> None:

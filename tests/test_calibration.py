@@ -69,6 +69,21 @@ def test_batched_decoding_follows_each_prompt_alone(pico_source: Path) -> None:
             assert torch.equal(predicted[len(start) - 1:-1], row[len(start):])
 
 
+def test_returning_freed_memory_during_decoding_changes_no_sample(pico_source: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding hands freed heap pages back every TRIM_EVERY steps (core/sampling.py): at every step or
+    never, the same seed gives the same rows."""
+    import mlakit.core.sampling as sampling
+
+    model = AutoModelForCausalLM.from_pretrained(pico_source, dtype=torch.float32).eval()
+    starts = prompt_ids(AutoTokenizer.from_pretrained(pico_source), chat=True)[:4]
+    rows = []
+    for every in (1, sampling.TRIM_EVERY, 10**9):
+        monkeypatch.setattr(sampling, "TRIM_EVERY", every)
+        rows.append(_generate(model, starts, 40, 1.0, torch.Generator().manual_seed(5)))
+    assert all(torch.equal(rows[0], r) for r in rows[1:])
+
+
 def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
     """A second request is read from the cache; a larger one samples only the missing batches, and
     its first rows are those of the smaller request; another seed samples other text."""
