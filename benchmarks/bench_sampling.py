@@ -63,7 +63,7 @@ def child(model: str, seq_len: int, trim_every: int) -> None:
     seconds = time.perf_counter() - start
     done.set()
     print(json.dumps({"seconds": seconds, "peak": peak["VmRSS"] * 1024, "anon": (peak["RssAnon"] - base["RssAnon"]) * 1024,
-                      "base": base["VmRSS"] * 1024, "estimate": plan.cost.ram_bytes,
+                      "estimate": plan.cost.ram_bytes,
                       "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:12]}))
 
 

@@ -64,7 +64,7 @@ BATCH_ROWS = 32
 # the first large logits are freed, places these growing tensors in its heap and fragments it. Sampling
 # 32 rows of 512 tokens (a 0.88 GiB KV cache) from Qwen2.5-Coder-1.5B, the memory above the model fell
 # from 7.7 to 1.35 GiB, the same ids, no slower; on a random model of its cache shape from 1.8-3.8 to
-# 1.2-1.6 GiB at 5% more time (benchmarks/bench_sampling.py). Trimming at every step was no lower.
+# 1.2-1.6 GiB at 5% more time (benchmarks/bench_sampling.py). Trimming at every step was no lower, and slower.
 TRIM_EVERY = 8
 
 
