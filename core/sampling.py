@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from mlakit.core.guard import disk_error
 
@@ -66,6 +67,9 @@ BATCH_ROWS = 32
 # from 7.7 to 1.35 GiB, the same ids, no slower; on a random model of its cache shape from 1.8-3.8 to
 # 1.2-1.6 GiB at 5% more time (benchmarks/bench_sampling.py). Trimming at every step was no lower, and slower.
 TRIM_EVERY = 8
+# Decode steps between two progress lines when stderr is not a terminal (a terminal gets a bar): one
+# batch of Qwen2.5-Coder-1.5B takes a quarter of an hour on two CPU cores.
+LOG_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,11 @@ def prompt_ids(tokenizer, chat: bool) -> list[list[int]]:
 
 @torch.no_grad()
 def _generate(model, starts: list[list[int]], seq_len: int, temperature: float,
-              generator: torch.Generator) -> torch.Tensor:
+              generator: torch.Generator, on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Rows of exactly `seq_len` tokens: each start (left-padded to the longest) followed by sampled
     tokens, the end-of-turn token included (the model then writes on, as it would in a
-    conversation); the padding is cut off so that each row is real tokens from position 0."""
+    conversation); the padding is cut off so that each row is real tokens from position 0.
+    `on_step` is called after every decode step."""
     device = next(model.parameters()).device
     width = max(map(len, starts))
     ids = torch.zeros(len(starts), width, dtype=torch.long)  # padding: masked, any id in the vocabulary
@@ -141,6 +146,8 @@ def _generate(model, starts: list[list[int]], seq_len: int, temperature: float,
         positions = positions[:, -1:] + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
+        if on_step:
+            on_step()
     full = torch.cat(rows, dim=1).cpu()
     return torch.stack([row[width - len(s): width - len(s) + seq_len] for row, s in zip(full, starts)])
 
@@ -179,14 +186,29 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int,
     if device == "cpu":
         model.float()
     starts = prompt_ids(tokenizer, settings.chat)
-    for b in range(have // BATCH_ROWS, batches(rows)):
+    todo = {b: [starts[i % len(starts)] for i in range(b * BATCH_ROWS, (b + 1) * BATCH_ROWS)]
+            for b in range(have // BATCH_ROWS, batches(rows))}
+    steps = sum(settings.seq_len - min(map(len, batch)) for batch in todo.values())
+    bar = tqdm(total=steps * BATCH_ROWS, desc="sampling calibration text", unit="token", leave=False, disable=None)
+    saved, step = have, 0  # rows saved, decode steps of the batch under way
+
+    def on_step() -> None:
+        nonlocal step
+        bar.update(BATCH_ROWS)
+        step += 1
+        if log and bar.disable and step % LOG_EVERY == 0:
+            log(f"sampling calibration text from the model: rows {saved + 1}-{saved + BATCH_ROWS}, "
+                f"{step} tokens each so far, {time.perf_counter() - start:.0f} s")
+
+    for b, batch in todo.items():
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + b)
-        batch = [starts[i % len(starts)] for i in range(b * BATCH_ROWS, (b + 1) * BATCH_ROWS)]
-        ids = torch.cat([ids, _generate(model, batch, settings.seq_len, settings.temperature, generator)])
+        ids = torch.cat([ids, _generate(model, batch, settings.seq_len, settings.temperature, generator, on_step)])
         _save(path, ids, record)  # after every batch: an interrupted run keeps what it sampled
+        saved, step = (b + 1) * BATCH_ROWS, 0
         if log:
             log(f"sampling calibration text from the model: {(b + 1) * BATCH_ROWS}/{batches(rows) * BATCH_ROWS} "
                 f"rows of {settings.seq_len} tokens, {time.perf_counter() - start:.0f} s")
+    bar.close()
     del model
     release_freed_memory()
     return ids[:rows], {**record, "cached": False, "seconds": round(time.perf_counter() - start, 1)}

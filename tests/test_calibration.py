@@ -127,6 +127,22 @@ def test_an_interrupted_sampling_run_keeps_its_finished_batches(pico_source: Pat
     assert not record["cached"] and torch.equal(resumed, unbroken)
 
 
+def test_sampling_reports_progress_within_a_batch(pico_source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One batch of a large model takes many minutes: a log (stderr not a terminal) hears of it every
+    LOG_EVERY decode steps, not only once the batch is saved."""
+    import mlakit.core.sampling as sampling
+
+    monkeypatch.setattr(sampling, "LOG_EVERY", 8)
+    tokenizer = AutoTokenizer.from_pretrained(pico_source)
+    lines: list[str] = []
+    sample_windows(pico_source, tokenizer, SampleSettings(seq_len=40, seed=11), BATCH_ROWS, log=lines.append)
+    steps = 40 - min(map(len, prompt_ids(tokenizer, chat=True)))
+    assert steps >= 16
+    assert [line.split(", ")[1] for line in lines[:-1]] == [f"{n} tokens each so far" for n in range(8, steps + 1, 8)]
+    assert all(line.startswith(f"sampling calibration text from the model: rows 1-{BATCH_ROWS}") for line in lines[:-1])
+    assert lines[-1].startswith(f"sampling calibration text from the model: {BATCH_ROWS}/{BATCH_ROWS} rows")
+
+
 def _rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
