@@ -68,7 +68,7 @@ BATCH_ROWS = 32
 # 1.2-1.6 GiB at 5% more time (benchmarks/bench_sampling.py). Trimming at every step was no lower, and slower.
 TRIM_EVERY = 8
 # Decode steps between two progress lines when stderr is not a terminal (a terminal gets a bar): one
-# batch of Qwen2.5-Coder-1.5B takes a quarter of an hour on two CPU cores.
+# batch of Qwen2.5-Coder-1.5B took 15 to 56 minutes on one thread of a 2-core CPU (docs/convert.md).
 LOG_EVERY = 64
 
 
