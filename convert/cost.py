@@ -53,6 +53,12 @@ ELEMENTWISE_FLOPS = 2600
 # Sampling calibration text: the seconds of framework overhead per decoder layer of each decode step,
 # besides its matmuls.
 DECODE_SECONDS_PER_LAYER_STEP = 1e-3
+# Share of one thread's matmul rate that a CPU decode step (32 rows through every weight) reaches,
+# whatever the thread count: 32 rows of 512 tokens took 361 s from SmolLM2-135M with both cores of an
+# idle 2-core machine (12 GFLOP/s, 0.35 of one thread's 34) and 3347 s from Qwen2.5-Coder-1.5B on one
+# thread beside another job (15 GFLOP/s, 0.44); one thread's rate times the thread count, the unit of
+# the passes, put the first at 2 minutes.
+DECODE_EFFICIENCY = 0.4
 # Decoding grows every layer's K/V tensors by a new allocation each step; with freed heap pages handed
 # back every few steps (core/sampling.TRIM_EVERY) the anonymous memory of generation peaked at 1.54x
 # the final KV cache on Qwen2.5-Coder-1.5B (32 rows of 512), a SmolLM2-135M conversion peaked where
@@ -182,7 +188,8 @@ def available_ram() -> int | None:
 
 def sample_seconds(w: Work, rate: float) -> float:
     """Sampling `sample_rows` rows: every token through every weight, attention over the rows'
-    average context, and the per-step overhead of a decode step, at `rate` GFLOP/s."""
+    average context, and the per-step overhead of a decode step; `rate` is the device's matmul
+    GFLOP/s (`matmul_gflops`), of which a CPU decode step gets DECODE_EFFICIENCY of one thread's share."""
     if not w.sample_rows:
         return 0.0
     s = w.spec
@@ -190,7 +197,11 @@ def sample_seconds(w: Work, rate: float) -> float:
     attention = 2 * s.layers * 2 * s.heads * s.head_dim * w.seq_len / 2
     flops = tokens * (2 * source_parameters(s) + attention)
     steps = -(-w.sample_rows // BATCH_ROWS) * w.seq_len
-    return flops / (rate * 1e9) / PASS_EFFICIENCY + steps * s.layers * DECODE_SECONDS_PER_LAYER_STEP
+    if w.device.startswith("cuda"):
+        compute = flops / (rate * 1e9) / PASS_EFFICIENCY
+    else:
+        compute = flops / (rate / torch.get_num_threads() * 1e9) / DECODE_EFFICIENCY
+    return compute + steps * s.layers * DECODE_SECONDS_PER_LAYER_STEP
 
 
 def _model_steps(w: Work) -> list[_Step]:
