@@ -55,13 +55,8 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
         per_head_o = o_heads @ o_heads.transpose(1, 2)
         k_metric = torch.block_diag(*[per_head_q[group_of == g].sum(0) for g in range(G)])
         v_metric = torch.block_diag(*[per_head_o[group_of == g].sum(0) for g in range(G)])
-    latent_sigma, key_mean = sigma, None
-    if opts.center_keys:  # the mean is measured well: shrink the covariance only
-        key_mean = mean.double()
-        latent_sigma = stats.shrunk_covariance(opts.shrink) + torch.outer(key_mean, key_mean)
-    latent = joint_latent(k_nope, v, latent_sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
-                          balance=opts.balance, k_metric=k_metric, v_metric=v_metric, key_weight=opts.key_weight,
-                          key_mean=key_mean)
+    latent = joint_latent(k_nope, v, sigma, shape.kv_lora_rank, activation_aware=opts.activation_aware,
+                          balance=opts.balance, k_metric=k_metric, v_metric=v_metric, key_weight=opts.key_weight)
     q_scale = math.sqrt(shape.qk_head / d) * cand.src_scaling**2
     q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
     q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale

@@ -52,14 +52,6 @@ class SecondMoment:
             return sigma
         return (1 - amount) * sigma + amount * torch.diag(sigma.diagonal())
 
-    def shrunk_covariance(self, amount: float) -> torch.Tensor:
-        """The covariance E[x x^T] - E[x] E[x]^T pulled towards its diagonal by `amount`: the
-        correlations are what few tokens estimate poorly, the mean is not shrunk."""
-        cov = self.sigma - torch.outer(self.mean, self.mean)
-        if amount == 0:
-            return cov
-        return (1 - amount) * cov + amount * torch.diag(cov.diagonal())
-
 
 def absorb_bias(weight: torch.Tensor, bias: torch.Tensor | None, sigma: torch.Tensor,
                 mean: torch.Tensor) -> torch.Tensor:
@@ -103,16 +95,10 @@ class Latent:
     optimum: float
 
 
-def _fit(full: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> tuple[float, float]:
-    """Mean squared error of `approx` for `full` on inputs of second moment `sigma`, and the energy of `full`."""
-    diff = full - approx
-    return (max(0.0, torch.einsum("ij,jk,ik->", diff, sigma, diff).item()),
-            torch.einsum("ij,jk,ik->", full, sigma, full).item())
-
-
 def _rel_error(full: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor) -> float:
-    err, energy = _fit(full, approx, sigma)
-    return (err / max(energy, 1e-300)) ** 0.5
+    diff = full - approx
+    den = torch.einsum("ij,jk,ik->", full, sigma, full).item()
+    return max(0.0, torch.einsum("ij,jk,ik->", diff, sigma, diff).item() / max(den, 1e-300)) ** 0.5
 
 
 def _sqrt_and_inverse(metric: torch.Tensor | None, n: int,
@@ -126,14 +112,9 @@ def _sqrt_and_inverse(metric: torch.Tensor | None, n: int,
     return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
 
 
-# Alternating least-squares steps of the centered-key latent, from the eigenvector solution.
-CENTERED_KEY_STEPS = 30
-
-
 def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: int, *,
                  activation_aware: bool = True, balance: bool = True, k_metric: torch.Tensor | None = None,
-                 v_metric: torch.Tensor | None = None, key_weight: float = 1.0,
-                 key_mean: torch.Tensor | None = None, refine_steps: int = CENTERED_KEY_STEPS) -> Latent:
+                 v_metric: torch.Tensor | None = None, key_weight: float = 1.0) -> Latent:
     """Top-`rank` principal directions of the stacked no-rope keys and values.
 
     With `activation_aware`, the directions are those of the outputs' covariance Y sigma Y^T, the
@@ -141,15 +122,8 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     `k_metric` and `v_metric` weight the errors by what they cost downstream (E[q q^T] for keys,
     W_o^T W_o for values), so the optimum is taken in that metric. `balance` then scales K to V's
     output energy so that neither dominates the budget, and `key_weight` weights the keys' share
-    against the values' from there. Runs on the inputs' device.
-
-    With `key_mean` (the inputs' mean, `sigma` their second moment), the keys' error is taken on
-    the centered inputs: a key error shared by every token adds the same amount to all of a query's
-    scores, which softmax removes, so the latent need not carry the keys' mean. That objective has
-    no eigenvector solution (keys and values see different input moments); alternating least
-    squares (`_refine_centered`) takes it from the eigenvector solution under `sigma`."""
+    against the values' from there. Runs on the inputs' device."""
     k, v, sigma = k.double(), v.double(), sigma.double()
-    k_sigma = sigma if key_mean is None else sigma - torch.outer(key_mean.double(), key_mean.double())
     wk, wk_inv = _sqrt_and_inverse(k_metric, k.shape[0], k.device)
     wv, wv_inv = _sqrt_and_inverse(v_metric, v.shape[0], v.device)
     kw, vw = wk @ k, wv @ v
@@ -166,50 +140,16 @@ def joint_latent(k: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, rank: in
     evals = torch.linalg.eigvalsh(metric)
     optimum = max(0.0, (evals[:-rank].clamp_min(0).sum() / evals.clamp_min(0).sum().clamp_min(1e-300)).item()) ** 0.5
     n_k = k.shape[0]
-    up_k, up_v = basis[:n_k], basis[n_k:]
-    if key_mean is not None:
-        down, up_k, up_v = _refine_centered(kw * scale, vw, sigma, key_mean.double(), down, refine_steps)
-        optimum = float("nan")  # the eigenvalue bound is that of the uncentered objective
-    k_up, v_up = wk_inv @ up_k / scale, wv_inv @ up_v
-    k_fit, v_fit = _fit(kw * scale, up_k @ down, k_sigma), _fit(vw, up_v @ down, sigma)
+    k_up, v_up = wk_inv @ basis[:n_k] / scale, wv_inv @ basis[n_k:]
     return Latent(
         down=down,
         k_up=k_up,
         v_up=v_up,
-        k_error=_rel_error(k, k_up @ down, k_sigma),
+        k_error=_rel_error(k, k_up @ down, sigma),
         v_error=_rel_error(v, v_up @ down, sigma),
-        error=math.sqrt((k_fit[0] + v_fit[0]) / max(k_fit[1] + v_fit[1], 1e-300)),
+        error=_rel_error(stacked, basis @ down, sigma),
         optimum=optimum,
     )
-
-
-def _refine_centered(kw: torch.Tensor, vw: torch.Tensor, sigma: torch.Tensor, mean: torch.Tensor,
-                     down: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Down and up projections of least tr((Kw - Uk D) S_k (.)^T) + tr((Vw - Uv D) S (.)^T), with
-    S = `sigma` and S_k = S - m m^T, by alternating least squares from `down`.
-
-    Each step solves the ups for D (two r x r systems), then D for the ups in closed form: the
-    normal equations G D S - A D m m^T = C (A = Uk^T Uk, G = A + Uv^T Uv) are a rank-one change of
-    G D S = C, solved through w = D m, which needs S^-1 only (well conditioned: shrunk)."""
-    sk = sigma - torch.outer(mean, mean)
-    s_inv_m = _solve_sym(sigma, mean[:, None])[:, 0]
-    gamma = (mean @ s_inv_m).item()  # < 1: S - m m^T is a covariance
-    for _ in range(steps):
-        up_k = _solve_sym(down @ sk @ down.T, down @ sk @ kw.T).T
-        up_v = _solve_sym(down @ sigma @ down.T, down @ sigma @ vw.T).T
-        a, b = up_k.T @ up_k, up_v.T @ up_v
-        rhs = _solve_sym(sigma, (up_k.T @ kw @ sk + up_v.T @ vw @ sigma).T).T  # C S^-1
-        w = torch.linalg.solve((1 - gamma) * a + b, rhs @ mean)
-        down = torch.linalg.solve(a + b, rhs + torch.outer(a @ w, s_inv_m))
-    up_k = _solve_sym(down @ sk @ down.T, down @ sk @ kw.T).T
-    up_v = _solve_sym(down @ sigma @ down.T, down @ sigma @ vw.T).T
-    return down, up_k, up_v
-
-
-def _solve_sym(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^-1 b for a symmetric positive semi-definite a, with a ridge of 1e-12 of its mean diagonal."""
-    ridge = 1e-12 * a.diagonal().mean().clamp_min(1e-300)
-    return torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype, device=a.device), b)
 
 
 class LeastSquares:

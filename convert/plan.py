@@ -58,8 +58,6 @@ class ConvertOptions:
     # Weight of the keys' error against the values' in the joint latent, after `balance` equalizes
     # their output energies: 0.25, 0.35 and 0.5 all beat 1 on unseen text (docs/real-models.md).
     key_weight: float = 0.5
-    # Take the keys' error in the joint latent on centered inputs: softmax removes the keys' mean.
-    center_keys: bool = False
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"
