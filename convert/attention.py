@@ -61,7 +61,11 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     q_nope = F.pad(rope.to_real(split.q_nope), (0, 0, 0, shape.qk_nope - d))
     q_rows = torch.cat([q_nope, rope.to_interleaved(split.q_rot)], dim=1).reshape(-1, D) * q_scale
     k_up = F.pad(latent.k_up.view(G, d, -1)[group_of], (0, 0, 0, shape.qk_nope - d))
-    v_up = F.pad(latent.v_up.view(G, d, -1)[group_of], (0, 0, 0, shape.v_head - d))
+    v_rows = latent.v_up.view(G, d, -1)
+    extra = value_dim(spec, shape, opts) - d
+    if extra:
+        v_rows = torch.cat([v_rows, extra_value_rows(v_rows, latent.down, sigma, extra)], dim=1)
+    v_up = F.pad(v_rows[group_of], (0, 0, 0, shape.v_head - v_rows.shape[1]))
     o = F.pad(layer.o.double().view(D, H, d), (0, shape.v_head - d)).reshape(D, -1)
     weights = MLAWeights(
         q=q_rows.float().cpu(),
@@ -75,21 +79,50 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     return weights, info
 
 
-def unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape) -> MLAWeights:
+def value_dim(spec: SourceSpec, shape: deepseek.MLAShape, opts: ConvertOptions) -> int:
+    """Value dims per head that carry something: the source's head dim, or with `opts.extra_values`
+    as many more of the format's padded ones (v_head > head_dim) as the latent has directions for."""
+    if not opts.extra_values:
+        return spec.head_dim
+    return max(spec.head_dim, min(shape.v_head, shape.kv_lora_rank))
+
+
+def extra_value_rows(v_rows: torch.Tensor, down: torch.Tensor, sigma: torch.Tensor, n: int) -> torch.Tensor:
+    """(G, n, r) value rows for the format's padded value dims: per kv head, the n latent directions
+    of most energy outside the span of its value rows, scaled to their mean energy. o_proj's columns
+    for them start at zero and the o_proj refit decides what they add: each head's output can then
+    read latent directions (key information among them) that its d value rows leave out."""
+    latent_moment = down @ sigma @ down.T
+    out = []
+    for rows in v_rows:
+        q, _ = torch.linalg.qr(rows.T)  # (r, d): the span of the value rows
+        outside = torch.eye(q.shape[0], dtype=q.dtype, device=q.device) - q @ q.T
+        _, vecs = torch.linalg.eigh(outside @ latent_moment @ outside)
+        extra = vecs[:, -n:].flip(-1).T
+        energy = (rows @ latent_moment * rows).sum(1).mean()
+        scale = (energy / (extra @ latent_moment * extra).sum(1).clamp_min(1e-300)).sqrt()
+        out.append(extra * scale[:, None])
+    return torch.stack(out)
+
+
+def unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape, v_dim: int | None = None) -> MLAWeights:
     """The weights without the zero padding of the nope key and of v (qk_nope, v_head >= head_dim),
     o_proj keeping only the columns of real head outputs: the padding only multiplies zeros, so
-    the fit computes exactly the same attention on the source's head sizes, for less work."""
+    the fit computes exactly the same attention on the source's head sizes, for less work. `v_dim`
+    keeps that many value dims (`value_dim`; default the source's head dim)."""
     d, h, nope = spec.head_dim, spec.heads, shape.qk_nope
+    v_dim = v_dim or d
     q = w.q.unflatten(0, (h, shape.qk_head))
     kv_b = w.kv_b.unflatten(0, (h, nope + shape.v_head))
     return MLAWeights(
         q=torch.cat([q[:, :d], q[:, nope:]], dim=1).flatten(0, 1),
         kv_a=w.kv_a,
         kv_norm=w.kv_norm,
-        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + d]], dim=1).flatten(0, 1),
-        o=w.o.unflatten(1, (h, shape.v_head))[..., :d].flatten(1),
+        kv_b=torch.cat([kv_b[:, :d], kv_b[:, nope:nope + v_dim]], dim=1).flatten(0, 1),
+        o=w.o.unflatten(1, (h, shape.v_head))[..., :v_dim].flatten(1),
     )
 
 
-def padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape) -> torch.Tensor:
-    return F.pad(o.unflatten(1, (spec.heads, spec.head_dim)), (0, shape.v_head - spec.head_dim)).flatten(1)
+def padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape, v_dim: int | None = None) -> torch.Tensor:
+    v_dim = v_dim or spec.head_dim
+    return F.pad(o.unflatten(1, (spec.heads, v_dim)), (0, shape.v_head - v_dim)).flatten(1)

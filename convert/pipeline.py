@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 import mlakit
 from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
-from mlakit.convert.attention import convert_attention, padded_columns, unpadded
+from mlakit.convert.attention import convert_attention, padded_columns, unpadded, value_dim
 from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
@@ -130,16 +130,17 @@ def _convert_layer(plan: Plan, step: StreamLayer, tables: dict[str, tuple[torch.
         targets = {part: step.target(part) for part in stream.parts}  # what the fit aims at
         lap("statistics")
         built = {c.strategy: convert_attention(layer, spec, shape, stats, dist, c, opts) for c in cands}
-        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape)).values()))
+        v_dim = value_dim(spec, shape, opts)
+        on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape, v_dim)).values()))
                      for key, (w, _) in built.items()}
         lap("rope and latent")
-        n = spec.heads * spec.head_dim
+        n = spec.heads * v_dim
         fits = {key: {part: LeastSquares(n, spec.hidden, dev) for part in (FIT, HELD)} for key in built}
         for part, target in targets.items():
             for c in stream.chunks(part):
                 x = step.normed(part, c)
                 for key, w in on_device.items():
-                    heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim, *tables[key],
+                    heads = mla_heads(x, w, spec.heads, spec.head_dim, shape.qk_rope, v_dim, *tables[key],
                                       norm_eps=None, scale=shape.qk_head**-0.5)
                     fits[key][part].update(heads, target[c])
         del targets
@@ -148,7 +149,7 @@ def _convert_layer(plan: Plan, step: StreamLayer, tables: dict[str, tuple[torch.
             o, row = chosen[c.strategy]
             weights, info = built[c.strategy]
             if row["output_refit"]:
-                weights.o = padded_columns(o, spec, shape).float().cpu()
+                weights.o = padded_columns(o, spec, shape, v_dim).float().cpu()
             reports[c.strategy].append({"layer": step.index, **row, **info})
         lap("error pass")
         result = built[cands[0].strategy][0]
@@ -172,12 +173,13 @@ def _native_layer(plan: Plan, w: MLAWeights, step: StreamLayer, rope: tuple[torc
     native = latent.fit_native(plain, [linear(step.normed(FIT, c), plain.kv_a[:rank]) for c in stream.chunks(FIT)],
                                opts.native_metric_steps, seed=step.index)
     stored = MLAWeights(*(t.to(plan.dtype).float() for t in vars(native).values()))
-    exact, served = unpadded(plain, spec, shape), unpadded(stored, spec, shape)
+    v_dim = value_dim(spec, shape, opts)
+    exact, served = unpadded(plain, spec, shape, v_dim), unpadded(stored, spec, shape, v_dim)
     judge = HELD if HELD in stream.parts else FIT
     err = energy = 0.0
     for c in stream.chunks(judge):
         x = step.normed(judge, c)
-        run = lambda m, eps: mla_attention(x, m, spec.heads, spec.head_dim, shape.qk_rope, spec.head_dim,  # noqa: E731
+        run = lambda m, eps: mla_attention(x, m, spec.heads, spec.head_dim, shape.qk_rope, v_dim,  # noqa: E731
                                            *rope, norm_eps=eps, scale=shape.qk_head**-0.5)
         ref = run(exact, None)
         err += (run(served, LATENT_NORM_EPS) - ref).pow(2).sum().item()
@@ -294,7 +296,8 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
                      "strategy_errors": choice},
             "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
                               "balance_kv": opts.balance, "key_weight": opts.key_weight, "shrink": opts.shrink,
-                              "refit_ridges": opts.ridge_ladder if opts.refit_output else []},
+                              "refit_ridges": opts.ridge_ladder if opts.refit_output else [],
+                              "value_dims": value_dim(plan.spec, plan.shape, opts)},
             "calibration": calib.record,
             "layers": layers,
         }

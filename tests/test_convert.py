@@ -217,3 +217,30 @@ def test_calibration_windows_can_start_with_the_bos_token(tmp_path: Path) -> Non
         assert record["calibration"]["tokens"] == 2048
         assert ("led by the BOS token" in summary(record)) == (flag == "--calib-bos")
     load_pair(src, tmp_path / "calib-bos")
+
+
+def test_filled_value_dims_are_written_and_load(tmp_path: Path) -> None:
+    """With `extra_values`, a source of head dim 16 (v_head_dim 128) gets its value rows plus latent
+    directions they leave out, up to the latent's rank; o_proj's columns past them stay zero, the
+    folder loads in transformers and mlakit.json says how many value dims are filled. The o_proj
+    refit uses them (layer 0 refits in both runs), and the logits stay as close to the source's."""
+    from mlakit.convert.pipeline import convert
+    from mlakit.convert.plan import ConvertOptions
+
+    src = make_llama(tmp_path / "src", layers=2)
+    errors = {}
+    for extra in (False, True):
+        out = tmp_path / f"out-{extra}"
+        convert(str(src), out, ConvertOptions(kv_lora_rank=24, rope_dim=8, calib_tokens=2048, calib_seq_len=128,
+                                              dtype="fp32", extra_values=extra), log=lambda m: None)
+        record = json.loads((out / "mlakit.json").read_text())
+        assert record["factorization"]["value_dims"] == (24 if extra else 16)
+        source, converted = load_pair(src, out)
+        ids = torch.randint(0, 256, (2, 64))
+        with torch.no_grad():
+            ref = source(ids).logits
+            errors[extra] = ((converted(ids).logits - ref).norm() / ref.norm()).item()
+        o = load_file(out / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"].unflatten(1, (4, 128))
+        assert o[..., record["factorization"]["value_dims"]:].abs().max() == 0
+        assert (o[..., 16:24].abs().max() > 0) == extra  # the refit used the filled dims
+    assert errors[True] < 1.1 * errors[False], errors

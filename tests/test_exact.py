@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from mlakit.convert import rope
+from mlakit.convert.attention import padded_columns, unpadded
 from mlakit.convert.factorize import joint_latent
 from mlakit.core import deepseek, forward
 from mlakit.core.latent import latent_norm_trick, plain_latent
@@ -296,3 +298,28 @@ def test_output_refit_normal_equations(device: str) -> None:
     assert (got[:, 0] - w_true[:, 0]).abs().max() < 1e-2  # energy 500 against a ridge of 0.5: the data's map
     assert (got[:, -1] - w_old[:, -1]).abs().max() < 1e-3  # energy 5e-6 against a ridge of 0.5: the prior
     assert fit.error(got) < 1e-3 * fit.error(w_old)
+
+
+
+def test_filled_value_dims_compute_the_padded_attention() -> None:
+    """The error pass runs attention on the source's head sizes plus the value dims the conversion
+    filled (`unpadded` with v_dim); what it fits is what the written, padded block computes."""
+    torch.manual_seed(7)
+    heads, d, nope, rope, v_head, rank, v_dim, hidden = 4, 8, 16, 4, 16, 12, 12, 32
+    spec = SimpleNamespace(heads=heads, head_dim=d)
+    shape = SimpleNamespace(qk_nope=nope, v_head=v_head, qk_head=nope + rope)
+    q = torch.randn(heads, nope + rope, hidden, dtype=torch.float64)
+    q[:, d:nope] = 0  # the nope key's padding
+    kv_b = torch.randn(heads, nope + v_head, rank, dtype=torch.float64)
+    kv_b[:, d:nope] = 0
+    kv_b[:, nope + v_dim:] = 0  # value dims past the filled ones
+    o = padded_columns(torch.randn(hidden, heads * v_dim, dtype=torch.float64), spec, shape, v_dim)
+    w = MLAWeights(q.flatten(0, 1), torch.randn(rank + rope, hidden, dtype=torch.float64), torch.ones(rank),
+                   kv_b.flatten(0, 1), o)
+    x = torch.randn(2, 9, hidden, dtype=torch.float64)
+    cos, sin = rope_tables(1.0 / 10000 ** (torch.arange(0, rope, 2) / rope), 9)
+    padded = mla_attention(x, w, heads, nope, rope, v_head, cos.double(), sin.double(), norm_eps=None,
+                           scale=(nope + rope) ** -0.5)
+    small = mla_attention(x, unpadded(w, spec, shape, v_dim), heads, d, rope, v_dim, cos.double(), sin.double(),
+                          norm_eps=None, scale=(nope + rope) ** -0.5)
+    torch.testing.assert_close(small, padded, rtol=1e-12, atol=1e-12)

@@ -280,7 +280,8 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
                  else f"source top-{metrics.TOP_K} plus the rest as one bucket (a lower bound)"},
         **metrics.summarize(conv.scores),
         "kv_cache": _kv_cache(src, conv, src_dir, conv_dir, max_positions),
-        "parameters": weights.breakdown(spec, conv_cfg, src.params, conv.params),
+        "parameters": weights.breakdown(spec, conv_cfg, src.params, conv.params,
+                                        ((conversion or {}).get("factorization") or {}).get("value_dims")),
         "layers": [{"layer": i, "attn_rel_error": e} for i, e in enumerate(errors)],
         "generation": [
             {"prompt": p, "diverges_at": metrics.divergence(a, b),

@@ -30,15 +30,17 @@ def mla_attention(cfg: dict) -> dict[str, int]:
     return {key: math.prod(shapes[name]) for key, name in deepseek.attention_names(0).items()}
 
 
-def zero_padding(spec: SourceSpec, cfg: dict) -> int:
+def zero_padding(spec: SourceSpec, cfg: dict, value_dims: int | None = None) -> int:
     """Weights of one MLA block that convert writes as zeros: the rows and columns that bring a source
-    head dim up to qk_nope_head_dim and v_head_dim (`deepseek.head_dims`, vLLM's prefill shapes)."""
+    head dim up to qk_nope_head_dim and v_head_dim (`deepseek.head_dims`, vLLM's prefill shapes),
+    but for the value dims the conversion filled (`value_dims` per head, from mlakit.json)."""
     s, d = mla_shape(cfg), spec.head_dim
-    nope, v = s.qk_nope - d, s.v_head - d
+    nope, v = s.qk_nope - d, s.v_head - (value_dims or d)
     return s.heads * (nope * s.hidden + (nope + v) * s.kv_lora_rank + v * s.hidden)
 
 
-def breakdown(spec: SourceSpec, cfg: dict, source_params: int, converted_params: int) -> dict:
+def breakdown(spec: SourceSpec, cfg: dict, source_params: int, converted_params: int,
+              value_dims: int | None = None) -> dict:
     """The per-layer attention counts of both models, the zero padding, the lm_head the converted model
     adds, and whatever of the measured difference in parameters these leave unexplained (0 for a
     folder written by convert)."""
@@ -49,7 +51,7 @@ def breakdown(spec: SourceSpec, cfg: dict, source_params: int, converted_params:
         "layers": spec.layers,
         "source_attention_per_layer": src,
         "converted_attention_per_layer": conv,
-        "converted_zero_padding_per_layer": zero_padding(spec, cfg),
+        "converted_zero_padding_per_layer": zero_padding(spec, cfg, value_dims),
         "untied_lm_head": untied,
         "unexplained": converted_params - source_params - explained,
     }
