@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mlakit.convert import rope
 from mlakit.convert.candidates import Candidate
 from mlakit.convert.factorize import SecondMoment, absorb_bias, absorb_residual, joint_latent
-from mlakit.convert.plan import ConvertOptions
+from mlakit.convert.plan import ConvertOptions, value_dim
 from mlakit.core import deepseek
 from mlakit.core.families import SourceLayer, SourceSpec
 from mlakit.core.forward import MLAWeights
@@ -77,14 +77,6 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
     info = {"k_error": latent.k_error, "v_error": latent.v_error, "latent_error": latent.error,
             "latent_optimum": latent.optimum, "rope_energy_kept": split.energy_kept}
     return weights, info
-
-
-def value_dim(spec: SourceSpec, shape: deepseek.MLAShape, opts: ConvertOptions) -> int:
-    """Value dims per head that carry something: the source's head dim, or with `opts.extra_values`
-    as many more of the format's padded ones (v_head > head_dim) as the latent has directions for."""
-    if not opts.extra_values:
-        return spec.head_dim
-    return max(spec.head_dim, min(shape.v_head, shape.kv_lora_rank))
 
 
 def extra_value_rows(v_rows: torch.Tensor, down: torch.Tensor, sigma: torch.Tensor, n: int) -> torch.Tensor:

@@ -90,6 +90,7 @@ class Work:
     native: bool = False
     held_out: float = 0.0  # share of the rows held out
     ridges: int = 1  # o_proj refits solved per candidate (0: no refit)
+    value_dims: int = 0  # value dims per head the o_proj refit reads (0: the source's head dim)
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,16 @@ def _layer_steps(w: Work, rows: int, k: int) -> list[_Step]:
     stats = F64 * D * D
     converted = F32 * (m.heads * m.qk_head * D + (m.kv_lora_rank + m.qk_rope) * D
                        + m.heads * (m.qk_nope + m.v_head) * m.kv_lora_rank + D * m.heads * m.v_head)
-    unpadded = F32 * (s.heads * (d + m.qk_rope) * D + s.heads * 2 * d * m.kv_lora_rank + D * hd)  # what the fit runs
-    normal = F64 * (hd * hd + hd * D)
-    refitted = F64 * D * (hd + m.heads * m.v_head)  # the refitted o_proj, plain and padded, until the layer ends
+    hv = s.heads * (w.value_dims or d)  # the o_proj refit's inputs
+    unpadded = F32 * (s.heads * (d + m.qk_rope) * D + (hd + hv) * m.kv_lora_rank + D * hv)  # what the fit runs
+    normal = F64 * (hv * hv + hv * D)
+    refitted = F64 * D * (hv + m.heads * m.v_head)  # the refitted o_proj, plain and padded, until the layer ends
     mlp_copy = 3 * D * I * it if w.layer_dtype != torch.float32 else 0  # the MLP runs in the stored dtype
     held = carried + source + stats
     tile = min(ACTIVATION_BYTES, F32 * min(chunk, w.histogram_tokens) * s.heads * L)  # distance scores, softmax
     statistics = F32 * chunk * (D + 4 * hd + 4 * kv) + 2 * tile
     fit = F32 * chunk * (D + 9 * s.heads * (d + m.qk_rope))
-    refit = REFIT_TEMPORARIES * F64 * hd * hd
+    refit = REFIT_TEMPORARIES * F64 * hv * hv
     mlp = F32 * chunk * 4 * D + it * chunk * (3 * I + 2 * D)
     attention = ATTENTION_TEMPORARIES * F64 * hd * D
     cuda = w.device.startswith("cuda")  # then the layer is read on the host, and runs on the device
@@ -235,15 +237,16 @@ def layer_flops(w: Work, tokens: int, k: int) -> tuple[float, float, float, floa
     s, m = w.spec, w.shape
     D, I, L, d, hd, kv = s.hidden, s.intermediate, w.seq_len, s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim
     statistics = 2 * D * (hd + 2 * kv) + 2 * L * hd + 2 * hd * D + 2 * D * D
+    hv = s.heads * (w.value_dims or d)  # the o_proj refit's inputs
     fit = (2 * D * s.heads * (d + m.qk_rope) + 2 * D * (m.kv_lora_rank + m.qk_rope)
-           + 2 * m.kv_lora_rank * s.heads * 2 * d + 2 * L * s.heads * (d + m.qk_rope) + 2 * hd * hd + 2 * hd * D)
+           + 2 * m.kv_lora_rank * (hd + hv) + 2 * L * s.heads * (d + m.qk_rope) + 2 * hv * hv + 2 * hv * D)
     elementwise = ELEMENTWISE_FLOPS * (D + (1 + k) * hd + I)
     passes = tokens * (statistics + k * fit + elementwise) + min(tokens, w.histogram_tokens) * L * hd
     # rope step (query energies, key covariance), query metric, latent (products and eigh), o_proj refit
     latent = 4 * hd * D * D + 2 * kv * D * D + 12 * (2 * kv) * D * D + 10 * (2 * kv) ** 3
     # each ridge's solve (LU and D right-hand sides), and the error of each refit, the prior and the
     # chosen o_proj on both parts: (heads * head_dim)^2 products with D rows
-    refit = w.ridges * (2 / 3 * hd**3 + 2 * D * hd * hd) + (w.ridges + 3) * 2 * D * hd * hd
+    refit = w.ridges * (2 / 3 * hv**3 + 2 * D * hv * hv) + (w.ridges + 3) * 2 * D * hv * hv
     return passes, tokens * 6 * D * I, k * latent, k * refit
 
 

@@ -22,11 +22,11 @@ from transformers import AutoTokenizer
 
 import mlakit
 from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
-from mlakit.convert.attention import convert_attention, padded_columns, unpadded, value_dim
+from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
-from mlakit.convert.plan import ConvertOptions, Plan, make_plan
+from mlakit.convert.plan import ConvertOptions, Plan, make_plan, value_dim
 from mlakit.core import latent
 from mlakit.core.deepseek import LATENT_NORM_EPS
 from mlakit.core.checkpoint import CheckpointReader, ShardWriter, copy_side_files, resolve_model, write_json

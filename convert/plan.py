@@ -322,6 +322,14 @@ def _check_sampling_fits(work: Work) -> None:
     )
 
 
+def value_dim(spec: SourceSpec, shape: deepseek.MLAShape, opts: ConvertOptions) -> int:
+    """Value dims per head that carry something: the source's head dim, or with `opts.extra_values`
+    as many more of the format's padded ones (v_head > head_dim) as the latent has directions for."""
+    if not opts.extra_values:
+        return spec.head_dim
+    return max(spec.head_dim, min(shape.v_head, shape.kv_lora_rank))
+
+
 def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dtype: torch.dtype,
           reader: CheckpointReader, opts: ConvertOptions, sample_rows: int) -> Work:
     """What `pipeline.convert` will do with these options, in the terms of the cost model."""
@@ -332,6 +340,7 @@ def _work(spec: SourceSpec, shape: deepseek.MLAShape, strategies: list[str], dty
     text += MIX_TEXT.stat().st_size if token_shares(opts.calib_tokens, opts.calib_text, opts.calib_mix)[1] else 0
     return Work(spec, shape, out_dtype=dtype, embed=reader.info("model.embed_tokens.weight"),
                 head=reader.info(head), layer_dtype=reader.dtype(), rows=rows, seq_len=opts.calib_seq_len,
+                value_dims=value_dim(spec, shape, opts),
                 histogram_tokens=opts.histogram_tokens, candidates=len(strategies), probe_rows=probe,
                 device=opts.device, text_bytes=text, sample_rows=sample_rows, native=opts.latent == "native",
                 held_out=opts.held_out,
