@@ -119,10 +119,12 @@ class Reference:
 
 
 def scored_ppl(logprobs: torch.Tensor) -> float:
-    """Perplexity over the second half of each window, as llama-perplexity scores it (logprobs[:, t]
-    is the log-probability of token t + 1)."""
+    """Perplexity over the second half of each window, as llama-perplexity scores it: the logits of
+    positions n_ctx/2 .. n_ctx-2, so the tokens n_ctx/2 + 1 .. n_ctx - 1, n_ctx/2 - 1 per window
+    (tools/perplexity/perplexity.cpp: `first = n_ctx/2`, `n_ctx - 1 - first` tokens). logprobs[:, t]
+    is the log-probability of token t + 1, so the scored ones are logprobs[:, n_ctx/2:]."""
     first = (logprobs.shape[1] + 1) // 2
-    return math.exp(-logprobs[:, first - 1:].mean().item())
+    return math.exp(-logprobs[:, first:].mean().item())
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -184,3 +185,18 @@ print(cls.__name__, kv.get("deepseek2.attention.q_lora_rank"), kv.get("deepseek2
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-3:] == ["DeepseekV2Model", str(deepseek.LLAMACPP_VALUES["q_lora_rank"]),
                                         str(deepseek.LLAMACPP_VALUES["n_group"])]
+
+
+def test_bench_scores_the_tokens_llama_perplexity_scores():
+    """llama-perplexity scores the logits of positions n_ctx/2 .. n_ctx-2 of each chunk
+    (tools/perplexity/perplexity.cpp), so n_ctx - 1 - n_ctx/2 tokens; the bench's transformers,
+    vLLM and MLX sides must score the same ones, or every llama.cpp row is off by a token a chunk."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_engines import scored_ppl
+
+    n_ctx = 8
+    logprobs = torch.full((2, n_ctx - 1), -100.0)  # logprobs[:, t]: token t + 1; unscored ones huge
+    first = n_ctx // 2
+    logprobs[:, first:] = torch.tensor([[-1.0, -2.0, -3.0], [-2.0, -2.0, -2.0]])
+    assert n_ctx - 1 - first == 3
+    assert scored_ppl(logprobs) == pytest.approx(math.exp(2.0))  # the mean log-probability is -2
