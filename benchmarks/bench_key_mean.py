@@ -5,7 +5,7 @@ included), and for the keys weighted as the joint latent weights them, by E[q q^
 head's query heads. Inputs are the layers' normed inputs on --tokens tokens of --text in
 windows of 512. RoPE is left out (the mean of the rotary dims turns with position).
 
-    python benchmarks/bench_key_mean.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct --text mlakit/demo/docstrings.txt
+    python benchmarks/bench_key_mean.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct --text demo/docstrings.txt
 """
 
 from __future__ import annotations

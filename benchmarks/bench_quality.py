@@ -30,7 +30,7 @@ the source and both ways of writing its rope can then be compared at long contex
 
     python benchmarks/bench_quality.py                                   # bundled demo model
     python benchmarks/bench_quality.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
-        --text shakespeare.txt --also-eval mlakit/demo/docstrings.txt --ranks 128 32
+        --text shakespeare.txt --also-eval demo/docstrings.txt --ranks 128 32
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ of calibration text included unless it came from the cache (then marked).
 
     python benchmarks/bench_unseen.py --model ~/.cache/mlakit/SmolLM2-135M-Instruct \\
         --shakespeare shakespeare.txt --sotu sotu.txt --ranks 128 \\
-        --config defaults --config "docstrings:calib_text=mlakit/demo/docstrings.txt"
+        --config defaults --config "docstrings:calib_text=demo/docstrings.txt"
 
 With --folder NAME=PATH (repeatable) it evaluates existing conversions of --model too, and without
 --config only those.

@@ -300,7 +300,6 @@ def test_output_refit_normal_equations(device: str) -> None:
     assert fit.error(got) < 1e-3 * fit.error(w_old)
 
 
-
 def test_filled_value_dims_compute_the_padded_attention() -> None:
     """The error pass runs attention on the source's head sizes plus the value dims the conversion
     filled (`unpadded` with v_dim); what it fits is what the written, padded block computes."""
