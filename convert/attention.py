@@ -118,25 +118,3 @@ def unpadded(w: MLAWeights, spec: SourceSpec, shape: deepseek.MLAShape, v_dim: i
 def padded_columns(o: torch.Tensor, spec: SourceSpec, shape: deepseek.MLAShape, v_dim: int | None = None) -> torch.Tensor:
     v_dim = v_dim or spec.head_dim
     return F.pad(o.unflatten(1, (spec.heads, v_dim)), (0, shape.v_head - v_dim)).flatten(1)
-
-
-def logit_scales(p_scores: torch.Tensor, scores: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """Per head, the factor s on the converted attention's logits that brings softmax(s * scores)
-    closest to the source's attention (mean KL over query positions), from causal logits
-    (B, H, L, L) of both. A low-rank key keeps the projection of each logit onto its latent, whose
-    spread is smaller than the source's: the converted attention is flatter, and s > 1 sharpens
-    it back. The KL is convex in s (its second derivative is the variance of the logits under the
-    converted attention), so Newton's method converges in a few steps."""
-    n = scores.shape[-1]
-    future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
-    p = p_scores.masked_fill(future, float("-inf")).softmax(-1)
-    z = scores.masked_fill(future, 0.0)
-    target = (p * z).sum(-1).sum((0, 2))  # the source's mean logit, per head
-    s = torch.ones(scores.shape[1], dtype=scores.dtype, device=scores.device)
-    for _ in range(steps):
-        q = (z * s[:, None, None]).masked_fill(future, float("-inf")).softmax(-1)
-        mean = (q * z).sum(-1)
-        grad = mean.sum((0, 2)) - target
-        curv = ((q * z * z).sum(-1) - mean * mean).sum((0, 2)).clamp_min(1e-12)
-        s = (s - grad / curv).clamp(0.5, 2.0)
-    return s

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 import mlakit
 from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
-from mlakit.convert.attention import convert_attention, logit_scales, padded_columns, unpadded
+from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
 from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
@@ -38,7 +38,6 @@ from mlakit.core.forward import (
     linear,
     mla_attention,
     mla_heads,
-    mla_qkv,
     rope_tables,
     source_qkv,
 )
@@ -47,7 +46,6 @@ from mlakit.core.sampling import SampleSettings
 from mlakit.core.stream import LayerStream, Rows, SourceModel, StreamLayer
 
 FIT, HELD = "fit", "held"  # the calibration set's fitting and held-out rows
-SCALE_ROWS = 8  # calibration rows whose attention the logit scales are fitted to
 
 
 def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: list[Candidate],
@@ -135,19 +133,6 @@ def _convert_layer(plan: Plan, step: StreamLayer, tables: dict[str, tuple[torch.
         v_dim = value_dim(spec, shape, opts)
         on_device = {key: MLAWeights(*(t.to(dev) for t in vars(unpadded(w, spec, shape, v_dim)).values()))
                      for key, (w, _) in built.items()}
-        if opts.logit_scale:
-            x = step.normed(FIT, slice(0, min(SCALE_ROWS, stream.hidden(FIT).shape[0])))
-            sq, sk, _ = source_qkv(x, layer, spec, cos, sin)
-            p_scores = sq @ sk.repeat_interleave(spec.group, dim=1).transpose(-1, -2) * spec.head_dim**-0.5
-            del sq, sk
-            for key, w in on_device.items():
-                mq, mk, _ = mla_qkv(x, w, spec.heads, spec.head_dim, shape.qk_rope, v_dim, *tables[key], norm_eps=None)
-                s = logit_scales(p_scores, mq @ mk.transpose(-1, -2) * shape.qk_head**-0.5)
-                full, info = built[key]
-                full.q = full.q * s.cpu().repeat_interleave(full.q.shape[0] // spec.heads)[:, None]
-                on_device[key] = MLAWeights(*(t.to(dev) for t in vars(unpadded(full, spec, shape, v_dim)).values()))
-                info["logit_scales"] = [round(v, 4) for v in s.tolist()]
-            del p_scores
         lap("rope and latent")
         n = spec.heads * v_dim
         fits = {key: {part: LeastSquares(n, spec.hidden, dev) for part in (FIT, HELD)} for key in built}

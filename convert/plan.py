@@ -62,8 +62,6 @@ class ConvertOptions:
     # value rows leave out, for the o_proj refit to use: SmolLM2-135M at half the cache, worst unseen
     # kind +31.8% -> +30.0%, mean +22.5% -> +21.9% (docs/real-models.md). No-op at head dim 128.
     extra_values: bool = True
-    # Rescale each head's logits so that its attention is as sharp as the source's (`logit_scales`).
-    logit_scale: bool = False
     dtype: str = "bf16"
     device: str = "cpu"
     rope_strategy: str = "auto"
