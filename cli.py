@@ -236,9 +236,6 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Distillation trains the attention weights, or every weight.")
 @click.option("--lm-weight", type=float, default=0.0, show_default=True,
               help="Weight of the next-token (LM) loss added to the KL.")
-@click.option("--hidden-weight", type=float, default=0.0, show_default=True,
-              help="Weight of the layers' hidden-state error (relative to the source's, per position) added to the "
-                   "KL; needs the teacher alongside (no --teacher-topk).")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
               help="Where the resumable state goes (saved layers, distillation checkpoints, teacher cache). Default: "
@@ -277,7 +274,6 @@ def calibrate(converted: str, out: Path, **kw) -> None:
         layerwise=LayerwiseOptions(steps=kw["layer_steps"], lr=kw["layer_lr"], batch_rows=kw["layer_batch"],
                                    inputs=kw["inputs"]),
         distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
-                               hidden_weight=kw["hidden_weight"],
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
                                resume=kw["resume"], teacher_topk=kw["teacher_topk"]),
     )

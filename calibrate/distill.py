@@ -51,7 +51,6 @@ class DistillOptions:
     batch_size: int = 8
     train: str = "attention"
     lm_weight: float = 0.0
-    hidden_weight: float = 0.0
     save_every: int = 200
     checkpoint_dir: Path | None = None
     resume: bool = False
@@ -234,8 +233,7 @@ def distill(teacher_dir: Path, converted: Path, out: Path, fit_rows: Packed, hel
     try:
         for step in range(start_step, steps):
             rows = step_rows(step, opts.batch_size, len(fit_rows), opts.seed)
-            loss = _step(acc, teacher, student, optimizer, scheduler, fit_rows, rows, opts.lm_weight,
-                         opts.hidden_weight)
+            loss = _step(acc, teacher, student, optimizer, scheduler, fit_rows, rows, opts.lm_weight)
             loss_avg = loss if step == start_step else 0.9 * loss_avg + 0.1 * loss
             done_tokens += opts.batch_size * seq_len
             rate = done_tokens / (time.perf_counter() - t0)
@@ -313,7 +311,7 @@ def _trainable_student(converted: Path, opts: DistillOptions, steps: int, cuda: 
 
 
 def _step(acc, teacher: LiveTeacher | CachedTeacher, student, optimizer, scheduler, fit_rows: Packed,
-          rows: torch.Tensor, lm_weight: float, hidden_weight: float) -> float:
+          rows: torch.Tensor, lm_weight: float) -> float:
     """One optimizer step on this process's share of the global batch `rows`; returns the loss of the
     whole batch. Local, so that no tensor of the step's graph (which holds the student's parameters)
     outlives it."""
@@ -321,7 +319,7 @@ def _step(acc, teacher: LiveTeacher | CachedTeacher, student, optimizer, schedul
     mine = slice(acc.process_index, None, acc.num_processes)
     ids, pos = whole[mine].input_ids.to(acc.device), whole[mine].position_ids.to(acc.device)
     lm_count = int((next_token_labels(whole.ids, whole.pos) != IGNORE).sum()) / acc.num_processes
-    loss = _loss(teacher, student, rows[mine], ids, pos, lm_weight, lm_count, hidden_weight)
+    loss = _loss(teacher, student, rows[mine], ids, pos, lm_weight, lm_count)
     acc.backward(loss)
     optimizer.step()
     scheduler.step()
@@ -330,10 +328,9 @@ def _step(acc, teacher: LiveTeacher | CachedTeacher, student, optimizer, schedul
 
 
 def _loss(teacher: LiveTeacher | CachedTeacher, student, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
-          lm_weight: float, lm_count: float, hidden_weight: float = 0.0) -> torch.Tensor:
-    """This process's share of the global batch's loss (the mean per-token KL(teacher || student),
-    plus lm_weight times the mean next-token cross-entropy, plus hidden_weight times the layers' mean
-    relative error on the teacher's hidden states), such that the data-parallel average of the
+          lm_weight: float, lm_count: float) -> torch.Tensor:
+    """This process's share of the global batch's loss (the mean per-token KL(teacher || student) plus
+    lm_weight times the mean next-token cross-entropy), such that the data-parallel average of the
     shares, and of their gradients, is that loss.
 
     A term's share is the process's sum divided by the whole batch's count over the number of
@@ -341,13 +338,8 @@ def _loss(teacher: LiveTeacher | CachedTeacher, student, rows: torch.Tensor, ids
     positions (the last token of a document has none), so the cross-entropy is summed and divided by
     `lm_count`. A mean per process would weigh each token by its process's count and train unlike one
     process on the same batch."""
-    if hidden_weight:
-        out = student(ids, position_ids=pos, use_cache=False, output_hidden_states=True)
-        kl, hidden = teacher.kl_and_hidden(ids, pos, out)
-        s_logits, loss = out.logits, kl.mean() + hidden_weight * hidden
-    else:
-        s_logits = logits(student, ids, pos)
-        loss = teacher.kl("fit", rows, ids, pos, s_logits).mean()
+    s_logits = logits(student, ids, pos)
+    loss = teacher.kl("fit", rows, ids, pos, s_logits).mean()
     if lm_weight:
         labels = next_token_labels(ids, pos)
         loss = loss + lm_weight * F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(),

@@ -85,9 +85,6 @@ def _check_options(opts: CalibrateOptions) -> None:
             or min(opts.layerwise.steps, opts.distill.teacher_topk) < 0:
         raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, "
                           "--layer-steps and --teacher-topk not negative")
-    if opts.distill.hidden_weight < 0 or (opts.distill.hidden_weight and opts.distill.teacher_topk):
-        raise MlakitError("--hidden-weight must not be negative, and needs the teacher alongside: drop --teacher-topk "
-                          "or set --hidden-weight 0")
     if opts.mode != "distill" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MlakitError(
             f"--mode {opts.mode} runs in one process: run it without accelerate launch, then distill its output "
@@ -264,8 +261,7 @@ def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, data: str
     dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
                               "device": opts.device, "checkpoint_dir": folder})
     options = {"tokens": opts.tokens, "seq_len": opts.seq_len, "batch_size": opts.batch_size, "lr": d.lr,
-               "train": d.train, "lm_weight": d.lm_weight, "hidden_weight": d.hidden_weight, "seed": opts.seed,
-               "teacher_topk": d.teacher_topk}
+               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed, "teacher_topk": d.teacher_topk}
     # the starting point is named by what made it, so that `--mode both --resume` matches its checkpoints
     fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
                    "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 from mlakit.calibrate.data import Packed
 from mlakit.core.checkpoint import read_json, save_tensors, write_json
 from mlakit.core.guard import writing
-from mlakit.core.metrics import IGNORE, QualityMeter, hidden_error, next_token_labels, rest_log_prob, token_kl, top_k_kl
+from mlakit.core.metrics import IGNORE, QualityMeter, next_token_labels, rest_log_prob, token_kl, top_k_kl
 
 INFO = "info.json"
 CHUNK_BYTES = 64 * 2**20
@@ -67,14 +67,6 @@ class LiveTeacher:
         with torch.no_grad():
             teacher_logits = logits(self.model, ids, pos)
         return token_kl(teacher_logits, student_logits)
-
-    def kl_and_hidden(self, ids: torch.Tensor, pos: torch.Tensor, student_out) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position KL as `kl`, and the mean over layers of the student's relative error on the
-        teacher's hidden states (`hidden_error`), from one teacher pass; `student_out` is a forward
-        with `output_hidden_states`."""
-        with torch.no_grad():
-            out = self.model(ids, position_ids=pos, use_cache=False, output_hidden_states=True)
-        return token_kl(out.logits, student_out.logits), hidden_error(out.hidden_states[1:], student_out.hidden_states[1:])
 
     def measure(self, meter: QualityMeter, part: str, rows: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
                 student_logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -25,15 +25,6 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
     return (t.exp() * (t - s)).sum(-1)
 
 
-def hidden_error(teacher: tuple[torch.Tensor, ...], student: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers and positions of 1 - cos(h_student, h_teacher): how far each layer's output
-    points from the source's, which is what the next layer's RMSNorm reads (up to its gain). Bounded
-    per position, so a token where one model has a massive activation and the other not (norms 60
-    times apart, seen on SmolLM2) counts as one token, not as thousands."""
-    errors = [1 - F.cosine_similarity(s.float(), t.float(), dim=-1).mean() for t, s in zip(teacher, student, strict=True)]
-    return torch.stack(errors).mean()
-
-
 def rest_log_prob(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log of the probability outside `ids`, summed without cancellation (-inf when nothing is left)."""
     return lp.scatter(-1, ids, float("-inf")).logsumexp(-1)
