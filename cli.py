@@ -224,8 +224,8 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per distillation step.")
 @click.option("--lr", type=float, default=2e-5, show_default=True,
-              help="Distillation learning rate (AdamW, cosine). Measured on SmolLM2-135M: 1e-4 overshoots at half the "
-                   "cache and does best at a quarter; 2e-5 helps at both.")
+              help="Distillation learning rate (AdamW, cosine). Measured on SmolLM2-135M: 1e-4 overshoots at half and at a "
+                   "quarter of the cache; 2e-5 helps at both.")
 @click.option("--layer-lr", type=float, default=1e-3, show_default=True, help="Layer-wise Adam learning rate.")
 @click.option("--layer-steps", type=int, default=200, show_default=True,
               help="Adam steps per layer after the least-squares solve (0: least squares only).")
