@@ -85,6 +85,9 @@ def _check_options(opts: CalibrateOptions) -> None:
             or min(opts.layerwise.steps, opts.distill.teacher_topk) < 0:
         raise MlakitError("--batch-size, --layer-batch and --save-every must be positive, "
                           "--layer-steps and --teacher-topk not negative")
+    if not (opts.distill.lr > 0 and opts.layerwise.lr > 0):
+        raise MlakitError(f"--lr {opts.distill.lr:g} / --layer-lr {opts.layerwise.lr:g}: learning rates must be "
+                          "positive")
     if opts.mode != "distill" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MlakitError(
             f"--mode {opts.mode} runs in one process: run it without accelerate launch, then distill its output "

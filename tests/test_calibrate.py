@@ -749,6 +749,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(pair, tmp_path: Path) -> No
     one_line_error(invoke("calibrate", mla, out, "--teacher", src, "--data", tmp_path / "bad.jsonl"), "bad.jsonl:2")
     one_line_error(invoke("calibrate", mla, out, *small(src), *DISTILL, "--resume"), "no complete checkpoint")
     one_line_error(invoke("calibrate", mla, out, *small(src), *DISTILL, "--teacher-topk", "257"), "vocabulary")
+    one_line_error(invoke("calibrate", mla, out, *small(src), "--mode", "distill", "--lr", "-1"), "must be positive")
+    one_line_error(invoke("calibrate", mla, out, *small(src), "--layer-lr", "0"), "must be positive")
     out.mkdir()
     one_line_error(invoke("calibrate", mla, out, *small(src)), "--force")
     assert not any(out.iterdir())
