@@ -247,6 +247,10 @@ def convert(source: str, out: Path, **kw) -> None:
                    "checkpoint folder and train without it in memory (for when teacher and student do not fit "
                    "together); the KL is then over those K tokens plus one bucket for the rest. 0: run the teacher "
                    "alongside.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Distillation: bf16 autocast over float32 weights with the teacher in bf16, or everything in "
+                   "float32. auto: bf16 on GPUs; on a CPU bf16 autocast (the teacher as stored) where it multiplies "
+                   "bf16 at least as fast as float32 (AMX, AVX512-BF16), else float32.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the order in which training rows are read: the same seed gives the same weights.")
@@ -275,7 +279,7 @@ def calibrate(converted: str, out: Path, **kw) -> None:
                                    inputs=kw["inputs"]),
         distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
-                               resume=kw["resume"], teacher_topk=kw["teacher_topk"]),
+                               resume=kw["resume"], teacher_topk=kw["teacher_topk"], precision=kw["precision"]),
     )
     outcome = run(converted, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     if outcome is not None:

@@ -264,7 +264,8 @@ def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, data: str
     dopts = DistillOptions(**{**asdict(d), "tokens": opts.tokens, "batch_size": opts.batch_size, "seed": opts.seed,
                               "device": opts.device, "checkpoint_dir": folder})
     options = {"tokens": opts.tokens, "seq_len": opts.seq_len, "batch_size": opts.batch_size, "lr": d.lr,
-               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed, "teacher_topk": d.teacher_topk}
+               "train": d.train, "lm_weight": d.lm_weight, "seed": opts.seed, "teacher_topk": d.teacher_topk,
+               "precision": d.precision}
     # the starting point is named by what made it, so that `--mode both --resume` matches its checkpoints
     fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
                    "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,

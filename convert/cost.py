@@ -25,6 +25,7 @@ from mlakit.core.latent import NATIVE_METRIC_STEPS, NATIVE_METRIC_TOKENS
 from mlakit.core.checkpoint import TensorInfo
 from mlakit.core.families import SourceSpec
 from mlakit.core.forward import ACTIVATION_BYTES, row_chunks
+from mlakit.core.precision import run_dtype
 from mlakit.core.sampling import BATCH_ROWS
 
 F32, F64 = 4, 8
@@ -57,8 +58,11 @@ DECODE_SECONDS_PER_LAYER_STEP = 1e-3
 # whatever the thread count: 32 rows of 512 tokens took 361 s from SmolLM2-135M with both cores of an
 # idle 2-core machine (12 GFLOP/s, 0.35 of one thread's 34) and 3347 s from Qwen2.5-Coder-1.5B on one
 # thread beside another job (15 GFLOP/s, 0.44); one thread's rate times the thread count, the unit of
-# the passes, put the first at 2 minutes.
-DECODE_EFFICIENCY = 0.4
+# the passes, put the first at 2 minutes. In bf16 on an AMX Xeon, whose 2048 x 2048 products reach
+# 1131 GFLOP/s on one thread (159 in float32), decode-sized ones fill its tiles poorly: 32 rows of 512
+# tokens from Qwen2.5-Coder-1.5B took 350 s on one thread beside another job (143 GFLOP/s, 0.13;
+# float32 there: 864 s, 0.36).
+DECODE_EFFICIENCY = {torch.float32: 0.4, torch.bfloat16: 0.13, torch.float16: 0.13}
 # Decoding grows every layer's K/V tensors by a new allocation each step; with freed heap pages handed
 # back every few steps (core/sampling.TRIM_EVERY) the anonymous memory of generation peaked at 1.54x
 # the final KV cache on Qwen2.5-Coder-1.5B (32 rows of 512), a SmolLM2-135M conversion peaked where
@@ -160,16 +164,18 @@ def source_parameters(spec: SourceSpec) -> int:
 
 
 def sample_bytes(w: Work) -> int:
-    """Sampling calibration text: the whole model (in float32 on the CPU, where a stored tensor being
-    widened is mapped beside it), the KV cache of a batch of rows at full length as decoding leaves it
-    in the heap (SAMPLE_CACHE_COPIES), and one step's logits."""
+    """Sampling calibration text: the whole model in the dtype it samples in (`run_dtype`; where that
+    is float32 on the CPU, a stored tensor being widened is mapped beside it), the KV cache of a batch
+    of rows at full length as decoding leaves it in the heap (SAMPLE_CACHE_COPIES), and one step's
+    logits."""
     if not w.sample_rows:
         return 0
     s = w.spec
+    size = run_dtype(w.device, w.layer_dtype).itemsize
     rows = min(w.sample_rows, BATCH_ROWS)
-    cache = F32 * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
-    model = F32 * source_parameters(s)
-    narrow = [t.nbytes for t in (w.embed, w.head) if t.dtype != torch.float32]
+    cache = size * rows * w.seq_len * s.layers * 2 * s.kv_heads * s.head_dim
+    model = size * source_parameters(s)
+    narrow = [t.nbytes for t in (w.embed, w.head) if t.dtype.itemsize < size]
     widened = 0 if w.device.startswith("cuda") else max(narrow, default=0)
     return model + widened + int(SAMPLE_CACHE_COPIES * cache) + 2 * F32 * rows * s.vocab
 
@@ -188,12 +194,15 @@ def available_ram() -> int | None:
     return int(line.split()[1]) * 1024
 
 
-def sample_seconds(w: Work, rate: float) -> float:
+def sample_seconds(w: Work) -> float:
     """Sampling `sample_rows` rows: every token through every weight, attention over the rows'
-    average context, and the per-step overhead of a decode step; `rate` is the device's matmul
-    GFLOP/s (`matmul_gflops`), of which a CPU decode step gets DECODE_EFFICIENCY of one thread's share."""
+    average context, and the per-step overhead of a decode step, at the device's matmul GFLOP/s in
+    the dtype it samples in (`matmul_gflops`, `run_dtype`), of which a CPU decode step gets
+    DECODE_EFFICIENCY (for that dtype) of one thread's share."""
     if not w.sample_rows:
         return 0.0
+    run_as = run_dtype(w.device, w.layer_dtype)
+    rate = matmul_gflops(w.device, run_as)
     s = w.spec
     tokens = w.sample_rows * w.seq_len
     attention = 2 * s.layers * 2 * s.heads * s.head_dim * w.seq_len / 2
@@ -202,7 +211,7 @@ def sample_seconds(w: Work, rate: float) -> float:
     if w.device.startswith("cuda"):
         compute = flops / (rate * 1e9) / PASS_EFFICIENCY
     else:
-        compute = flops / (rate / torch.get_num_threads() * 1e9) / DECODE_EFFICIENCY
+        compute = flops / (rate / torch.get_num_threads() * 1e9) / DECODE_EFFICIENCY[run_as]
     return compute + steps * s.layers * DECODE_SECONDS_PER_LAYER_STEP
 
 
@@ -275,27 +284,6 @@ def matmul_gflops(device: str, dtype: torch.dtype = torch.float32) -> float:
     return 2 * n**3 / best / 1e9 * (1 if cuda else threads)
 
 
-@functools.cache
-def mlp_dtype(device: str, stored: torch.dtype) -> torch.dtype:
-    """The dtype the statistics pass runs the MLP in: the one the source stores (and serves) it in
-    where that is a 16-bit type whose matmuls are at least as fast as float32's, else float32.
-    GPUs and CPUs with bf16 instructions run 16-bit matmuls several times faster; CPUs without
-    them (AVX2 only) over a hundred times slower. Decided by timing one small product of each."""
-    if stored not in (torch.bfloat16, torch.float16):
-        return torch.float32
-    cuda = device.startswith("cuda")
-    clock = time.perf_counter if cuda else time.process_time
-    a = torch.randn(512, 512, device=device)
-    best = {}
-    for dtype in (torch.float32, stored):
-        m = a.to(dtype)
-        (m @ m).sum().item()
-        start = clock()
-        (m @ m).sum().item()
-        best[dtype] = clock() - start
-    return stored if best[stored] <= best[torch.float32] else torch.float32
-
-
 def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, float, float]:
     """FLOPs of one layer's native latent fit (pipeline._native_layer), as `layer_flops` counts them:
     the latents of the `tokens` fitting tokens, two MLA attention passes (exact and native output) on
@@ -314,13 +302,13 @@ def native_flops(w: Work, tokens: int, held_out: int) -> tuple[float, float, flo
 
 def seconds(w: Work) -> tuple[float, float]:
     """(estimated seconds, the float32 GFLOP/s it assumes): the passes on the conversion device, the
-    MLP at the rate of the dtype it runs in (`mlp_dtype`), the per-layer linear algebra in float64 on
+    MLP at the rate of the dtype it runs in (`run_dtype`), the per-layer linear algebra in float64 on
     the conversion device too (a CPU's float64 at half its float32 rate; a GPU's, from 1/64 of it to
     all of it, measured), sampling and tokenizing the calibration text, and the native latent fit
     when asked for."""
     device = matmul_gflops(w.device)
     f64 = matmul_gflops(w.device, torch.float64) if w.device.startswith("cuda") else device / 2
-    run_as = mlp_dtype(w.device, w.layer_dtype)
+    run_as = run_dtype(w.device, w.layer_dtype)
     mlp_rate = matmul_gflops(w.device, run_as) if run_as != torch.float32 else device
     work = [(*layer_flops(w, rows * w.seq_len, k), mlp_rate)
             for rows, k in [(w.rows, 1)] + ([(w.probe_rows, w.candidates)] if w.probe_rows else [])]
@@ -331,7 +319,7 @@ def seconds(w: Work) -> tuple[float, float]:
                 + (algebra / ALGEBRA_EFFICIENCY + solves / SOLVE_EFFICIENCY) / f64 / 1e9
                 for passes, mlp, algebra, solves, rate in work)
     tokenize = TOKENIZE_SECONDS_PER_BYTE * w.text_bytes
-    return w.spec.layers * total + tokenize + sample_seconds(w, device), device
+    return w.spec.layers * total + tokenize + sample_seconds(w), device
 
 
 def estimate(w: Work) -> Cost:

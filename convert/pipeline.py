@@ -24,7 +24,6 @@ import mlakit
 from mlakit.convert.calibration import CalibrationSet, calibration_set, describe
 from mlakit.convert.attention import convert_attention, padded_columns, unpadded
 from mlakit.convert.candidates import Candidate, candidate
-from mlakit.convert.cost import mlp_dtype
 from mlakit.convert.factorize import LeastSquares, SecondMoment
 from mlakit.convert.plan import ConvertOptions, Plan, make_plan, value_dim
 from mlakit.core import latent
@@ -42,6 +41,7 @@ from mlakit.core.forward import (
     source_qkv,
 )
 from mlakit.core.guard import atomic_folder, check_output, local_model, output_lock, record_id
+from mlakit.core.precision import run_dtype
 from mlakit.core.sampling import SampleSettings
 from mlakit.core.stream import LayerStream, Rows, SourceModel, StreamLayer
 
@@ -65,7 +65,7 @@ def _stream(plan: Plan, reader: CheckpointReader, calib: CalibrationSet, cands: 
     parts = {FIT: Rows(windows[:calib.fit_rows])}
     if calib.held_out:
         parts[HELD] = Rows(windows[calib.fit_rows:])
-    stream = LayerStream(source, parts, max(spec.intermediate, spec.hidden), mlp_dtype=mlp_dtype(dev, reader.dtype()))
+    stream = LayerStream(source, parts, max(spec.intermediate, spec.hidden), mlp_dtype=run_dtype(dev, reader.dtype()))
     if writer:
         writer.add("model.embed_tokens.weight", reader.get("model.embed_tokens.weight").to(plan.dtype))
     tables = {"source": (source.cos, source.sin),

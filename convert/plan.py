@@ -287,7 +287,8 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
     check_weights(spec, reader)
     _, n_bundled, n_sampled = token_shares(opts.calib_tokens, opts.calib_text, opts.calib_mix)
     wanted = max(1, n_sampled // opts.calib_seq_len) if n_sampled else 0
-    have = cached_rows(cache_path(folder, SampleSettings(opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)))
+    settings = SampleSettings(opts.calib_seq_len, opts.calib_temperature, opts.calib_seed)
+    have = cached_rows(cache_path(folder, settings, opts.device))
     cached = have >= wanted
     sample_rows = 0 if cached else (batches(wanted) - have // BATCH_ROWS) * BATCH_ROWS
     work = _work(spec, shape, strategies, DTYPES[opts.dtype], reader, opts, sample_rows)
@@ -296,7 +297,7 @@ def make_plan(source: str, opts: ConvertOptions) -> Plan:
                 opts.latent, padded_rank=padded)
     if n_sampled:
         when = "cached by an earlier run" if cached else \
-            f"about {_duration(sample_seconds(work, plan.cost.gflops))} of the estimated time"
+            f"about {_duration(sample_seconds(work))} of the estimated time"
         plan.notes.append(f"calibration: {n_bundled} tokens of the bundled mix and {n_sampled} sampled from the "
                           f"model ({when}); --calib-text calibrates on your own text instead")
     plan.notes += [rank_note] if rank_note else []

@@ -26,7 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mlakit.core.checkpoint import CheckpointReader
 from mlakit.core.guard import disk_error
+from mlakit.core.precision import run_dtype
 
 # Short requests of many kinds (stories, explanations, dialogue, news, code, math, other languages):
 # they only start each sample; the model writes the rest. Sample i starts from PROMPTS[i % len].
@@ -97,12 +99,22 @@ def _model_key(folder: Path) -> str:
     return h.hexdigest()
 
 
-def cache_path(folder: Path, settings: SampleSettings) -> Path:
+def sampling_dtype(folder: Path, device: str = "cpu") -> torch.dtype:
+    """What samples are drawn in: the model's stored 16-bit type where `device` multiplies it at least
+    as fast as float32 (GPUs; CPUs with AMX or AVX512-BF16, where Qwen2.5-Coder-1.5B decoded three
+    times faster in bf16), else float32 (AVX2-only CPUs, where bf16 decode-sized matmuls are slower)."""
+    return run_dtype(device, CheckpointReader(folder).dtype())
+
+
+def cache_path(folder: Path, settings: SampleSettings, device: str = "cpu") -> Path:
     """Where samples of this model with these settings are kept, as many batches as were asked for
-    so far: under $MLAKIT_CACHE (default ~/.cache/mlakit), in samples/."""
+    so far: under $MLAKIT_CACHE (default ~/.cache/mlakit), in samples/. Samples drawn in a 16-bit
+    type (`sampling_dtype`) are other tokens than float32's, so they are kept apart."""
     root = Path(os.environ.get("MLAKIT_CACHE", Path.home() / ".cache" / "mlakit")).expanduser()
+    dtype = sampling_dtype(folder, device)
+    narrow = "" if dtype == torch.float32 else str(dtype)
     key = hashlib.sha256((_model_key(folder) + json.dumps(asdict(settings), sort_keys=True)
-                          + json.dumps(PROMPTS)).encode()).hexdigest()[:32]
+                          + json.dumps(PROMPTS) + narrow).encode()).hexdigest()[:32]
     return root / "samples" / f"{key}.safetensors"
 
 
@@ -169,9 +181,10 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int,
                    log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
     """(rows, seq_len) token ids sampled from the model in `folder`, and a record of how; the batches
     an earlier run sampled with the same model and settings are read from the cache."""
-    path = cache_path(folder, settings)
+    path, dtype = cache_path(folder, settings, device), sampling_dtype(folder, device)
     record = {"kind": "sampled from the source model", **asdict(settings), "prompts": list(PROMPTS),
-              "chat_template": bool(settings.chat and tokenizer.chat_template), "cache": path.name}
+              "chat_template": bool(settings.chat and tokenizer.chat_template), "dtype": str(dtype).removeprefix("torch."),
+              "cache": path.name}
     have = cached_rows(path)
     ids = load_file(path)["ids"] if have else torch.zeros(0, settings.seq_len, dtype=torch.long)
     if have >= rows:
@@ -179,11 +192,11 @@ def sample_windows(folder: Path, tokenizer, settings: SampleSettings, rows: int,
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    # float32 on the CPU: without bf16 instructions, bf16 matmuls of decode-sized batches are slower.
-    # Loaded as stored, then widened tensor by tensor: loading straight into float32 holds the whole
-    # stored checkpoint beside the float32 model at its peak.
+    # Loaded as stored, then widened tensor by tensor where it runs in float32: loading straight into
+    # float32 holds the whole stored checkpoint beside the float32 model at its peak. (`dtype` is the
+    # stored one or float32: narrowing with `.to` would round the float32 rotary frequencies too.)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device).eval()
-    if device == "cpu":
+    if dtype == torch.float32:
         model.float()
     starts = prompt_ids(tokenizer, settings.chat)
     todo = {b: [starts[i % len(starts)] for i in range(b * BATCH_ROWS, (b + 1) * BATCH_ROWS)]

@@ -28,6 +28,17 @@ def _sample_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator() -> Iterator[None]:
+    """accelerate keeps one mixed-precision setting per process (a user's run distills once); tests
+    distill many times, with `--precision` set or chosen by the machine, so each test ends with a
+    fresh one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges (256 tokens), enough to feed text to pico models."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

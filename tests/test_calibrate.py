@@ -542,18 +542,36 @@ def test_the_default_set_reads_the_samples_convert_cached(pair, monkeypatch) -> 
 DISTILL = ["--mode", "distill", "--lr", "3e-3"]
 
 
-def test_distillation_lowers_the_kl(pair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distillation_lowers_the_kl(pair, tmp_path: Path, precision: str) -> None:
+    """Under bf16 autocast over float32 weights (GPUs, and CPUs with fast bf16) as in float32."""
     src, mla = pair
     out = tmp_path / "cal"
     text = ok("calibrate", mla, out, *small(src), *DISTILL, "--train", "all", "--lm-weight", "0.01", "--tokens",
-              "8192")
+              "8192", "--precision", precision)
     steps = [line for line in text.splitlines() if line.startswith("distill: step ")]  # stderr is no terminal
     assert len(steps) == 16 and steps[-1].startswith("distill: step 32/32, loss "), steps
     assert sum(line.startswith("distill: held-out KL to the teacher") for line in text.splitlines()) == 2, text
     run = read_record(out)["calibrate"][-1]
     assert run["mode"] == "distill" and run["after"]["kl"] < 0.9 * run["before"]["kl"]
+    assert run["precision"] == precision and run["teacher_dtype"] == ("bfloat16" if precision == "bf16" else "float32")
     assert_loads_in_stock_transformers(out)
     assert not (tmp_path / "cal.ckpt").exists()
+
+
+def test_auto_precision_follows_what_the_device_multiplies_fast(tmp_path: Path, monkeypatch) -> None:
+    """auto: bf16 on GPUs; on a CPU bf16 autocast and the teacher as stored where bf16 matmuls are at
+    least as fast as float32's (AMX), float32 for both elsewhere (AVX2)."""
+    bf16 = tmp_path / "bf16"
+    make_llama(tmp_path / "src")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16).save_pretrained(bf16)
+    for fast, expected in [(True, (True, torch.bfloat16)), (False, (False, torch.float32))]:
+        monkeypatch.setattr(distill_module, "run_dtype",
+                            lambda device, stored, fast=fast: stored if fast and stored != torch.float32 else torch.float32)
+        assert distill_module.precision("auto", False, bf16) == expected
+        assert distill_module.precision("auto", True, bf16) == (True, torch.bfloat16)
+        assert distill_module.precision("fp32", True, bf16) == (False, torch.float32)
+        assert distill_module.precision("bf16", False, bf16) == (True, torch.bfloat16)
 
 
 def test_distillation_holds_one_student_at_a_time(pair, tmp_path: Path, monkeypatch) -> None:

@@ -100,6 +100,31 @@ def test_samples_are_cached_per_model_and_settings(pico_source: Path) -> None:
     assert not record["cached"] and not torch.equal(ids, other)
 
 
+def test_samples_are_drawn_in_the_fastest_stored_dtype(pico_source: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 source is sampled in bf16 where the device multiplies bf16 at least as fast as float32
+    (AMX, GPUs) and in float32 elsewhere: the tokens are those of the model in that dtype, the
+    record names it, and the two are cached apart (they are other tokens)."""
+    import mlakit.core.sampling as sampling
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(pico_source, dtype=torch.bfloat16).save_pretrained(bf16)
+    tokenizer = AutoTokenizer.from_pretrained(pico_source)
+    tokenizer.save_pretrained(bf16)
+    settings = SampleSettings(seq_len=16, seed=5)
+    paths = set()
+    for fast in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(sampling, "run_dtype", lambda device, stored, fast=fast: fast)
+        ids, record = sample_windows(bf16, tokenizer, settings, BATCH_ROWS)
+        assert record["dtype"] == str(fast).removeprefix("torch.") and not record["cached"]
+        model = AutoModelForCausalLM.from_pretrained(bf16, dtype=fast).eval()
+        starts = [prompt_ids(tokenizer, settings.chat)[i % len(PROMPTS)] for i in range(BATCH_ROWS)]
+        expected = _generate(model, starts, 16, 1.0, torch.Generator().manual_seed(settings.seed * 1_000_003))
+        assert torch.equal(ids, expected)
+        paths.add(cache_path(bf16, settings))
+    assert len(paths) == 2
+
+
 def test_an_interrupted_sampling_run_keeps_its_finished_batches(pico_source: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling a large model takes minutes a batch: a run stopped in its second batch leaves the first
