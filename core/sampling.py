@@ -101,8 +101,8 @@ def _model_key(folder: Path) -> str:
 
 def sampling_dtype(folder: Path, device: str = "cpu") -> torch.dtype:
     """What samples are drawn in: the model's stored 16-bit type where `device` multiplies it at least
-    as fast as float32 (GPUs; CPUs with AMX or AVX512-BF16, where Qwen2.5-Coder-1.5B decoded three
-    times faster in bf16), else float32 (AVX2-only CPUs, where bf16 decode-sized matmuls are slower)."""
+    as fast as float32 (GPUs; CPUs with AMX or AVX512-BF16, where Qwen2.5-Coder-1.5B sampled 2.5
+    times as fast in bf16), else float32 (AVX2-only CPUs, where bf16 decode-sized matmuls are slower)."""
     return run_dtype(device, CheckpointReader(folder).dtype())
 
 
