@@ -62,7 +62,7 @@ DECODE_SECONDS_PER_LAYER_STEP = 1e-3
 # 1131 GFLOP/s on one thread (159 in float32), decode-sized ones fill its tiles poorly: 32 rows of 512
 # tokens from Qwen2.5-Coder-1.5B took 350 s on one thread beside another job (143 GFLOP/s, 0.13;
 # float32 there: 864 s, 0.36).
-DECODE_EFFICIENCY = {torch.float32: 0.4, torch.bfloat16: 0.13, torch.float16: 0.13}
+DECODE_EFFICIENCY = {torch.float32: 0.4, torch.bfloat16: 0.13, torch.float16: 0.13}  # float16: assumed as bf16, not measured
 # Decoding grows every layer's K/V tensors by a new allocation each step; with freed heap pages handed
 # back every few steps (core/sampling.TRIM_EVERY) the anonymous memory of generation peaked at 1.54x
 # the final KV cache on Qwen2.5-Coder-1.5B (32 rows of 512), a SmolLM2-135M conversion peaked where
