@@ -233,7 +233,8 @@ def convert(source: str, out: Path, **kw) -> None:
 @click.option("--inputs", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True,
               help="Layer-wise inputs: the source's hidden states (teacher-forced), or the student's own.")
 @click.option("--train", type=click.Choice(["attention", "all"]), default="attention", show_default=True,
-              help="Distillation trains the attention weights, or every weight.")
+              help="Distillation trains the attention weights, or every weight. Measured on SmolLM2-135M: all is "
+                   "within a point at half the cache, 1-2 points better on every kind at a quarter, for 1.24x the time.")
 @click.option("--lm-weight", type=float, default=0.0, show_default=True,
               help="Weight of the next-token (LM) loss added to the KL.")
 @click.option("--save-every", type=int, default=200, show_default=True, help="Distillation checkpoint interval.")
