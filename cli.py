@@ -252,6 +252,10 @@ def convert(source: str, out: Path, **kw) -> None:
               help="Distillation: bf16 autocast over float32 weights with the teacher in bf16, or everything in "
                    "float32. auto: bf16 on GPUs; on a CPU bf16 autocast (the teacher as stored) where it multiplies "
                    "bf16 at least as fast as float32 (AMX, AVX512-BF16), else float32.")
+@click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Distillation: recompute each layer's activations in the backward pass instead of keeping them "
+                   "(the same result in less memory, more time). auto: on GPUs only. Measured on a CPU, "
+                   "Qwen2.5-Coder-1.5B, 2 rows of 256: peak RSS 14.6 -> 10.8 GiB at 0.8x the speed.")
 @click.option("--device", default=None, help="cpu or cuda. Default: cuda when available.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the order in which training rows are read: the same seed gives the same weights.")
@@ -280,7 +284,8 @@ def calibrate(converted: str, out: Path, **kw) -> None:
                                    inputs=kw["inputs"]),
         distill=DistillOptions(lr=kw["lr"], train=kw["train"], lm_weight=kw["lm_weight"],
                                save_every=kw["save_every"], checkpoint_dir=kw["checkpoint_dir"],
-                               resume=kw["resume"], teacher_topk=kw["teacher_topk"], precision=kw["precision"]),
+                               resume=kw["resume"], teacher_topk=kw["teacher_topk"], precision=kw["precision"],
+                               checkpointing=kw["checkpointing"]),
     )
     outcome = run(converted, out, opts, force=kw["force"], log=lambda m: click.echo(m, err=True))
     if outcome is not None:

@@ -270,7 +270,8 @@ def _distill_plan(opts: CalibrateOptions, folder: Path, teacher: Path, data: str
     fingerprint = {"teacher": str(teacher.resolve()), "converted": str(resolve_model(run["converted"]).resolve()),
                    "mode": opts.mode, "layerwise": asdict(opts.layerwise) if opts.mode == "both" else None,
                    "data": data, **options}
-    return dopts, fingerprint, options
+    # recomputing activations changes memory, not the result: a run may resume with it switched
+    return dopts, fingerprint, {**options, "checkpointing": d.checkpointing}
 
 
 def _distill(teacher_dir: Path, converted: Path, out: Path, pool: Packed, held_out: Packed, plan: tuple,

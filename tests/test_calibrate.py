@@ -559,6 +559,32 @@ def test_distillation_lowers_the_kl(pair, tmp_path: Path, precision: str) -> Non
     assert not (tmp_path / "cal.ckpt").exists()
 
 
+def test_checkpointing_trains_the_same_weights(pair, tmp_path: Path, monkeypatch) -> None:
+    """Recomputing activations in the backward pass saves memory and changes nothing else: the trained
+    weights are those of a run that keeps them."""
+    src, mla = pair
+    trained, switched = {}, []
+    enable = distill_module._checkpoint_activations
+
+    def spy(model) -> None:
+        enable(model)
+        switched.append(model.is_activation_checkpointing if hasattr(model, "activation_checkpointing_enable")
+                        else model.is_gradient_checkpointing)
+
+    monkeypatch.setattr(distill_module, "_checkpoint_activations", spy)
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        ok("calibrate", mla, out, *small(src), *DISTILL, "--precision", "fp32", "--checkpointing", mode)
+        assert switched == ([True] if mode == "on" else []), (mode, switched)
+        assert read_record(out)["calibrate"][-1]["options"]["checkpointing"] == mode
+        trained[mode] = load_file(out / "model.safetensors")
+    assert trained["on"].keys() == trained["off"].keys()
+    changed = [name for name in trained["on"] if not torch.equal(trained["on"][name], trained["off"][name])]
+    assert not changed, changed
+    assert not torch.equal(trained["on"]["model.layers.0.self_attn.o_proj.weight"],
+                           load_file(mla / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"])
+
+
 def test_auto_precision_follows_what_the_device_multiplies_fast(tmp_path: Path, monkeypatch) -> None:
     """auto: bf16 on GPUs; on a CPU bf16 autocast and the teacher as stored where bf16 matmuls are at
     least as fast as float32's (AMX), float32 for both elsewhere (AVX2)."""
@@ -619,7 +645,8 @@ def test_both_modes_chain_and_record_each_run(pair, tmp_path: Path) -> None:
 @pytest.mark.parametrize("teacher", [[], ["--teacher-topk", "16"]], ids=["live", "cached"])
 def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatch, teacher: list[str]) -> None:
     """8 steps with a checkpoint at 4: interrupted after it and resumed, the weights equal one run's.
-    A cached teacher is computed once: the resumed run reads it back."""
+    A cached teacher is computed once: the resumed run reads it back. The resume recomputes activations
+    (`--checkpointing on`, as after running out of memory), which changes nothing."""
     src, mla = pair
     args = [mla, None, *small(src), *DISTILL, "--save-every", "4", *teacher]
     ok("calibrate", *[tmp_path / "straight" if a is None else a for a in args])
@@ -639,7 +666,7 @@ def test_resume_reproduces_an_uninterrupted_run(pair, tmp_path: Path, monkeypatc
     if teacher:
         assert (tmp_path / "resumed.ckpt" / CACHE / "info.json").is_file()
         monkeypatch.setattr(distill_module, "load_teacher", lambda *a, **k: pytest.fail("teacher cache computed twice"))
-    ok("calibrate", *[resumed if a is None else a for a in args], "--resume")
+    ok("calibrate", *[resumed if a is None else a for a in args], "--resume", "--checkpointing", "on")
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
