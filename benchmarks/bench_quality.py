@@ -93,9 +93,10 @@ def scored(windows: torch.Tensor, bos: bool) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def perplexity(folder: Path, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """Perplexity on each set of (windows, labels), one model load."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def perplexity(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Perplexity on each set of (windows, labels) of a model or a model folder (loaded once, fp32)."""
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     out = []
     for rows, labels in sets:
         nll = [model(w[None], labels=y[None]).loss.item() for w, y in zip(rows, labels)]
