@@ -37,7 +37,7 @@ def convert_attention(layer: SourceLayer, spec: SourceSpec, shape: deepseek.MLAS
         k_bias_rows = rope.to_complex(absorb_bias(layer.k, layer.k_bias, raw, mean), G) - k
         residual = absorb_residual(raw, mean)
     v = absorb_bias(layer.v, layer.v_bias, raw, mean)
-    sigma = stats.shrunk(opts.shrink)
+    sigma = stats.shrunk(opts.moment_shrink)
     split = rope.rorope(
         k, q, sigma, cand.src_freq, cand.tgt_freq, rope.slot_groups(d // 2, shape.qk_rope // 2, cand.strategy),
         complex_pca=opts.complex_pca, dist=dist.to(dev) if dist is not None else None, k_bias_rows=k_bias_rows,

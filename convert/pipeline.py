@@ -295,7 +295,7 @@ def _convert(source: str, out: Path, opts: ConvertOptions, force: bool, log: Cal
                      "complex_pca": opts.complex_pca, "expected_rotation": opts.expected_rotation,
                      "strategy_errors": choice},
             "factorization": {"activation_aware": opts.activation_aware, "output_aware": opts.output_aware,
-                              "balance_kv": opts.balance, "key_weight": opts.key_weight, "shrink": opts.shrink,
+                              "balance_kv": opts.balance, "key_weight": opts.key_weight, "shrink": opts.moment_shrink,
                               "refit_ridges": opts.ridge_ladder if opts.refit_output else [],
                               "value_dims": value_dim(plan.spec, plan.shape, opts)},
             "calibration": calib.record,

@@ -219,6 +219,30 @@ def test_calibration_windows_can_start_with_the_bos_token(tmp_path: Path) -> Non
     load_pair(src, tmp_path / "calib-bos")
 
 
+def test_the_moment_shrink_follows_the_calibration_source(tmp_path: Path) -> None:
+    """The default shrink is 0.5 on the default set and with --calib-mix and 0 on --calib-text alone;
+    --shrink overrides it, changes the latent, is recorded in mlakit.json and is refused outside [0, 1]."""
+    from mlakit.convert.plan import ConvertOptions
+
+    text = tmp_path / "calib.txt"
+    assert ConvertOptions().moment_shrink == 0.5
+    assert ConvertOptions(calib_text=[text], calib_mix=True).moment_shrink == 0.5
+    assert ConvertOptions(calib_text=[text]).moment_shrink == 0.0
+    assert ConvertOptions(calib_text=[text], shrink=0.3).moment_shrink == 0.3
+    src = make_llama(tmp_path / "src", layers=2)
+    text.write_text(" ".join(f"word{i % 97} and word{i % 13}." for i in range(3000)))
+    small = ["--rope-dim", "16", "--kv-lora-rank", "16", "--calib-text", str(text)]
+    kv_a = {}
+    for name, extra in (("default", []), ("half", ["--shrink", "0.5"])):
+        run_convert(src, tmp_path / name, *small, *extra)
+        record = json.loads((tmp_path / name / "mlakit.json").read_text())
+        assert record["factorization"]["shrink"] == (0.5 if extra else 0.0)
+        kv_a[name] = load_file(tmp_path / name / "model.safetensors")["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    assert not torch.equal(kv_a["default"], kv_a["half"])
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "bad"), *FAST, *small, "--shrink", "2"])
+    assert result.exit_code != 0 and "--shrink" in result.output and not (tmp_path / "bad").exists()
+
+
 def test_filled_value_dims_are_written_and_load(tmp_path: Path) -> None:
     """With `extra_values`, a source of head dim 16 (v_head_dim 128) gets its value rows plus latent
     directions they leave out, up to the latent's rank; o_proj's columns past them stay zero, the
