@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
@@ -93,15 +94,26 @@ def scored(windows: torch.Tensor, bos: bool) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def perplexity(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """Perplexity on each set of (windows, labels) of a model or a model folder (loaded once, fp32)."""
+@torch.no_grad()
+def token_nll(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Next-token negative log-likelihood on each set of (windows, labels) of a model or a model folder
+    (loaded once, fp32): (windows, seq_len - 1) per set, NaN where the label is -100 (not scored)."""
     if not isinstance(model, torch.nn.Module):
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     out = []
     for rows, labels in sets:
-        nll = [model(w[None], labels=y[None]).loss.item() for w, y in zip(rows, labels)]
-        out.append(math.exp(sum(nll) / len(nll)))
+        nll = []
+        for w, y in zip(rows, labels):
+            target = y[1:]
+            loss = F.cross_entropy(model(w[None]).logits[0, :-1].float(), target.clamp_min(0), reduction="none")
+            nll.append(loss.masked_fill(target < 0, float("nan")))
+        out.append(torch.stack(nll))
     return out
+
+
+def perplexity(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Perplexity on each set of (windows, labels) of a model or a model folder (loaded once, fp32)."""
+    return [math.exp(nll.nanmean().item()) for nll in token_nll(model, sets)]
 
 
 def main() -> None:

@@ -22,7 +22,9 @@ of calibration text included unless it came from the cache (then marked).
         --config defaults --config "docstrings:calib_text=demo/docstrings.txt"
 
 With --folder NAME=PATH (repeatable) it evaluates existing conversions of --model too, and without
---config only those.
+--config only those. --by-position adds a table of where in the window the loss is: perplexity
+against the source over all kinds together, per range of token positions (a conversion calibrated
+or distilled on windows shorter than the evaluation's may lose more past their length).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import math
 import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from bench_quality import perplexity
+from bench_quality import token_nll
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--folder", action="append", default=[], metavar="NAME=PATH",
                     help="also evaluate an existing conversion of --model (e.g. one `mlakit calibrate` wrote)")
+    ap.add_argument("--by-position", action="store_true", help="also tabulate the loss by position in the window")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +123,9 @@ def main() -> None:
     texts = eval_texts(tokenizer, args.shakespeare, args.sotu)
     sets = {k: token_windows(tokenizer, t, args.eval_tokens, args.seq_len, what="evaluation") for k, t in texts.items()}
     pairs = [(w, w) for w in sets.values()]
-    base = perplexity(folder, pairs)
+    base_nll = token_nll(folder, pairs)
+    base = [ppl(n) for n in base_nll]
+    by_position: dict[str, list[str]] = {}
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
           f"evaluation: {args.eval_tokens} tokens of each kind in windows of {args.seq_len}")
     print("source perplexity: " + ", ".join(f"{k} {p:.3f}" for k, p in zip(sets, base)) + "\n")
@@ -127,12 +133,16 @@ def main() -> None:
           + " | ".join(f"{k} vs source" for k in sets) + " | worst |")
     print("|---|---|---:|---:|" + "---:|" * (len(sets) + 1), flush=True)
     src_cache = spec.kv_elements_per_token_layer()
+    edges = [0] + [e for e in (32, 128, 256, 512, 1024, 2048, 4096, 8192) if e < args.seq_len - 1] + [args.seq_len - 1]
+    buckets = list(zip(edges, edges[1:]))
 
     def row(name: str, out: Path, seconds: str) -> None:
-        ppl = perplexity(out, pairs)
+        nll = token_nll(out, pairs)
         shape = read_json(out / "mlakit.json")["shape"]
         share = 100 * (shape["kv_lora_rank"] + shape["qk_rope"]) / src_cache
-        ratios = [p / b - 1 for p, b in zip(ppl, base)]
+        ratios = [ppl(n) / b - 1 for n, b in zip(nll, base)]
+        excess = torch.cat([n - b for n, b in zip(nll, base_nll)])  # (windows of every kind, positions)
+        by_position[f"{name} ({shape['kv_lora_rank']} + {shape['qk_rope']})"] = [f"{100 * (excess[:, lo:hi].nanmean().exp().item() - 1):+.1f}%" for lo, hi in buckets]
         cells = " | ".join(f"{100 * r:+.1f}%" for r in ratios)
         print(f"| {name} | {shape['kv_lora_rank']} + {shape['qk_rope']} | {share:.0f}% | {seconds} | {cells} | "
               f"{100 * max(ratios):+.1f}% |", flush=True)
@@ -150,6 +160,16 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 cached = any(s.get("cached") for s in record["calibration"]["sources"])
                 row(name, out, f"{seconds:.0f}{' (cached text)' if cached else ''}")
+    if args.by_position and by_position:
+        print("\nperplexity vs source over all kinds, by the tokens of context before the predicted one:\n")
+        print("| config | " + " | ".join(f"{lo + 1}-{hi}" for lo, hi in buckets) + " |")
+        print("|---|" + "---:|" * len(buckets))
+        for name, cells in by_position.items():
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def ppl(nll: torch.Tensor) -> float:
+    return math.exp(nll.nanmean().item())
 
 
 if __name__ == "__main__":
