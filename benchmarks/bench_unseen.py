@@ -47,6 +47,7 @@ from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import read_json, resolve_model
 from mlakit.core.families import load_spec
 from mlakit.core.text import DEFAULT_TEXT, token_windows
+from mlakit.validate.metrics import position_buckets
 
 EVAL_MODULES = ("argparse", "difflib", "fractions", "inspect", "pathlib", "statistics", "textwrap", "typing")
 def python_code() -> str:
@@ -133,8 +134,7 @@ def main() -> None:
           + " | ".join(f"{k} vs source" for k in sets) + " | worst |")
     print("|---|---|---:|---:|" + "---:|" * (len(sets) + 1), flush=True)
     src_cache = spec.kv_elements_per_token_layer()
-    edges = [0] + [e for e in (32, 128, 256, 512, 1024, 2048, 4096, 8192) if e < args.seq_len - 1] + [args.seq_len - 1]
-    buckets = list(zip(edges, edges[1:]))
+    buckets = position_buckets(args.seq_len)
 
     def row(name: str, out: Path, seconds: str) -> None:
         nll = token_nll(out, pairs)

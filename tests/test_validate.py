@@ -73,11 +73,12 @@ def test_a_model_against_itself_is_exact(any_model: Path, top_k: int | None) -> 
     with torch.inference_mode():
         logits = model(x).logits
     scores = metrics.compare(metrics.reference(logits, x, top_k), logits, x)
-    summary = metrics.summarize([scores])
+    summary = metrics.summarize([scores], x.shape[1])
     assert summary["kl"]["mean"] == 0.0 and summary["kl"]["p99"] == 0.0 and summary["kl"]["max"] == 0.0
     assert summary["top1_agreement"] == 1.0
     assert summary["perplexity"]["source"] == summary["perplexity"]["converted"]
     assert summary["tokens_scored"] == x.shape[0] * (x.shape[1] - 1)
+    assert all(r["source"] == r["converted"] for r in summary["by_position"])
     tokenizer = byte_tokenizer()
     first, again = (metrics.greedy(model, tokenizer, ["Return the"], 8) for _ in range(2))
     assert metrics.divergence(first[0], again[0]) is None and 0 < len(first[0]) <= 8
@@ -157,6 +158,20 @@ def test_report_has_every_listed_key_and_bounded_numbers(validated: tuple[dict, 
     assert report["text"]["tokens"] == 1024 and report["tokens_scored"] == 8 * 127
 
 
+def test_perplexity_by_position_splits_each_window_at_its_context_lengths() -> None:
+    """Column j of a window's predictions has j + 1 tokens of context: the ranges cover every column once,
+    each range's perplexity is the mean over its own columns, and together they give the overall one."""
+    assert metrics.position_buckets(300) == [(0, 32), (32, 128), (128, 256), (256, 299)]
+    assert metrics.position_buckets(33) == [(0, 32)]
+    nll = torch.arange(4 * 299, dtype=torch.float64).view(4, 299) / 1000
+    rows = metrics.by_position(torch.zeros_like(nll), nll)
+    assert [r["context"] for r in rows] == [[1, 32], [33, 128], [129, 256], [257, 299]]
+    assert [r["tokens"] for r in rows] == [4 * 32, 4 * 96, 4 * 128, 4 * 43]
+    assert rows[3]["converted"] == pytest.approx(math.exp(nll[:, 256:].mean().item()))
+    pooled = sum(r["tokens"] * math.log(r["converted"]) for r in rows) / nll.numel()
+    assert pooled == pytest.approx(nll.mean().item()) and all(r["source"] == 1.0 for r in rows)
+
+
 def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path]) -> None:
     _, folder = validated
     assert sorted(p.name for p in folder.iterdir()) == ["layer_error.png", "memory.png", "report.json", "report.md"]
@@ -165,6 +180,10 @@ def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
     assert "columns are each measured on its own text and windows" in text
+    report = json.loads((folder / "report.json").read_text())
+    assert [r["context"] for r in report["by_position"]] == [[1, 32], [33, 127]]
+    for r in report["by_position"]:
+        assert f"| {r['context'][0]}-{r['context'][1]} | {r['tokens']:,} | {r['source']:.4f} |" in text
     report = json.loads((folder / "report.json").read_text())
     for g in report["generation"]:
         if g["diverges_at"] is not None:

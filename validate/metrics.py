@@ -88,8 +88,9 @@ def compare(ref: Reference, logits: torch.Tensor, windows: torch.Tensor) -> Toke
     )
 
 
-def summarize(scores: list[TokenScores]) -> dict:
-    """Perplexities, KL mean and 99th percentile, top-1 agreement over every scored token."""
+def summarize(scores: list[TokenScores], seq_len: int) -> dict:
+    """Perplexities (overall and by context length), KL mean and 99th percentile, top-1 agreement over
+    every scored token of windows of `seq_len`."""
     src = torch.cat([s.source_nll for s in scores])
     conv = torch.cat([s.converted_nll for s in scores])
     kl = torch.cat([s.kl for s in scores])
@@ -100,7 +101,28 @@ def summarize(scores: list[TokenScores]) -> dict:
         "perplexity": {"source": math.exp(src.mean().item()), "converted": math.exp(conv.mean().item())},
         "kl": {"mean": kl.mean().item(), "p99": p99, "max": kl.max().item()},
         "top1_agreement": agree.double().mean().item(),
+        "by_position": by_position(src.view(-1, seq_len - 1), conv.view(-1, seq_len - 1)),
     }
+
+
+# Where the loss by position is split: at these many tokens of context before the predicted one.
+POSITION_EDGES = (32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """Column ranges [lo, hi) of a window's seq_len - 1 predictions, split at POSITION_EDGES; column j
+    predicts with j + 1 tokens of context, so a range holds contexts lo + 1 .. hi."""
+    edges = [0, *(e for e in POSITION_EDGES if e < seq_len - 1), seq_len - 1]
+    return list(zip(edges, edges[1:]))
+
+
+def by_position(source_nll: torch.Tensor, converted_nll: torch.Tensor) -> list[dict]:
+    """Both perplexities per range of context length, from (windows, seq_len - 1) token NLLs: a
+    conversion calibrated on short windows may lose more on long contexts, which the overall figure hides."""
+    return [{"context": [lo + 1, hi], "tokens": source_nll[:, lo:hi].numel(),
+             "source": math.exp(source_nll[:, lo:hi].mean().item()),
+             "converted": math.exp(converted_nll[:, lo:hi].mean().item())}
+            for lo, hi in position_buckets(source_nll.shape[1] + 1)]
 
 
 def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],

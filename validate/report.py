@@ -166,6 +166,14 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
         f"99th percentile **{report['kl']['p99']:.4g}** nats (KL over the {text['kl_reference']}); the two "
         f"models' top-1 tokens agree on **{100 * report['top1_agreement']:.2f}%** of positions.",
         "",
+        "By tokens of context before the predicted one (a conversion may lose more past the length of its "
+        "calibration windows):",
+        "",
+        "| context | tokens | source perplexity | converted | vs source |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {r['context'][0]:,}-{r['context'][1]:,} | {r['tokens']:,} | {r['source']:.4f} | {r['converted']:.4f} | "
+          f"{100 * (r['converted'] / r['source'] - 1):+.2f}% |" for r in report["by_position"]),
+        "",
         f"{h}# Memory against context length",
         "",
         f"![memory against context length]({images}{MEMORY_PNG})",
@@ -332,6 +340,9 @@ def summary(report: dict) -> str:
         f"KV cache per token: {human_bytes(kv['source_bytes_per_token'])} -> "
         f"{human_bytes(kv['converted_bytes_per_token'])} ({-kv['reduction_percent']:+.1f}%), measured "
         f"{'equal to' if kv['measured_matches'] else 'DIFFERENT FROM'} the formula",
+        "perplexity vs source by tokens of context: " + ", ".join(
+            f"{r['context'][0]}-{r['context'][1]} {100 * (r['converted'] / r['source'] - 1):+.1f}%"
+            for r in report["by_position"]),
         f"attention error per layer: worst {worst['attn_rel_error']:.4g} (layer {worst['layer']})",
         "greedy generation, first differing generated token (counted from 1): "
         + ", ".join("never" if d is None else str(d) for d in diverged),

@@ -278,7 +278,7 @@ def validate(source: str, converted: str, opts: ValidateOptions, log: Callable[[
                  "layer_tokens": min(windows.shape[0], max(1, opts.layer_tokens // opts.seq_len)) * opts.seq_len,
                  "kl_reference": "full vocabulary" if metrics.keep_top_k(windows.numel(), spec.vocab) is None
                  else f"source top-{metrics.TOP_K} plus the rest as one bucket (a lower bound)"},
-        **metrics.summarize(conv.scores),
+        **metrics.summarize(conv.scores, opts.seq_len),
         "kv_cache": _kv_cache(src, conv, src_dir, conv_dir, max_positions),
         "parameters": weights.breakdown(spec, conv_cfg, src.params, conv.params,
                                         ((conversion or {}).get("factorization") or {}).get("value_dims")),
