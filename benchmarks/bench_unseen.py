@@ -142,7 +142,8 @@ def main() -> None:
         share = 100 * (shape["kv_lora_rank"] + shape["qk_rope"]) / src_cache
         ratios = [ppl(n) / b - 1 for n, b in zip(nll, base)]
         excess = torch.cat([n - b for n, b in zip(nll, base_nll)])  # (windows of every kind, positions)
-        by_position[f"{name} ({shape['kv_lora_rank']} + {shape['qk_rope']})"] = [f"{100 * (excess[:, lo:hi].nanmean().exp().item() - 1):+.1f}%" for lo, hi in buckets]
+        by_position[f"{name} ({shape['kv_lora_rank']} + {shape['qk_rope']})"] = [
+            f"{100 * (excess[:, lo:hi].nanmean().exp().item() - 1):+.1f}%" for lo, hi in buckets]
         cells = " | ".join(f"{100 * r:+.1f}%" for r in ratios)
         print(f"| {name} | {shape['kv_lora_rank']} + {shape['qk_rope']} | {share:.0f}% | {seconds} | {cells} | "
               f"{100 * max(ratios):+.1f}% |", flush=True)

@@ -23,7 +23,7 @@ from mlakit.core.errors import MlakitError
 from mlakit.core.stream import SourceModel
 from mlakit.validate import cache, metrics, weights
 from mlakit.validate import run as run_module
-from mlakit.validate.report import layer_series
+from mlakit.validate.report import layer_series, render_markdown
 from mlakit.validate.run import load_kwargs, parse_max_memory
 
 SMALL = ["--tokens", "1024", "--seq-len", "128", "--contexts", "64,200"]
@@ -184,6 +184,8 @@ def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path
     assert [r["context"] for r in report["by_position"]] == [[1, 32], [33, 127]]
     for r in report["by_position"]:
         assert f"| {r['context'][0]}-{r['context'][1]} | {r['tokens']:,} | {r['source']:.4f} |" in text
+    older = {k: v for k, v in report.items() if k != "by_position"}  # a report.json of mlakit before the table
+    assert "By tokens of context" not in render_markdown(older) and "By tokens of context" in text
     report = json.loads((folder / "report.json").read_text())
     for g in report["generation"]:
         if g["diverges_at"] is not None:

@@ -166,14 +166,7 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
         f"99th percentile **{report['kl']['p99']:.4g}** nats (KL over the {text['kl_reference']}); the two "
         f"models' top-1 tokens agree on **{100 * report['top1_agreement']:.2f}%** of positions.",
         "",
-        "By tokens of context before the predicted one (a conversion may lose more past the length of its "
-        "calibration windows):",
-        "",
-        "| context | tokens | source perplexity | converted | vs source |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {r['context'][0]:,}-{r['context'][1]:,} | {r['tokens']:,} | {r['source']:.4f} | {r['converted']:.4f} | "
-          f"{100 * (r['converted'] / r['source'] - 1):+.2f}% |" for r in report["by_position"]),
-        "",
+        *_position_lines(report.get("by_position")),
         f"{h}# Memory against context length",
         "",
         f"![memory against context length]({images}{MEMORY_PNG})",
@@ -210,6 +203,17 @@ def render_markdown(report: dict, images: str = "", level: int = 1) -> str:
     lines += ["", f"Validation took {t['total_s']:.1f} s (source {t['source_s']:.1f} s, converted "
               f"{t['converted_s']:.1f} s, per-layer errors {t['layer_errors_s']:.1f} s).", ""]
     return "\n".join(lines)
+
+
+def _position_lines(rows: list[dict] | None) -> list[str]:
+    """The table of perplexity by context length (absent from reports of mlakit before it)."""
+    if not rows:
+        return []
+    return ["By tokens of context before the predicted one (a conversion may lose more past the length of its "
+            "calibration windows):", "", "| context | tokens | source perplexity | converted | vs source |",
+            "|---|---:|---:|---:|---:|",
+            *(f"| {r['context'][0]:,}-{r['context'][1]:,} | {r['tokens']:,} | {r['source']:.4f} | "
+              f"{r['converted']:.4f} | {100 * (r['converted'] / r['source'] - 1):+.2f}% |" for r in rows), ""]
 
 
 def _counts(counts: dict[str, int]) -> str:
