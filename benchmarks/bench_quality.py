@@ -111,9 +111,14 @@ def token_nll(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torc
     return out
 
 
+def nll_perplexity(nll: torch.Tensor) -> float:
+    """Perplexity of token NLLs from `token_nll` (its NaNs, unscored labels, left out)."""
+    return math.exp(nll.nanmean().item())
+
+
 def perplexity(model: Path | torch.nn.Module, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """Perplexity on each set of (windows, labels) of a model or a model folder (loaded once, fp32)."""
-    return [math.exp(nll.nanmean().item()) for nll in token_nll(model, sets)]
+    return [nll_perplexity(nll) for nll in token_nll(model, sets)]
 
 
 def main() -> None:

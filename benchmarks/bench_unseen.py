@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import math
 import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from bench_quality import token_nll
+from bench_quality import nll_perplexity, token_nll
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
@@ -47,7 +46,7 @@ from mlakit.convert.pipeline import ConvertOptions, convert
 from mlakit.core.checkpoint import read_json, resolve_model
 from mlakit.core.families import load_spec
 from mlakit.core.text import DEFAULT_TEXT, token_windows
-from mlakit.validate.metrics import position_buckets
+from mlakit.validate.metrics import by_position as position_perplexity
 
 EVAL_MODULES = ("argparse", "difflib", "fractions", "inspect", "pathlib", "statistics", "textwrap", "typing")
 def python_code() -> str:
@@ -125,8 +124,8 @@ def main() -> None:
     sets = {k: token_windows(tokenizer, t, args.eval_tokens, args.seq_len, what="evaluation") for k, t in texts.items()}
     pairs = [(w, w) for w in sets.values()]
     base_nll = token_nll(folder, pairs)
-    base = [ppl(n) for n in base_nll]
-    by_position: dict[str, list[str]] = {}
+    base = [nll_perplexity(n) for n in base_nll]
+    by_position: dict[str, list[dict]] = {}
     print(f"model {args.model}: {spec.layers} layers, {spec.heads} q / {spec.kv_heads} kv heads of {spec.head_dim}; "
           f"evaluation: {args.eval_tokens} tokens of each kind in windows of {args.seq_len}")
     print("source perplexity: " + ", ".join(f"{k} {p:.3f}" for k, p in zip(sets, base)) + "\n")
@@ -134,16 +133,14 @@ def main() -> None:
           + " | ".join(f"{k} vs source" for k in sets) + " | worst |")
     print("|---|---|---:|---:|" + "---:|" * (len(sets) + 1), flush=True)
     src_cache = spec.kv_elements_per_token_layer()
-    buckets = position_buckets(args.seq_len)
 
     def row(name: str, out: Path, seconds: str) -> None:
         nll = token_nll(out, pairs)
         shape = read_json(out / "mlakit.json")["shape"]
         share = 100 * (shape["kv_lora_rank"] + shape["qk_rope"]) / src_cache
-        ratios = [ppl(n) / b - 1 for n, b in zip(nll, base)]
-        excess = torch.cat([n - b for n, b in zip(nll, base_nll)])  # (windows of every kind, positions)
-        by_position[f"{name} ({shape['kv_lora_rank']} + {shape['qk_rope']})"] = [
-            f"{100 * (excess[:, lo:hi].nanmean().exp().item() - 1):+.1f}%" for lo, hi in buckets]
+        ratios = [nll_perplexity(n) / b - 1 for n, b in zip(nll, base)]
+        by_position[f"{name} ({shape['kv_lora_rank']} + {shape['qk_rope']})"] = position_perplexity(
+            torch.cat(base_nll), torch.cat(nll))  # the windows of every kind together
         cells = " | ".join(f"{100 * r:+.1f}%" for r in ratios)
         print(f"| {name} | {shape['kv_lora_rank']} + {shape['qk_rope']} | {share:.0f}% | {seconds} | {cells} | "
               f"{100 * max(ratios):+.1f}% |", flush=True)
@@ -163,14 +160,11 @@ def main() -> None:
                 row(name, out, f"{seconds:.0f}{' (cached text)' if cached else ''}")
     if args.by_position and by_position:
         print("\nperplexity vs source over all kinds, by the tokens of context before the predicted one:\n")
-        print("| config | " + " | ".join(f"{lo + 1}-{hi}" for lo, hi in buckets) + " |")
-        print("|---|" + "---:|" * len(buckets))
-        for name, cells in by_position.items():
-            print(f"| {name} | " + " | ".join(cells) + " |")
-
-
-def ppl(nll: torch.Tensor) -> float:
-    return math.exp(nll.nanmean().item())
+        print("| config | " + " | ".join(f"{r['context'][0]}-{r['context'][1]}" for r in next(iter(by_position.values())))
+              + " |")
+        print("|---|" + "---:|" * len(next(iter(by_position.values()))))
+        for name, rows in by_position.items():
+            print(f"| {name} | " + " | ".join(f"{100 * (r['converted'] / r['source'] - 1):+.1f}%" for r in rows) + " |")
 
 
 if __name__ == "__main__":

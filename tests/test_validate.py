@@ -186,7 +186,6 @@ def test_report_folder_holds_markdown_with_its_plots(validated: tuple[dict, Path
         assert f"| {r['context'][0]}-{r['context'][1]} | {r['tokens']:,} | {r['source']:.4f} |" in text
     older = {k: v for k, v in report.items() if k != "by_position"}  # a report.json of mlakit before the table
     assert "By tokens of context" not in render_markdown(older) and "By tokens of context" in text
-    report = json.loads((folder / "report.json").read_text())
     for g in report["generation"]:
         if g["diverges_at"] is not None:
             assert f"first differs at generated token {g['diverges_at']} (counted from 1)" in text
